@@ -1,0 +1,261 @@
+"""What CgT-GAN trains on: the dataset interface, embedding caches and the CLIP-agg targets.
+
+CgT-GAN (Yu et al., ACM MM 2023, arXiv:2308.12045) learns to caption from two unpaired
+collections: images (seen only through their frozen CLIP image embeddings, Sec. 3.1) and a text
+corpus (its sentences and their CLIP text embeddings, used by the discriminator, Sec. 3.2, and by
+the CLIP-agg reward, Sec. 3.3). `CaptionData` bundles exactly that, plus the evaluation splits and
+the model paths, so ShapesWorld (shapesworld.py) and the paper-scale datasets (realdata.py) reach
+the method (cgtgan.py) through one interface.
+
+This file also holds the caches every dataset builder shares (safetensors files keyed by a hash of
+what they depend on, written atomically, never trusted when the key or the bytes disagree) and the
+chunked, numerically stable CLIP-agg target computation used by `prepare`.
+
+Shape legend: N training images, M corpus sentences, n evaluation images, D CLIP embedding width.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+# A row of a feature matrix counts as L2-normalised when its norm is within this of 1. Features
+# stored in fp16 carry about 1e-3 relative error, hence the loose tolerance.
+NORM_TOLERANCE = 1e-2
+
+
+class DataError(ValueError):
+    """A one-line, user-facing problem with a dataset, a cache or a config (names the file and fix)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset interface
+
+
+@dataclass
+class EvalSplit:
+    """Images to caption for evaluation: ids, their CLIP image embeddings (n, D), references."""
+
+    ids: list[str]
+    feats: torch.Tensor  # (n, D) float32, L2-normalised
+    references: dict[str, list[str]]
+
+
+@dataclass
+class CaptionData:
+    """The one interface the method consumes (see docs/architecture.md).
+
+    `image_loader(id)` returns an RGB PIL image for any train/val/test id; `checker(captions, split)`
+    is ShapesWorld's ground-truth checker, None for real data. `train_agg_targets` optionally holds
+    the precomputed CLIP-agg targets (N, D) for the training images (real data's `prepare` computes
+    them over the whole corpus; the method may compute its own when it is None).
+    """
+
+    name: str
+    clip_path: Path
+    clip_bpe_path: Path | None
+    gpt2_path: Path
+    roberta_path: Path
+    train_ids: list[str]
+    train_feats: torch.Tensor  # (N, D) float32, L2-normalised
+    corpus: list[str]
+    corpus_feats: torch.Tensor  # (M, D) float32, L2-normalised
+    splits: dict[str, EvalSplit]
+    image_loader: Callable[[str], Image.Image] | None = None
+    checker: Callable[[dict[str, str], str], dict] | None = None
+    train_agg_targets: torch.Tensor | None = None  # (N, D) float32, or None
+    agg_temperature: float | None = None
+
+    def image(self, image_id: str) -> Image.Image:
+        """The RGB image with this id (train, val or test)."""
+        if self.image_loader is None:
+            raise DataError(f"dataset {self.name!r} has no images attached (only embeddings)")
+        return self.image_loader(image_id)
+
+    def check(self, captions: dict[str, str], split: str) -> dict | None:
+        """Ground-truth fluency/faithfulness of captions for a split; None when there is no checker."""
+        if self.checker is None:
+            return None
+        return self.checker(captions, split)
+
+    def validate(self) -> "CaptionData":
+        """Raise a one-line DataError if shapes, ids, corpus or references disagree; return self."""
+        who = f"dataset {self.name!r}"
+        feats = {"train_feats": self.train_feats, "corpus_feats": self.corpus_feats}
+        feats.update({f"splits[{k!r}].feats": s.feats for k, s in self.splits.items()})
+        if self.train_agg_targets is not None:
+            feats["train_agg_targets"] = self.train_agg_targets
+        for label, x in feats.items():
+            if not isinstance(x, torch.Tensor) or x.dim() != 2:
+                raise DataError(f"{who}: {label} must be a 2-D torch tensor (rows, D), "
+                                f"got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+            if x.dtype != torch.float32:
+                raise DataError(f"{who}: {label} must be float32, got {x.dtype}")
+        widths = {label: x.shape[1] for label, x in feats.items()}
+        if len(set(widths.values())) != 1:
+            raise DataError(f"{who}: mismatched embedding widths {widths}; rebuild the caches "
+                            "with one CLIP model")
+        if len(self.corpus) == 0:
+            raise DataError(f"{who}: the corpus is empty; give a corpus with at least one sentence")
+        if len(self.train_ids) == 0:
+            raise DataError(f"{who}: there are no training images")
+        _same_count(who, "train_ids", len(self.train_ids), "train_feats", self.train_feats)
+        _same_count(who, "corpus", len(self.corpus), "corpus_feats", self.corpus_feats)
+        if self.train_agg_targets is not None:
+            _same_count(who, "train_ids", len(self.train_ids), "train_agg_targets",
+                        self.train_agg_targets)
+        for label in ("train_feats", "corpus_feats") + tuple(
+                f"splits[{k!r}].feats" for k in self.splits):
+            _check_normalised(who, label, feats[label])
+        missing = {"val", "test"} - set(self.splits)
+        if missing:
+            raise DataError(f"{who}: splits lack {sorted(missing)}; both 'val' and 'test' are needed")
+        for key, split in self.splits.items():
+            _same_count(who, f"splits[{key!r}].ids", len(split.ids), f"splits[{key!r}].feats",
+                        split.feats)
+            lacking = [i for i in split.ids if not split.references.get(i)]
+            if lacking:
+                raise DataError(f"{who}: {len(lacking)} {key} image(s) have no reference captions "
+                                f"(first: {lacking[:3]})")
+        return self
+
+
+def _same_count(who: str, a: str, count: int, b: str, x: torch.Tensor) -> None:
+    if x.shape[0] != count:
+        raise DataError(f"{who}: {a} has {count} entries but {b} has {x.shape[0]} rows")
+
+
+def _check_normalised(who: str, label: str, x: torch.Tensor) -> None:
+    if x.shape[0] == 0:
+        return
+    if not torch.isfinite(x).all():
+        raise DataError(f"{who}: {label} contains NaN or inf; rebuild its cache")
+    worst = (x.norm(dim=1) - 1).abs().max().item()
+    if worst > NORM_TOLERANCE:
+        raise DataError(f"{who}: {label} rows are not L2-normalised (max |norm - 1| = {worst:.3g})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Caches: safetensors files with their key in the metadata, written atomically
+
+
+def _canonical(obj):
+    """A JSON-able, order-independent form of obj for hashing (paths, dataclasses, arrays...)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {"__dataclass__": type(obj).__name__, **_canonical(asdict(obj))}
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(_canonical(v) for v in obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        digest = hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest()
+        return {"__array__": [str(obj.dtype), list(obj.shape), digest]}
+    if isinstance(obj, bytes):
+        return {"__bytes__": hashlib.sha256(obj).hexdigest()}
+    if isinstance(obj, float):
+        return repr(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return repr(obj)
+
+
+def cache_key(**things) -> str:
+    """A stable hash (16 hex chars) of everything a cache depends on.
+
+    Order of keyword arguments does not matter; paths, dataclasses, numpy arrays and tensors are
+    accepted. Example: cache_key(model="ViT-B/32", t=100.0) == cache_key(t=100.0, model="ViT-B/32").
+    """
+    text = json.dumps(_canonical(things), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes (16 hex chars): put it into a cache key for files a cache reads."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype}:{a.shape};".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary file beside path, then os.replace it into place.
+
+    A crash leaves either the old file or the new one, never half of one; the temporary file is
+    removed on failure.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], key: str) -> None:
+    """Write numpy arrays to a safetensors file, with `key` and a checksum in its metadata."""
+    from safetensors.numpy import save_file
+
+    arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+    metadata = {"cache_key": key, "sha256": _arrays_digest(arrays)}
+    atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
+
+
+def load_arrays(path: str | os.PathLike, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays saved at path under `key`, or None when the file is missing, was saved under
+    another key, or is truncated or corrupt (header, length or checksum wrong). Never raises for a
+    bad cache file: the caller rebuilds it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("cache_key") != key:
+                return None
+            arrays = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+    if metadata.get("sha256") != _arrays_digest(arrays):
+        return None
+    return arrays
+
+
+def cache_info(path: str | os.PathLike) -> str | None:
+    """The key a cache file was saved under, or None if it is missing or unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return (f.metadata() or {}).get("cache_key")
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None

@@ -1,0 +1,118 @@
+"""Tests for data.py: the CaptionData interface, the caches and the CLIP-agg targets."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import CaptionData, DataError, EvalSplit
+
+
+# ----------------------------------------------------------------------------------------------
+# CaptionData
+
+
+def _unit(n, d, seed=0):
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def _tiny_data(**over):
+    d = 8
+    fields = dict(
+        name="tiny", clip_path=Path("clip.pt"), clip_bpe_path=None,
+        gpt2_path=Path("gpt2"), roberta_path=Path("roberta"),
+        train_ids=["a", "b", "c"], train_feats=_unit(3, d, 1),
+        corpus=["a red circle", "a blue square"], corpus_feats=_unit(2, d, 2),
+        splits={"val": EvalSplit(["v"], _unit(1, d, 3), {"v": ["a red circle"]}),
+                "test": EvalSplit(["t1", "t2"], _unit(2, d, 4), {"t1": ["x"], "t2": ["y", "z"]})},
+        image_loader=lambda i: Image.new("RGB", (4, 4)),
+    )
+    fields.update(over)
+    return CaptionData(**fields)
+
+
+def test_valid_data_passes_and_accessors_work():
+    ds = _tiny_data().validate()
+    assert ds.image("a").size == (4, 4)
+    assert ds.check({"t1": "x"}, "test") is None
+    checked = _tiny_data(checker=lambda caps, split: {"fluency": 1.0, "faithfulness": len(caps)})
+    assert checked.check({"t1": "x"}, "test") == {"fluency": 1.0, "faithfulness": 1}
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(corpus_feats=_unit(2, 6)), "mismatched embedding widths"),
+    (dict(corpus=[], corpus_feats=_unit(0, 8)), "corpus is empty"),
+    (dict(train_ids=["a", "b"]), "train_ids has 2 entries but train_feats has 3 rows"),
+    (dict(train_feats=_unit(3, 8) * 2), "not L2-normalised"),
+    (dict(train_feats=_unit(3, 8).double()), "must be float32"),
+    (dict(splits={"val": EvalSplit(["v"], _unit(1, 8), {"v": ["x"]})}), "lack ['test']"),
+    (dict(splits={"val": EvalSplit(["v"], _unit(1, 8), {"v": []}),
+                  "test": EvalSplit(["t"], _unit(1, 8), {"t": ["x"]})}), "no reference captions"),
+    (dict(train_agg_targets=_unit(2, 8)), "train_agg_targets has 2 rows"),
+])
+def test_validate_gives_one_line_errors(over, message):
+    with pytest.raises(DataError) as err:
+        _tiny_data(**over).validate()
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_image_without_loader_is_a_clear_error():
+    with pytest.raises(DataError, match="no images"):
+        _tiny_data(image_loader=None).image("a")
+
+
+# ----------------------------------------------------------------------------------------------
+# Caches
+
+
+def test_cache_key_is_stable_and_sensitive():
+    a = data.cache_key(model="ViT-B/32", t=100.0, path=Path("x/y"), arr=np.arange(3))
+    assert a == data.cache_key(arr=np.arange(3), path="x/y", t=100.0, model="ViT-B/32")
+    assert a != data.cache_key(model="ViT-B/32", t=100.0, path=Path("x/y"), arr=np.arange(4))
+    assert a != data.cache_key(model="ViT-L/14", t=100.0, path=Path("x/y"), arr=np.arange(3))
+    assert len(a) == 16
+
+
+def test_save_load_roundtrip_and_key_mismatch(tmp_path):
+    arrays = {"feats": np.random.default_rng(0).standard_normal((5, 3)).astype(np.float16),
+              "idx": np.arange(5, dtype=np.int64)}
+    path = tmp_path / "sub" / "cache.safetensors"
+    data.save_arrays(path, arrays, key="k1")
+    back = data.load_arrays(path, "k1")
+    assert set(back) == {"feats", "idx"}
+    assert back["feats"].dtype == np.float16 and np.array_equal(back["feats"], arrays["feats"])
+    assert data.load_arrays(path, "k2") is None
+    assert data.load_arrays(tmp_path / "missing.safetensors", "k1") is None
+    assert data.cache_info(path) == "k1"
+    assert [p.name for p in path.parent.iterdir()] == ["cache.safetensors"]  # no temp files left
+
+
+def test_truncated_or_corrupt_cache_is_not_trusted(tmp_path):
+    path = tmp_path / "cache.safetensors"
+    data.save_arrays(path, {"x": np.ones((64, 8), np.float32)}, key="k")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 100])
+    assert data.load_arrays(path, "k") is None
+    flipped = bytearray(raw)
+    flipped[-5] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    assert data.load_arrays(path, "k") is None
+    path.write_bytes(b"not a safetensors file")
+    assert data.load_arrays(path, "k") is None
+
+
+def test_interrupted_save_leaves_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "cache.safetensors"
+    data.save_arrays(path, {"x": np.zeros(3, np.float32)}, key="old")
+
+    def boom(tmp):
+        Path(tmp).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        data.atomic_write(path, boom)
+    assert data.load_arrays(path, "old") is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.safetensors"]
