@@ -1,0 +1,525 @@
+"""Caption metrics of the COCO caption toolkit (pycocoevalcap 1.2), in pure Python.
+
+CgT-GAN (arXiv:2308.12045, Sec. 4.1 and Tables 1-3) reports BLEU-1..4, METEOR, ROUGE-L, CIDEr and
+SPICE as computed by the COCO caption toolkit, and selects its checkpoint by validation CIDEr. This
+file reproduces the toolkit's numbers without Java and fast enough to run on every validation pass:
+
+- `ptb_tokenize`: the toolkit's tokenization (Stanford PTBTokenizer 3.4.1 with `-preserveLines
+  -lowerCase`, then its punctuation tokens removed), reimplemented with regular expressions.
+- `bleu`: BLEU-1..4, corpus level, "closest" reference length, the toolkit's constants 1e-9, 1e-15.
+- `rouge_l`: ROUGE-L (LCS F-measure, beta 1.2) with the toolkit's max over references.
+- `cider_d`: CIDEr-D. pycocoevalcap 1.2 calls it "CIDEr", but its scorer clips candidate tf-idf
+  weights to the reference's and applies a Gaussian length penalty (sigma 6), which is CIDEr-D.
+- `score`: all of the above from raw strings; `python evaluate.py RESULTS.json ANNOTATIONS.json`.
+
+METEOR and SPICE need Java and external data; `--meteor` (or `meteor()`) runs METEOR through an
+installed pycocoevalcap, and SPICE is omitted. Scores are in the toolkit's units (CIDEr-D x10
+already applied: COCO's 108.1 is 1.081 here).
+
+Toolkit quirks reproduced on purpose, so that the numbers match:
+- Brackets become "-lrb-" etc. after lowercasing, so they are NOT removed by the toolkit's
+  upper-case punctuation list; "?!", "!!" and "--" are removed only when listed ("--" is).
+- ROUGE-L splits on " ", so an empty caption is one empty token.
+- CIDEr-D's length penalty uses the number of bigrams (words - 1) as the "length".
+"""
+import argparse
+import functools
+import json
+import math
+import re
+import shutil
+import sys
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------------
+# PTB tokenization as the toolkit applies it
+
+# pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS: the tokens dropped after tokenizing.
+PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
+                          ".", "?", "!", ",", ":", "-", "--", "...", ";"])
+
+
+def _char_class(keep):
+    """A regex character class of the BMP characters for which keep(ch) holds."""
+    ranges, start = [], None
+    for code in range(0x10000 + 1):
+        inside = code < 0x10000 and keep(chr(code))
+        if inside and start is None:
+            start = code
+        elif not inside and start is not None:
+            ranges.append(re.escape(chr(start)) + ("-" + re.escape(chr(code - 1)) if code - 1 > start else ""))
+            start = None
+    return "[" + "".join(ranges) + "]"
+
+
+# Letters and digits as the Java lexer sees them: Unicode letters, decimal digits and combining
+# marks (so "café" with a combining accent and Devanagari stay one word); superscripts, fractions
+# and other numeric symbols are separate tokens.
+_L = _char_class(lambda c: (c.isalpha() or c.isdecimal() or unicodedata.category(c)[0] == "M"))
+_LETTER = _char_class(lambda c: c.isalpha())
+# Characters Java's lexer deletes as untokenizable (astral-plane emoji arrive as surrogates there)
+# and the ones it treats as spaces.
+_UNTOKENIZABLE = re.compile("[\U00010000-\U0010ffff\u2010\u2011\x00-\x08\x0e-\x1f\x7f]")
+_SPACE = re.compile(r"[\s\u200b]+")
+
+# Abbreviations whose final period stays on the word (Stanford's lists, case-insensitive unless
+# capitalised below); some keep it only before a number ("no. 5").
+_ABBREV = frozenset("""jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thurs fri
+    ala ariz calif colo conn ct dak fla ga ind kan kans ky md mich minn mo mont neb nev okla penn
+    tenn va vt wis wisc wyo inc co cos corp pty ltd plc rt bancorp dept bhd assn univ intl sys ph
+    tel est ext sq ft jr sr bros blvd rd esq etc al seq mr mrs ms dr drs prof profs sen sens rep
+    reps atty attys lt col gen messrs gov govs adm rev maj sgt cpl pvt mt capt st ste ave pres lieut
+    hon brig cmdr comdr pfc spc supt supts det mme mlle vs""".split())
+_ABBREV_CAPITAL = frozenset("Ark Del Ill La Mass Miss Ore Pa Tex Wash".split())
+_ABBREV_BEFORE_NUMBER = frozenset("no nos prop ca fig figs pp op".split())
+_ACRONYM = re.compile(rf"{_LETTER}(?:\.{_LETTER})+|ph\.d", re.IGNORECASE)
+_SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
+                "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me")}
+_SYMBOLS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-", "}": "-RCB-",
+            "“": "``", "”": "''", "«": "``", "»": "''", "‘": "`", "’": "'", "‹": "`", "›": "'",
+            "£": "#", "€": "$", "…": "...", "–": "--", "—": "--", "―": "--",
+            "½": "1/2", "¼": "1/4", "¾": "3/4", "⅓": "1/3", "⅔": "2/3"}
+
+# One alternative per token kind, tried in this order at each position.
+_TOKEN = re.compile(rf"""
+    (?P<url>(?:https?|ftp)://[^\s"<>()]+|[\w.+-]+@\w[\w-]*(?:\.\w[\w-]*)+)
+  | (?P<dots>\.\.\.+|\.(?:[ \u00a0]\.){{2,}})
+  | (?P<dashes>--+)
+  | (?P<bangs>[?!]+)
+  | (?P<number>[+-]?\d+(?:[.,:]\d+)+(?:-{_L}+)*|[+-]\d+)
+  | (?P<apoword>['’]n['’]|['’](?:em|cause|\d0s)(?!{_L})|['’](?=twas|tis)t
+        |(?<!{_L})[a-hj-xz]['’]{_L}{{2,}}|{_L}*[aeiouy]['’][aeiou]{_L}*)
+  | (?P<clitic>['’](?:s|re|ve|ll|m|d)(?!{_L}))
+  | (?P<word>{_L}+(?:(?:[-_/&]|[.!?](?={_LETTER})){_L}+)*)
+  | (?P<tag>[#@]{_LETTER}{_L}*|<[^<>\s]+>|<<|>>|&amp;|''|``|__+)
+  | (?P<other>.)
+""", re.VERBOSE | re.IGNORECASE)
+
+
+def _after_word(word, text, end):
+    """Split one word the way Stanford's lexer does: contractions and trailing abbreviation periods.
+
+    Returns (tokens, new end) where end is just past what the tokens consumed in `text`.
+    """
+    low = word.lower()
+    if low in _SPLIT_WORDS:
+        return list(_SPLIT_WORDS[low]), end
+    if (low.endswith("n") and len(low) > 1 and text[end:end + 2].lower() in ("'t", "’t")
+            and not re.match(_L, text[end + 2:end + 3])):
+        return [word[:-1], "n't"], end + 2
+    if text[end:end + 1] == "." and text[end + 1:end + 2] != ".":
+        keep = (len(word) == 1 and word.isalpha() or low in _ABBREV or word in _ABBREV_CAPITAL
+                or _ACRONYM.fullmatch(word)
+                or low in _ABBREV_BEFORE_NUMBER and re.match(r"\s*\d", text[end + 1:]))
+        if keep:
+            return [word + "."], end + 1
+    return [word], end
+
+
+def _quote(ch, text, end):
+    """ASCII quotes: opening (`` or `) when a letter or digit follows, else closing ('' or ')."""
+    opening = bool(re.match(_L, text[end:end + 1]))
+    if ch == '"':
+        return "``" if opening else "''"
+    return "`" if opening and not text[end:end + 1].isdecimal() else "'"
+
+
+def _lex(text):
+    """Stanford PTBTokenizer tokens of one line, before lowercasing and punctuation removal."""
+    text = _UNTOKENIZABLE.sub("", text)
+    # A whole number followed by a fraction is one token joined by a no-break space ("1 1/2").
+    text = re.sub(r"(?<![\d.,])(\d+) (\d+/\d+)(?![\d/])", "\\1\u00a0\\2", text)
+    tokens, pos = [], 0
+    while True:
+        space = _SPACE.match(text, pos)
+        if space:
+            pos = space.end()
+        if pos >= len(text):
+            return tokens
+        m = _TOKEN.match(text, pos)
+        kind, tok, pos = m.lastgroup, m.group(), m.end()
+        if kind == "word":
+            if "\u00a0" in text[pos:pos + 1] and re.match(r"\d+/\d+", text[pos + 1:]):
+                frac = re.match(r"\d+/\d+", text[pos + 1:])
+                tok, pos = tok + "\u00a0" + frac.group(), pos + 1 + frac.end()
+            words, pos = _after_word(tok, text, pos)
+            tokens += words
+        elif kind == "dots":
+            tokens.append("...")
+        elif kind == "dashes":
+            tokens.append("--")
+        elif kind in ("apoword", "clitic"):
+            tokens.append(tok.replace("’", "'") if kind == "clitic" or tok[0] in "'’" else tok)
+        elif kind == "tag" and tok == "&amp;":
+            tokens.append("&")
+        elif kind == "other" and tok in "\"'":
+            tokens.append(_quote(tok, text, pos))
+        else:
+            tokens.append(_SYMBOLS.get(tok, tok))
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _ptb_tokenize_cached(caption):
+    return tuple(t for t in (tok.lower() for tok in _lex(caption.replace("\n", " ")))
+                 if t not in PUNCTUATIONS)
+
+
+def ptb_tokenize(caption: str) -> list[str]:
+    """Tokens of one caption as pycocoevalcap's PTBTokenizer gives them.
+
+    Lowercased Penn Treebank tokens (clitics split, quotes and brackets normalised), then the
+    toolkit's PUNCTUATIONS removed, e.g.
+    "A man's (red) hat, isn't it?" -> ['a', 'man', "'s", '-lrb-', 'red', '-rrb-', 'hat', 'is', "n't", 'it'].
+    Note '-lrb-' survives: the toolkit lists '-LRB-' in upper case, after lowercasing.
+    """
+    return list(_ptb_tokenize_cached(caption))
+
+
+# ----------------------------------------------------------------------------------------------
+# N-grams, BLEU, ROUGE-L, CIDEr-D (inputs: token lists; one candidate and a list of references
+# per image, images in the same order in both)
+
+def ngrams(tokens, n=4):
+    """Counts of all 1..n-grams of a token list, keyed by tuple: the toolkit's `precook`.
+
+    ngrams(["a", "dog", "a", "dog"], 2) -> {("a",): 2, ("dog",): 2, ("a", "dog"): 2, ("dog", "a"): 1}
+    """
+    counts = Counter()
+    for k in range(1, n + 1):
+        counts.update(zip(*(tokens[i:] for i in range(k))))
+    return counts
+
+
+def bleu_stats(candidate, references, n=4):
+    """Sufficient statistics of one image for BLEU: (testlen, reflen, guess[n], correct[n]).
+
+    correct[k] counts candidate (k+1)-grams clipped by their largest count in any one reference;
+    guess[k] = max(0, testlen - k); reflen is the reference length closest to testlen (the shorter
+    one on a tie), the toolkit's "closest" option.
+    """
+    maxcounts = {}
+    for ref in references:
+        for gram, c in ngrams(ref, n).items():
+            if c > maxcounts.get(gram, 0):
+                maxcounts[gram] = c
+    testlen = len(candidate)
+    reflen = min((abs(len(r) - testlen), len(r)) for r in references)[1]
+    correct = [0] * n
+    for gram, c in ngrams(candidate, n).items():
+        correct[len(gram) - 1] += min(c, maxcounts.get(gram, 0))
+    return testlen, reflen, [max(0, testlen - k) for k in range(n)], correct
+
+
+def bleu_from_stats(testlen, reflen, guess, correct):
+    """BLEU-1..n from (summed) statistics, with the toolkit's constants.
+
+    BLEU-N = BP * prod_{k<=N} ((correct_k + 1e-15) / (guess_k + 1e-9)) ** (1/N),
+    BP = exp(1 - r/c) when c < r, with c = testlen + 1e-15, r = reflen + 1e-9.
+    Worked example: candidate "a dog runs", reference "a dog runs fast": guess = [3, 2, 1, 0],
+    correct = [3, 2, 1, 0], so BLEU-1..3 = 1 * BP, BLEU-4 ~ (1e-15/1e-9)**(1/4) * BP ~ 0.03 * BP,
+    and BP = exp(1 - 4/3) = 0.7165.
+    """
+    scores, product = [], 1.0
+    for k in range(len(guess)):
+        product *= (correct[k] + 1e-15) / (guess[k] + 1e-9)
+        scores.append(product ** (1.0 / (k + 1)))
+    ratio = (testlen + 1e-15) / (reflen + 1e-9)
+    if ratio < 1:
+        scores = [s * math.exp(1 - 1 / ratio) for s in scores]
+    return scores
+
+
+def bleu(candidates, references, n=4):
+    """Corpus BLEU-1..n and per-image BLEU-1..n, as pycocoevalcap's Bleu(4).
+
+    candidates: list of token lists (one per image); references: list of lists of token lists.
+    Returns (corpus [n floats], per_image [n lists of floats]): the corpus score sums the
+    statistics over images before the formula of `bleu_from_stats`, it is not a mean.
+    """
+    total = [0, 0, [0] * n, [0] * n]
+    per_image = [[] for _ in range(n)]
+    for cand, refs in zip(candidates, references):
+        testlen, reflen, guess, correct = bleu_stats(cand, refs, n)
+        total[0] += testlen
+        total[1] += reflen
+        total[2] = [a + b for a, b in zip(total[2], guess)]
+        total[3] = [a + b for a, b in zip(total[3], correct)]
+        for k, s in enumerate(bleu_from_stats(testlen, reflen, guess, correct)):
+            per_image[k].append(s)
+    return bleu_from_stats(*total), per_image
+
+
+def lcs_length(a, b):
+    """Length of the longest common subsequence of two token lists (bit-parallel, Hyyro 2004).
+
+    Bit i of `v` is 0 where the LCS of a[:i+1] and the part of b seen so far gains a token; each
+    token of b updates all positions at once with one add and one subtract on Python ints.
+    lcs_length("a man on a horse".split(), "a horse and a man".split()) -> 2 ("a man").
+    """
+    masks = {}
+    for i, tok in enumerate(a):
+        masks[tok] = masks.get(tok, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for tok in b:
+        m = masks.get(tok)
+        if m:
+            u = v & m
+            v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
+def rouge_l(candidate, references, beta=1.2):
+    """ROUGE-L of one image, as pycocoevalcap's Rouge: F-measure of the best precision and recall.
+
+    P = max_r LCS(c, r) / |c|,  R = max_r LCS(c, r) / |r|  (each maximised separately),
+    ROUGE-L = (1 + beta^2) P R / (R + beta^2 P), or 0 when P or R is 0.
+    Worked example: c = "a man riding a horse", r = "a man on a horse": LCS = 4 ("a man a horse"),
+    P = 4/5, R = 4/5, ROUGE-L = 0.8. The toolkit splits on " ", so an empty caption is [""].
+    """
+    candidate = candidate or [""]
+    prec, rec = 0.0, 0.0
+    for ref in references:
+        ref = ref or [""]
+        lcs = lcs_length(ref, candidate)
+        prec = max(prec, lcs / len(candidate))
+        rec = max(rec, lcs / len(ref))
+    if prec == 0 or rec == 0:
+        return 0.0
+    return (1 + beta ** 2) * prec * rec / (rec + beta ** 2 * prec)
+
+
+def tfidf(counts, idf, log_images, n=4):
+    """CIDEr-D's tf-idf vector of one caption: ({n-gram: weight}, norm per order, bigram count).
+
+    weight(g) = count(g) * (log(#images) - log(max(1, df(g)))), where df(g) is the number of images
+    whose references contain g; `idf` maps reference n-grams to that bracket, unseen ones get
+    log(#images). The "length" is the number of bigrams, as in the toolkit.
+    """
+    vec, norm2 = {}, [0.0] * n
+    for gram, tf in counts.items():
+        w = vec[gram] = tf * idf.get(gram, log_images)
+        norm2[len(gram) - 1] += w * w
+    length = sum(tf for gram, tf in counts.items() if len(gram) == 2)
+    return vec, [math.sqrt(x) for x in norm2], length
+
+
+def cider_d_pair(cand, ref, n=4, sigma=6.0):
+    """Clipped cosine of two tf-idf vectors per order, times the Gaussian length penalty, averaged.
+
+    sum_{k=1..n} [sum_g min(c_g, r_g) r_g / (|c_k| |r_k|)] * exp(-(l_c - l_r)^2 / (2 sigma^2)) / n
+    where c, r are `tfidf` outputs (vec, norms, length) and g runs over the k-grams of c.
+    """
+    (vc, nc, lc), (vr, nr, lr) = cand, ref
+    val = [0.0] * n
+    for gram, w in vc.items():
+        wr = vr.get(gram)
+        if wr is not None:
+            val[len(gram) - 1] += min(w, wr) * wr
+    penalty = math.exp(-((lc - lr) ** 2) / (2 * sigma ** 2))
+    return sum(v / (a * b) if a and b else v for v, a, b in zip(val, nc, nr)) * penalty / n
+
+
+def cider_d(candidates, references, n=4, sigma=6.0):
+    """CIDEr-D, as pycocoevalcap 1.2's `Cider` (which is CIDEr-D): (mean, per-image list).
+
+    CIDEr-D(c, R) = 10 / |R| * sum_{r in R} cider_d_pair(tfidf(c), tfidf(r)), with document
+    frequencies taken from the references of the evaluated images only.
+    Worked example with two images, refs {1: ["a dog"], 2: ["a cat"]} and candidate "a dog" for
+    image 1: log(#images) = log 2; df("a") = 2 so "a" weighs log 2 - log 2 = 0; df("dog") = 1 so
+    "dog" weighs log 2 = 0.693, and so does the bigram "a dog". Unigram cosine: vectors
+    (0, 0.693) and (0, 0.693) -> 1; bigram cosine 1; 3- and 4-grams are empty -> 0. Lengths
+    (1 bigram each) agree, penalty 1. CIDEr-D = 10 * (1 + 1 + 0 + 0) / 4 = 5.0.
+    """
+    cand_counts = [ngrams(c, n) for c in candidates]
+    ref_counts = [[ngrams(r, n) for r in refs] for refs in references]
+    df = Counter()
+    for refs in ref_counts:
+        df.update(set().union(*refs))
+    log_images = math.log(len(references)) if references else 0.0
+    idf = {gram: log_images - math.log(d) for gram, d in df.items()}
+    scores = []
+    for cand, refs in zip(cand_counts, ref_counts):
+        vc = tfidf(cand, idf, log_images, n)
+        total = sum(cider_d_pair(vc, tfidf(r, idf, log_images, n), n, sigma) for r in refs)
+        scores.append(10.0 * total / len(refs))
+    return (sum(scores) / len(scores) if scores else 0.0), scores
+
+
+# ----------------------------------------------------------------------------------------------
+# The public API: raw strings in, the toolkit's scores out
+
+def _check_inputs(candidates, references):
+    """One-line ValueError naming the offending id, for everything the toolkit would assert on."""
+    if not isinstance(candidates, dict) or not isinstance(references, dict):
+        raise ValueError("candidates and references must be dicts {image id: caption(s)}")
+    if not candidates:
+        raise ValueError("no candidates to score")
+    for key, cap in candidates.items():
+        if key not in references:
+            raise ValueError(f"candidate for image id {key!r} has no references")
+        if not isinstance(cap, str):
+            raise ValueError(f"candidate for image id {key!r} is {type(cap).__name__}, not a string")
+    for key, refs in references.items():
+        if key not in candidates:
+            raise ValueError(f"references for image id {key!r} have no candidate caption")
+        if isinstance(refs, str) or not isinstance(refs, (list, tuple)):
+            raise ValueError(f"references for image id {key!r} must be a list of strings")
+        if not refs:
+            raise ValueError(f"reference list for image id {key!r} is empty")
+        if not all(isinstance(r, str) for r in refs):
+            raise ValueError(f"a reference for image id {key!r} is not a string")
+
+
+def score_tokens(candidates, references):
+    """`score` on already tokenized captions: {id: tokens} and {id: [tokens, ...]}."""
+    ids = list(candidates)
+    cands = [list(candidates[i]) for i in ids]
+    refs = [[list(r) for r in references[i]] for i in ids]
+    corpus_bleu, image_bleu = bleu(cands, refs)
+    rouge = [rouge_l(c, r) for c, r in zip(cands, refs)]
+    cider, image_cider = cider_d(cands, refs)
+    result = {f"BLEU-{k + 1}": s for k, s in enumerate(corpus_bleu)}
+    result["ROUGE-L"] = sum(rouge) / len(rouge)
+    result["CIDEr-D"] = cider
+    result["per_image"] = {"CIDEr-D": dict(zip(ids, image_cider)), "ROUGE-L": dict(zip(ids, rouge)),
+                           "BLEU-4": dict(zip(ids, image_bleu[3]))}
+    return result
+
+
+def score(candidates: dict, references: dict) -> dict:
+    """BLEU-1..4, ROUGE-L and CIDEr-D of captions, identical to pycocoevalcap 1.2.
+
+    candidates: {image id: caption}; references: {image id: [caption, ...]} with the same ids.
+    Returns {"BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr-D": float, "per_image": {"CIDEr-D" | "ROUGE-L" |
+    "BLEU-4": {image id: float}}}. Raises ValueError (one line, naming the id) on bad input.
+    An empty candidate is valid and scores 0.
+    """
+    _check_inputs(candidates, references)
+    return score_tokens({k: _ptb_tokenize_cached(c) for k, c in candidates.items()},
+                        {k: [_ptb_tokenize_cached(r) for r in refs] for k, refs in references.items()})
+
+
+def meteor(candidates, references):
+    """METEOR 1.5 through pycocoevalcap's Java wrapper (not pure Python): (mean, per-image list).
+
+    Takes {id: tokens} and {id: [tokens]} like `score_tokens`; raises RuntimeError when
+    pycocoevalcap or Java is missing.
+    """
+    if shutil.which("java") is None:
+        raise RuntimeError("METEOR needs Java on PATH (install a JRE, or drop --meteor)")
+    try:
+        from pycocoevalcap.meteor.meteor import Meteor
+    except ImportError as err:
+        raise RuntimeError("METEOR needs pycocoevalcap: pip install pycocoevalcap==1.2") from err
+    res = {k: [" ".join(v)] for k, v in candidates.items()}
+    gts = {k: [" ".join(r) for r in references[k]] for k in candidates}
+    mean, per_image = Meteor().compute_score(gts, res)
+    return mean, [float(s) for s in per_image]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: COCO result files against COCO or Karpathy annotations
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+
+
+def load_results(path):
+    """COCO result format [{"image_id": id, "caption": str}, ...] -> {id: caption}."""
+    data = _read_json(path)
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path}: expected a list of {{\"image_id\", \"caption\"}} objects")
+    results = {}
+    for r in data:
+        if "image_id" not in r or "caption" not in r:
+            raise ValueError(f"{path}: entry {r!r:.80} lacks \"image_id\" or \"caption\"")
+        if r["image_id"] in results:
+            raise ValueError(f"{path}: image id {r['image_id']!r} appears twice")
+        results[r["image_id"]] = r["caption"]
+    if not results:
+        raise ValueError(f"{path}: no results")
+    return results
+
+
+def load_references(path):
+    """{str(id): [captions]} from COCO captions or Karpathy split JSON.
+
+    COCO: {"annotations": [{"image_id", "caption"}, ...]}. Karpathy (dataset_coco.json):
+    {"images": [{"cocoid"?, "imgid", "filename", "sentences": [{"raw"}]}]}: each image is found
+    under its "cocoid" when it has one (COCO result files use COCO ids), else under its "imgid",
+    and also under its file name without extension.
+    """
+    data = _read_json(path)
+    refs = {}
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        for a in data["annotations"]:
+            if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
+                raise ValueError(f"{path}: annotation {a!r:.80} lacks \"image_id\" or \"caption\"")
+            refs.setdefault(str(a["image_id"]), []).append(a["caption"])
+    elif isinstance(data, dict) and isinstance(data.get("images"), list):
+        for img in data["images"]:
+            if not isinstance(img, dict) or not isinstance(img.get("sentences"), list):
+                raise ValueError(f"{path}: image entry {img!r:.80} lacks a \"sentences\" list")
+            caps = [s.get("raw") if isinstance(s, dict) else s for s in img["sentences"]]
+            key = img.get("cocoid", img.get("imgid"))
+            for k in ([key] if key is not None else []) + ([Path(img["filename"]).stem] if "filename" in img else []):
+                refs.setdefault(str(k), caps)
+    else:
+        raise ValueError(f"{path}: neither COCO captions ({{\"annotations\": [...]}}) "
+                         f"nor Karpathy split format ({{\"images\": [...]}})")
+    return refs
+
+
+def evaluate_files(results_path, annotations_path, with_meteor=False):
+    """Score a result file against an annotation file, on the images of the result file."""
+    results = load_results(results_path)
+    refs = load_references(annotations_path)
+    missing = [k for k in results if str(k) not in refs]
+    if missing:
+        raise ValueError(f"image id {missing[0]!r} of {results_path} has no references in {annotations_path}")
+    references = {k: refs[str(k)] for k in results}
+    scores = score(results, references)
+    if with_meteor:
+        cands = {k: _ptb_tokenize_cached(c) for k, c in results.items()}
+        toks = {k: [_ptb_tokenize_cached(r) for r in v] for k, v in references.items()}
+        scores["METEOR (pycocoevalcap, Java)"], _ = meteor(cands, toks)
+    return scores
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="COCO caption metrics (pure Python, pycocoevalcap 1.2 numbers)")
+    parser.add_argument("results", help="COCO result JSON: [{\"image_id\", \"caption\"}, ...]")
+    parser.add_argument("annotations", help="COCO captions JSON or Karpathy split JSON (dataset_coco.json)")
+    parser.add_argument("--json", action="store_true", help="print all scores, per image too, as JSON")
+    parser.add_argument("--meteor", action="store_true", help="also METEOR through pycocoevalcap (needs Java)")
+    args = parser.parse_args(argv)
+    try:
+        scores = evaluate_files(args.results, args.annotations, args.meteor)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(scores, indent=1))
+        return 0
+    n = len(scores["per_image"]["CIDEr-D"])
+    print(f"{n} images")
+    for name, value in scores.items():
+        if name != "per_image":
+            print(f"{name:<30} {value:8.4f}  ({100 * value:6.1f})")
+    if not args.meteor:
+        print("METEOR: omitted (needs Java; --meteor runs it through pycocoevalcap)")
+    print("SPICE: omitted (needs Java and Stanford CoreNLP models)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
