@@ -1,0 +1,107 @@
+"""Shape, loss and file-format tests for clip_model.py on tiny random CLIPs (offline, seconds)."""
+import math
+
+import pytest
+import torch
+
+import clip_model
+from clip_model import CLIP, CLIPConfig, build_model, contrastive_loss, load, save, tokenize
+
+TINY_VIT = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                context_length=16, vocab_size=100, transformer_width=64, transformer_heads=2, transformer_layers=2)
+TINY_RESNET = dict(TINY_VIT, vision_layers=(1, 1, 1, 1), vision_width=16, vision_patch_size=None, image_resolution=64)
+
+
+def tokens(n, length=16, vocab=100):
+    """Random token rows whose end token (the largest id, vocab - 1) sits at varied positions."""
+    g = torch.Generator().manual_seed(0)
+    out = torch.zeros(n, length, dtype=torch.long)
+    for i in range(n):
+        end = 2 + i % (length - 2)
+        out[i, :end] = torch.randint(1, vocab - 2, (end,), generator=g)
+        out[i, end] = vocab - 1
+    return out
+
+
+@pytest.mark.parametrize("cfg", [TINY_VIT, TINY_RESNET], ids=["vit", "resnet"])
+def test_shapes_and_logits(cfg):
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(**cfg)).eval()
+    images = torch.randn(3, 3, cfg["image_resolution"], cfg["image_resolution"])
+    text = tokens(5)
+    with torch.no_grad():
+        image_emb, text_emb = model.encode_image(images), model.encode_text(text)
+        logits_per_image, logits_per_text = model(images, text)
+    assert image_emb.shape == (3, 32) and text_emb.shape == (5, 32)
+    assert logits_per_image.shape == (3, 5) and torch.equal(logits_per_text, logits_per_image.t())
+    cos = torch.nn.functional.cosine_similarity(image_emb[:, None], text_emb[None], dim=-1)
+    torch.testing.assert_close(logits_per_image, model.logit_scale.exp() * cos)
+
+
+def test_text_encoding_ignores_padding_after_end_token():
+    # Causal attention: tokens after the end token cannot change its state, so cutting them is exact.
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(**TINY_VIT)).eval()
+    text = tokens(4)
+    noisy = text.clone()
+    for i, end in enumerate(text.argmax(-1)):
+        noisy[i, end + 1:] = torch.randint(1, 90, (15 - int(end),))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(text), model.encode_text(noisy), rtol=1e-5, atol=1e-6)
+
+
+def test_contrastive_loss_worked_example_and_learning_signal():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    assert contrastive_loss(logits).item() == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-5)
+    # A few steps on one batch of matched pairs lower the loss.
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(**TINY_VIT))
+    images, text = torch.randn(4, 3, 32, 32), tokens(4)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = contrastive_loss(model(images, text)[0])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.5
+
+
+def test_fixed_logit_scale_is_not_trained():
+    model = CLIP(CLIPConfig(**TINY_VIT, learn_logit_scale=False, logit_scale_init=math.log(100)))
+    assert not model.logit_scale.requires_grad
+    assert model.logit_scale.exp().item() == pytest.approx(100)
+    contrastive_loss(model(torch.randn(2, 3, 32, 32), tokens(2))[0]).backward()
+    assert model.logit_scale.grad is None
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("cfg", [TINY_VIT, TINY_RESNET], ids=["vit", "resnet"])
+def test_save_load_round_trip(tmp_path, cfg, suffix):
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(**cfg)).eval()
+    path = tmp_path / f"tiny{suffix}"
+    save(model, path)
+    loaded, preprocess = load(path)
+    assert loaded.config.transformer_heads == 2 and not loaded.training
+    assert preprocess.resolution == cfg["image_resolution"]
+    images, text = torch.randn(2, 3, cfg["image_resolution"], cfg["image_resolution"]), tokens(3)
+    with torch.no_grad():
+        for a, b in zip(model(images, text), loaded(images, text)):
+            torch.testing.assert_close(a, b)
+
+
+def test_fp16_checkpoint_loads_as_float32_on_cpu(tmp_path):
+    model = CLIP(CLIPConfig(**TINY_VIT))
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, tmp_path / "half.pt")
+    loaded, _ = load(tmp_path / "half.pt")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+
+
+def test_tokenize_shapes_and_end_token():
+    out = tokenize(["a photo of a dog", "a cat"], context_length=10)
+    tok = clip_model.default_tokenizer()
+    assert out.shape == (2, 10) and out.dtype == torch.long
+    assert out[0, :7].tolist() == [tok.sot_token, 320, 1125, 539, 320, 1929, tok.eot_token]
+    assert out.argmax(-1).tolist() == [6, 3]
