@@ -1,0 +1,515 @@
+"""Paper-scale datasets: Karpathy split files + an image root + a corpus -> CLIP caches -> CaptionData.
+
+The paper (CgT-GAN, arXiv:2308.12045, Sec. 4.1) trains on the images of the Karpathy train split of
+MSCOCO or Flickr30k *without* their captions, and on sentences from a corpus: the train split's own
+captions (in-domain, In-UIC), another dataset's captions (Cross-UIC) or a web-crawled corpus such as
+Google Conceptual Captions or ShutterStock (ZS-IC). Validation and test use the split file's
+references. This file turns those inputs into the `data.CaptionData` the method consumes:
+
+    cfg = RealDataConfig(split_file="dataset_coco.json", image_root="coco", corpus="in-domain")
+    prepare(cfg)                 # CLIP embeddings (fp16 shards, resumable) + CLIP-agg targets
+    ds = load_real_data(cfg)     # -> CaptionData, reading only the caches
+
+Caches live in `cache_dir/<name>/`: `images/<split>-00000.safetensors` ..., `corpus-<source>/...`,
+`agg-<key>.safetensors` and the COCO-format reference files `refs_val.json`, `refs_test.json` that
+evaluate.py reads. Each shard carries a key (data.cache_key) of the CLIP checkpoint and the exact
+items it embeds, so an interrupted `prepare` resumes at the first missing shard and a cache made
+with another CLIP model or corpus cleaning is detected and rebuilt.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+from data import CaptionData, DataError, EvalSplit
+
+# The CLIP-agg softmax temperature t the authors used for each setting, "images/corpus".
+AGG_TEMPERATURE = {
+    "coco/coco": 100.0,
+    "coco/shutterstock": 100.0,
+    "flickr30k/flickr30k": 125.0,
+    "coco/flickr30k": 125.0,
+    "coco/gcc": 175.0,
+}
+
+# Karpathy's "restval" images (COCO val2014 images outside the 5k val/test) are training images.
+SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+
+# Files from which transformers' from_pretrained builds a byte-level BPE tokenizer.
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class RealDataConfig:
+    """Where a paper-scale dataset lives and how to prepare it.
+
+    corpus: "in-domain" (the train split's own captions) or a text file, one sentence per line.
+    setting: a key of AGG_TEMPERATURE, used when agg_temperature is None.
+    Cleaning (applied to the corpus): lowercase, strip a final period, collapse spaces, keep
+    sentences of min_words..max_words words, drop duplicates (first occurrence kept).
+    missing_images: "stop" raises on missing or unreadable images, "skip" warns and drops them.
+    """
+
+    split_file: str = "dataset_coco.json"
+    image_root: str = "coco"
+    corpus: str = "in-domain"
+    name: str = ""
+    setting: str = "coco/coco"
+    agg_temperature: float | None = None
+    clip: str = "ViT-L/14"
+    clip_bpe: str | None = None
+    gpt2: str = "gpt2"
+    roberta: str = "roberta-base"
+    min_words: int = 3
+    max_words: int = 20
+    lowercase: bool = True
+    strip_period: bool = True
+    dedupe: bool = True
+    missing_images: str = "stop"
+    batch_size: int = 64
+    shard_size: int = 4096
+    workers: int = 0
+    image_chunk: int = 2048
+    corpus_chunk: int = 16384
+    cache_dir: str = "cache/real"
+    device: str = "auto"
+    progress: bool = True
+
+    def temperature(self) -> float:
+        if self.agg_temperature is not None:
+            return float(self.agg_temperature)
+        if self.setting not in AGG_TEMPERATURE:
+            raise DataError(f"unknown setting {self.setting!r}; use one of {sorted(AGG_TEMPERATURE)} "
+                            "or set agg_temperature")
+        return AGG_TEMPERATURE[self.setting]
+
+    def dataset_name(self) -> str:
+        return self.name or Path(self.split_file).stem.removeprefix("dataset_")
+
+
+# ----------------------------------------------------------------------------------------------
+# Karpathy split files, corpora and reference files
+
+
+@dataclass
+class KarpathyImage:
+    id: str
+    path: Path
+    split: str  # "train" | "val" | "test"
+    sentences: list[str]
+
+
+def read_karpathy(split_file: str | Path, image_root: str | Path) -> list[KarpathyImage]:
+    """Images of a Karpathy split file (dataset_coco.json / dataset_flickr30k.json format).
+
+    Ids are COCO ids where present (`cocoid`), otherwise `imgid`; paths are
+    image_root/filepath/filename (filepath is absent for Flickr30k).
+    """
+    split_file = Path(split_file)
+    try:
+        raw = json.loads(split_file.read_text(encoding="utf-8"))
+        entries = raw["images"]
+    except FileNotFoundError:
+        raise DataError(f"split file {split_file} does not exist; download Karpathy's splits "
+                        "(dataset_coco.json / dataset_flickr30k.json) and pass its path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"split file {split_file} is not valid JSON ({e}); download it again") from None
+    except (KeyError, TypeError):
+        raise DataError(f"split file {split_file} has no 'images' list; is it a Karpathy split "
+                        "file?") from None
+    images, seen = [], set()
+    for k, e in enumerate(entries):
+        try:
+            image_id = str(e["cocoid"] if "cocoid" in e else e["imgid"])
+            split = SPLIT_NAMES[e["split"]]
+            path = Path(image_root) / e.get("filepath", "") / e["filename"]
+            sentences = [s["raw"].strip() for s in e["sentences"]]
+        except (KeyError, TypeError):
+            raise DataError(f"split file {split_file}: image entry {k} lacks filename, split "
+                            "(train|restval|val|test), sentences[].raw or an id") from None
+        if image_id in seen:
+            raise DataError(f"split file {split_file}: image id {image_id} appears twice")
+        seen.add(image_id)
+        images.append(KarpathyImage(image_id, path, split, sentences))
+    return images
+
+
+def check_images(images: list[KarpathyImage], policy: str, source: str) -> list[KarpathyImage]:
+    """Images whose files exist; missing ones are reported and skipped or stop the run (policy)."""
+    if policy not in ("skip", "stop"):
+        raise DataError(f"missing_images must be 'skip' or 'stop', got {policy!r}")
+    missing = [im for im in images if not im.path.is_file()]
+    if not missing:
+        return images
+    message = (f"{len(missing)} of {len(images)} images listed in {source} do not exist "
+               f"(first: {', '.join(str(im.path) for im in missing[:3])})")
+    if policy == "stop":
+        raise DataError(f"{message}; fix image_root or set missing_images='skip'")
+    warn(f"{message}; skipping them")
+    gone = {id(im) for im in missing}
+    return [im for im in images if id(im) not in gone]
+
+
+def clean_sentences(sentences: list[str], cfg: RealDataConfig) -> list[str]:
+    """The corpus cleaning of cfg: normalise, filter by length, de-duplicate (order kept)."""
+    out, seen = [], set()
+    for s in sentences:
+        s = " ".join(s.split())
+        if cfg.lowercase:
+            s = s.lower()
+        if cfg.strip_period:
+            s = s.rstrip(" .")
+        if not cfg.min_words <= len(s.split()) <= cfg.max_words:
+            continue
+        if cfg.dedupe:
+            if s in seen:
+                continue
+            seen.add(s)
+        out.append(s)
+    return out
+
+
+def read_corpus(cfg: RealDataConfig, images: list[KarpathyImage]) -> list[str]:
+    """The cleaned training corpus: the train split's captions (in-domain) or a text file."""
+    if cfg.corpus == "in-domain":
+        source = f"the train captions of {cfg.split_file}"
+        raw = [s for im in images if im.split == "train" for s in im.sentences]
+    else:
+        source = cfg.corpus
+        try:
+            raw = Path(cfg.corpus).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise DataError(f"corpus file {cfg.corpus} does not exist; give a text file with one "
+                            "sentence per line, or corpus='in-domain'") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"corpus file {cfg.corpus} is not UTF-8 text ({e})") from None
+    corpus = clean_sentences(raw, cfg)
+    if not corpus:
+        raise DataError(f"corpus {source} is empty after cleaning ({len(raw)} lines, none with "
+                        f"{cfg.min_words}..{cfg.max_words} words); check the file or the limits")
+    return corpus
+
+
+def coco_references(images: list[KarpathyImage]) -> dict:
+    """The COCO caption-annotation format evaluate.py reads. Numeric ids are written as ints."""
+    numeric = all(im.id.isdigit() for im in images)
+    key = (lambda i: int(i)) if numeric else (lambda i: i)
+    annotations = [{"image_id": key(im.id), "id": 0, "caption": s}
+                   for im in images for s in im.sentences]
+    for k, a in enumerate(annotations):
+        a["id"] = k
+    return {"info": {}, "licenses": [], "type": "captions",
+            "images": [{"id": key(im.id), "file_name": im.path.name} for im in images],
+            "annotations": annotations}
+
+
+def write_json(path: Path, obj) -> None:
+    data.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj), encoding="utf-8"))
+
+
+def check_model_dir(path: str, what: str) -> None:
+    """A local GPT-2/RoBERTa directory must hold tokenizer files; hub names are left to the loader."""
+    p = Path(path)
+    if not p.is_dir():
+        return
+    if not any(all((p / f).is_file() for f in files) for files in TOKENIZER_FILES):
+        raise DataError(f"{what} directory {p} has no tokenizer files (vocab.json + merges.txt or "
+                        f"tokenizer.json); save them there with tokenizer.save_pretrained('{p}')")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded embedding caches
+
+
+class ShardedRows:
+    """Rows of a sequence of (rows, D) shard files, sliceable like one (R, D) array.
+
+    Only the shards a slice touches are read (and verified), so a 3M-sentence corpus can be
+    streamed without holding it in memory.
+    """
+
+    def __init__(self, paths: list[Path], keys: list[str], counts: list[int], dim: int):
+        self.paths, self.keys, self.counts = paths, keys, counts
+        self.starts = np.cumsum([0] + counts)
+        self.shape = (int(self.starts[-1]), dim)
+
+    def shard(self, k: int) -> dict[str, np.ndarray]:
+        arrays = data.load_arrays(self.paths[k], self.keys[k])
+        if arrays is None:
+            raise DataError(f"embedding cache {self.paths[k]} is missing, stale or corrupt; run "
+                            "prepare again (it resumes)")
+        return arrays
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        parts = []
+        for k in range(len(self.paths)):
+            lo, hi = max(start, self.starts[k]), min(stop, self.starts[k + 1])
+            if lo < hi:
+                parts.append(self.shard(k)["feats"][lo - self.starts[k]: hi - self.starts[k]])
+        return np.concatenate(parts) if parts else np.zeros((0, self.shape[1]), np.float16)
+
+    def load(self, name: str = "feats") -> np.ndarray:
+        """One array across all shards."""
+        return np.concatenate([self.shard(k)[name] for k in range(len(self.paths))])
+
+
+def _shard_plan(items: list[str], cfg: RealDataConfig, folder: Path, stem: str,
+                model_key: str) -> tuple[list[Path], list[str], list[int]]:
+    paths, keys, counts = [], [], []
+    for k, start in enumerate(range(0, len(items), cfg.shard_size)):
+        chunk = items[start: start + cfg.shard_size]
+        paths.append(folder / f"{stem}-{k:05d}.safetensors")
+        keys.append(data.cache_key(model=model_key, items=chunk))
+        counts.append(len(chunk))
+    return paths, keys, counts
+
+
+def _fill_shards(items: list[str], plan, encode: Callable[[list[str]], Iterator[tuple]],
+                 cfg: RealDataConfig, what: str) -> None:
+    """Embed every shard of `plan` whose file is missing, stale or corrupt; keep the others.
+
+    encode(items) yields (feats (b, D) float, valid (b,) bool) per batch, in order. Each shard is written atomically, so an
+    interruption loses at most the shard in progress.
+    """
+    from tqdm import tqdm
+
+    paths, keys, counts = plan
+    todo = [k for k in range(len(paths)) if data.load_arrays(paths[k], keys[k]) is None]
+    stale = [k for k in todo if data.cache_info(paths[k]) not in (None, keys[k])]
+    if stale:
+        warn(f"{len(stale)} cached {what} shard(s) in {paths[0].parent} were made with a different "
+             "CLIP model or data; rebuilding them")
+    starts = np.cumsum([0] + counts)
+    bar = tqdm(total=int(starts[-1]), initial=int(starts[-1]) - sum(counts[k] for k in todo),
+               desc=f"CLIP {what}", unit=what.split()[0], disable=not cfg.progress)
+    for k in todo:
+        chunk = items[starts[k]: starts[k + 1]]
+        feats, valid = [], []
+        for f, v in encode(chunk):
+            feats.append(f)
+            valid.append(v)
+            bar.update(len(f))
+        data.save_arrays(paths[k], {"feats": np.concatenate(feats).astype(np.float16),
+                                    "valid": np.concatenate(valid).astype(np.uint8)}, keys[k])
+    bar.close()
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Preprocessed images by path; an unreadable file gives zeros and its error text, so that
+    the main process (not a worker's traceback) decides whether to stop or skip."""
+
+    def __init__(self, paths: list[str], preprocess, resolution: int):
+        self.paths, self.preprocess, self.resolution = paths, preprocess, resolution
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        import clip_model
+
+        try:
+            return self.preprocess(clip_model.load_image(self.paths[i]))[0], ""  # (3, R, R)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return torch.zeros(3, self.resolution, self.resolution), re.sub(r"\s+", " ", str(e))
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _normalised(x: torch.Tensor) -> np.ndarray:
+    x = x.float()
+    return (x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).cpu().numpy()  # (b, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan shared by prepare and load_real_data
+
+
+@dataclass
+class _Plan:
+    images: dict[str, list[KarpathyImage]]  # split -> images whose files exist
+    corpus: list[str]
+    folder: Path
+    model_key: str
+    image_plans: dict[str, tuple]
+    corpus_plan: tuple
+    agg_path: Path
+    agg_key: str
+
+
+def _plan(cfg: RealDataConfig) -> _Plan:
+    images = check_images(read_karpathy(cfg.split_file, cfg.image_root), cfg.missing_images,
+                          cfg.split_file)
+    corpus = read_corpus(cfg, images)
+    if not Path(cfg.clip).is_file() and "/" in cfg.clip and Path(cfg.clip).suffix:
+        raise DataError(f"CLIP checkpoint {cfg.clip} does not exist; give a model name "
+                        "(e.g. ViT-L/14) or the path of a .pt/.safetensors state dict")
+    model_id = data.file_digest(cfg.clip) if Path(cfg.clip).is_file() else cfg.clip
+    bpe_id = data.file_digest(cfg.clip_bpe) if cfg.clip_bpe else None
+    model_key = data.cache_key(clip=model_id, bpe=bpe_id)
+    folder = Path(cfg.cache_dir) / cfg.dataset_name()
+    by_split = {s: [im for im in images if im.split == s] for s in ("train", "val", "test")}
+    for s, ims in by_split.items():
+        if not ims:
+            raise DataError(f"split file {cfg.split_file} has no {s} images (after skipping "
+                            "missing ones)")
+    image_plans = {s: _shard_plan([str(im.path) for im in ims], cfg, folder / "images", s, model_key)
+                   for s, ims in by_split.items()}
+    source = "indomain" if cfg.corpus == "in-domain" else re.sub(r"\W+", "_", Path(cfg.corpus).stem)
+    corpus_plan = _shard_plan(corpus, cfg, folder / f"corpus-{source}", "corpus", model_key)
+    agg_key = data.cache_key(images=image_plans["train"][1], corpus=corpus_plan[1],
+                             t=cfg.temperature())
+    return _Plan(by_split, corpus, folder, model_key, image_plans, corpus_plan,
+                 folder / f"agg-{agg_key}.safetensors", agg_key)
+
+
+def _rows(plan_part: tuple, dim: int) -> ShardedRows:
+    return ShardedRows(*plan_part, dim=dim)
+
+
+def _valid_images(rows: ShardedRows, images: list[KarpathyImage]) -> tuple[np.ndarray, list]:
+    """Rows and images of the readable images of one split (unreadable ones were zero rows)."""
+    valid = rows.load("valid").astype(bool)
+    if not valid.all():
+        bad = [im.path for im, ok in zip(images, valid) if not ok]
+        warn(f"{len(bad)} unreadable image(s) skipped (first: {', '.join(map(str, bad[:3]))})")
+    return valid, [im for im, ok in zip(images, valid) if ok]
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare and load_real_data
+
+
+def prepare(cfg: RealDataConfig) -> dict:
+    """Embed every image and corpus sentence with CLIP (fp16 shards, resumable), write the
+    reference files, and compute the CLIP-agg targets of the training images. Returns a summary
+    (counts, paths). Safe to rerun: finished shards are reused, stale ones rebuilt."""
+    import clip_model
+
+    plan = _plan(cfg)
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    for s in ("val", "test"):
+        write_json(plan.folder / f"refs_{s}.json", coco_references(plan.images[s]))
+    device = _resolve_device(cfg.device)
+    try:
+        model, preprocess = clip_model.load(cfg.clip, device=str(device))
+        tokenizer = clip_model.Tokenizer(cfg.clip_bpe)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DataError(f"cannot load CLIP: {e}") from None
+    model = model.to(device).eval()
+    res, ctx = model.config.image_resolution, model.config.context_length
+    amp = torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
+
+    def encode_images(paths: list[str]):
+        loader = torch.utils.data.DataLoader(_ImageFiles(paths, preprocess, res), cfg.batch_size,
+                                             num_workers=cfg.workers, collate_fn=list)
+        for batch in loader:
+            pixels, errors = zip(*batch)
+            bad = [e for e in errors if e]
+            if bad and cfg.missing_images == "stop":
+                raise DataError(f"{bad[0]}; or set missing_images='skip'")
+            with torch.no_grad(), amp:
+                feats = model.encode_image(torch.stack(pixels).to(device))  # (b, D)
+            yield _normalised(feats), np.array([not e for e in errors])
+
+    def encode_texts(texts: list[str]):
+        for b in range(0, len(texts), cfg.batch_size):
+            tokens = clip_model.tokenize(texts[b: b + cfg.batch_size], context_length=ctx,
+                                         truncate=True, tokenizer=tokenizer)
+            with torch.no_grad(), amp:
+                feats = model.encode_text(tokens.to(device))  # (b, D)
+            yield _normalised(feats), np.ones(len(feats), bool)
+
+    for s in ("train", "val", "test"):
+        _fill_shards([str(im.path) for im in plan.images[s]], plan.image_plans[s], encode_images,
+                     cfg, f"images ({s})")
+    _fill_shards(plan.corpus, plan.corpus_plan, encode_texts, cfg, "sentences")
+
+    dim = model.config.embed_dim
+    valid, train = _valid_images(_rows(plan.image_plans["train"], dim), plan.images["train"])
+    if data.load_arrays(plan.agg_path, plan.agg_key) is None:
+        train_feats = _rows(plan.image_plans["train"], dim).load()[valid]  # (N, D) fp16
+        agg = data.clip_agg_targets(train_feats, _rows(plan.corpus_plan, dim), cfg.temperature(),
+                                    cfg.image_chunk, cfg.corpus_chunk, device, cfg.progress)
+        data.save_arrays(plan.agg_path, {"agg": agg.numpy().astype(np.float16)}, plan.agg_key)
+    return {"name": cfg.dataset_name(), "folder": str(plan.folder), "train": len(train),
+            "val": len(plan.images["val"]), "test": len(plan.images["test"]),
+            "corpus": len(plan.corpus), "dim": dim, "agg_temperature": cfg.temperature(),
+            "references": {s: str(plan.folder / f"refs_{s}.json") for s in ("val", "test")}}
+
+
+def load_real_data(cfg: RealDataConfig) -> CaptionData:
+    """The prepared dataset as CaptionData (features from the caches, float32, normalised)."""
+    check_model_dir(cfg.gpt2, "GPT-2")
+    check_model_dir(cfg.roberta, "RoBERTa")
+    plan = _plan(cfg)
+    paths = {im.id: im.path for ims in plan.images.values() for im in ims}
+    dims = set()
+
+    def feats(part: tuple, images=None):
+        rows = _rows(part, 0)
+        try:
+            x = rows.load()
+        except DataError as e:
+            raise DataError(f"{e}; dataset {cfg.dataset_name()} is not fully prepared: run "
+                            "`python cgtgan.py prepare` with the same settings") from None
+        dims.add(x.shape[1])
+        kept = images
+        if images is not None:
+            valid, kept = _valid_images(rows, images)
+            x = x[valid]
+        x = torch.from_numpy(x.astype(np.float32))
+        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12), kept
+
+    train_feats, train = feats(plan.image_plans["train"], plan.images["train"])
+    corpus_feats, _ = feats(plan.corpus_plan)
+    splits = {}
+    for s in ("val", "test"):
+        x, ims = feats(plan.image_plans[s], plan.images[s])
+        splits[s] = EvalSplit([im.id for im in ims], x, {im.id: im.sentences for im in ims})
+    agg = data.load_arrays(plan.agg_path, plan.agg_key)
+    if agg is None:
+        raise DataError(f"CLIP-agg targets {plan.agg_path} are missing or corrupt; run "
+                        "`python cgtgan.py prepare` with the same settings")
+    return CaptionData(
+        name=cfg.dataset_name(), clip_path=Path(cfg.clip),
+        clip_bpe_path=Path(cfg.clip_bpe) if cfg.clip_bpe else None,
+        gpt2_path=Path(cfg.gpt2), roberta_path=Path(cfg.roberta),
+        train_ids=[im.id for im in train], train_feats=train_feats,
+        corpus=plan.corpus, corpus_feats=corpus_feats, splits=splits,
+        image_loader=lambda i: _load_image(paths, i),
+        train_agg_targets=torch.from_numpy(agg["agg"].astype(np.float32)),
+        agg_temperature=cfg.temperature(),
+    ).validate()
+
+
+def _load_image(paths: dict[str, Path], image_id: str) -> Image.Image:
+    if image_id not in paths:
+        raise DataError(f"no image with id {image_id!r} in this dataset")
+    try:
+        with Image.open(paths[image_id]) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {paths[image_id]}: {e}") from None

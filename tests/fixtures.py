@@ -1,0 +1,196 @@
+"""A paper-scale dataset in miniature, in exactly the real formats, built offline in seconds.
+
+`build_paperscale_fixture(root)` writes:
+  coco/train2014/*.jpg, coco/val2014/*.jpg   a dozen small drawn images (COCO's folder layout)
+  dataset_coco.json                          a Karpathy split file (train, restval, val, test)
+  corpus.txt                                 an external corpus, one sentence per line (with the
+                                             blank lines, duplicates and odd casing real ones have)
+  gpt2/, roberta/                            random-weight GPT2LMHeadModel / RobertaModel saved with
+                                             save_pretrained, with byte-level BPE tokenizers
+                                             trained on the fixture's sentences
+  clip.pt, clip_bpe.txt                      a random-weight CLIP state dict with OpenAI's key names
+                                             (clip_model.save) and a CLIP-format merges file
+
+The paper-scale code paths (realdata.prepare, the CLI's prepare/init/train/eval) run on it
+unchanged: `fixture.config()` gives the RealDataConfig.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220),
+           "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128)}
+SPLITS = ["train"] * 6 + ["restval"] * 2 + ["val"] * 2 + ["test"] * 2
+
+
+@dataclass
+class PaperFixture:
+    root: Path
+    split_file: Path
+    image_root: Path
+    corpus_file: Path
+    gpt2: Path
+    roberta: Path
+    clip: Path
+    clip_bpe: Path
+
+    def config(self, **overrides):
+        """The RealDataConfig that prepares this fixture (tiny shards and chunks, no progress bars)."""
+        from realdata import RealDataConfig
+
+        fields = dict(split_file=str(self.split_file), image_root=str(self.image_root),
+                      corpus="in-domain", name="coco", clip=str(self.clip),
+                      clip_bpe=str(self.clip_bpe), gpt2=str(self.gpt2), roberta=str(self.roberta),
+                      batch_size=3, shard_size=4, image_chunk=3, corpus_chunk=5,
+                      cache_dir=str(self.root / "cache"), device="cpu", progress=False)
+        fields.update(overrides)
+        return RealDataConfig(**fields)
+
+
+def _draw(colour: str, shape: str, background: str, rng: random.Random, size: int = 48) -> Image.Image:
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    x, y, r = rng.randint(14, 34), rng.randint(14, 34), rng.randint(8, 12)
+    box = (x - r, y - r, x + r, y + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    else:
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLOURS[colour])
+    return image
+
+
+def _captions(colour: str, shape: str, background: str) -> list[str]:
+    return [f"A {colour} {shape} on a {background} background.",
+            f"a {shape} that is {colour} in front of {background}",
+            f"There is a {colour} {shape} in the picture.",
+            f"A picture of one {colour} {shape}  on {background}.",
+            f"The {shape} is {colour} and the background is {background}."]
+
+
+def _corpus_lines(rng: random.Random) -> list[str]:
+    lines = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            lines.append(f"A small {colour} {shape} near the middle.")
+            lines.append(f"a {colour} {shape} sitting on a plain background")
+    lines += ["", "   ", "Ok.", lines[0], lines[1].upper()]
+    rng.shuffle(lines)
+    return lines
+
+
+def _clip_merges(sentences: list[str]) -> list[tuple[str, str]]:
+    """Merges that spell every fixture word left to right (a valid, tiny CLIP BPE file)."""
+    merges, seen = [], set()
+    for word in sorted({w.strip(".,").lower() for s in sentences for w in s.split()} - {""}):
+        parts = [*word[:-1], word[-1] + "</w>"]
+        left = parts[0]
+        for right in parts[1:]:
+            if (left, right) not in seen:
+                seen.add((left, right))
+                merges.append((left, right))
+            left += right
+    return merges
+
+
+def _save_hf_models(sentences: list[str], gpt2_dir: Path, roberta_dir: Path) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, RobertaConfig,
+                              RobertaModel, RobertaTokenizerFast)
+
+    gpt_bpe = ByteLevelBPETokenizer()
+    gpt_bpe.train_from_iterator(sentences, vocab_size=400, min_frequency=1,
+                                special_tokens=["<|endoftext|>"], show_progress=False)
+    gpt_tok = GPT2TokenizerFast(tokenizer_object=gpt_bpe, bos_token="<|endoftext|>",
+                                eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    rob_bpe = ByteLevelBPETokenizer()
+    rob_bpe.train_from_iterator(sentences, vocab_size=400, min_frequency=1, show_progress=False,
+                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    rob_tok = RobertaTokenizerFast(tokenizer_object=rob_bpe, bos_token="<s>", eos_token="</s>",
+                                   sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>")
+    for tok in (gpt_tok, rob_tok):
+        if len(tok) == 0 or tok.convert_tokens_to_ids(tok.eos_token) is None:
+            raise RuntimeError("fixture tokenizer came out empty")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(gpt_tok), n_positions=64, n_embd=32, n_layer=2,
+                                      n_head=2, bos_token_id=gpt_tok.eos_token_id,
+                                      eos_token_id=gpt_tok.eos_token_id))
+    roberta = RobertaModel(RobertaConfig(vocab_size=len(rob_tok), hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=64,
+                                         max_position_embeddings=66,
+                                         pad_token_id=rob_tok.pad_token_id,
+                                         bos_token_id=rob_tok.bos_token_id,
+                                         eos_token_id=rob_tok.eos_token_id))
+    # Like the hub's gpt2 and roberta-base folders: tokenizer.json and vocab.json + merges.txt.
+    for model, tok, bpe, folder in ((gpt2, gpt_tok, gpt_bpe, gpt2_dir),
+                                    (roberta, rob_tok, rob_bpe, roberta_dir)):
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        bpe.save_model(str(folder))
+
+
+def save_random_clip(path: Path, bpe_path: Path, seed: int = 0) -> None:
+    """A random-weight tiny ViT CLIP with OpenAI's parameter names, for the vocabulary of bpe_path.
+
+    Widths are 64 so that build_model infers one head per 64 channels, as for OpenAI's models,
+    and the state dict holds OpenAI's keys only.
+    """
+    import torch
+
+    import clip_model
+
+    vocab = clip_model.Tokenizer(bpe_path).vocab_size
+    torch.manual_seed(seed)
+    cfg = clip_model.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64,
+                                vision_patch_size=16, context_length=24, vocab_size=vocab,
+                                transformer_width=64, transformer_heads=1, transformer_layers=1)
+    clip_model.save(clip_model.CLIP(cfg), path)
+
+
+def build_paperscale_fixture(root: str | Path, seed: int = 0, models: bool = True) -> PaperFixture:
+    """Write the fixture under root (see the module docstring) and return its paths.
+
+    models=False skips GPT-2/RoBERTa (the slowest part) for tests that only prepare data.
+    """
+    import clip_model
+
+    root = Path(root)
+    rng = random.Random(seed)
+    image_root = root / "coco"
+    entries, sentences = [], []
+    for k, split in enumerate(SPLITS):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        background = rng.choice(list(BACKGROUNDS))
+        folder = "train2014" if split == "train" else "val2014"
+        filename = f"COCO_{folder}_{k + 1:012d}.jpg"
+        (image_root / folder).mkdir(parents=True, exist_ok=True)
+        _draw(colour, shape, background, rng).save(image_root / folder / filename, quality=95)
+        caps = _captions(colour, shape, background)
+        sentences += caps
+        entries.append({"filepath": folder, "filename": filename, "imgid": k, "cocoid": 1000 + k,
+                        "split": split, "sentids": list(range(5 * k, 5 * k + 5)),
+                        "sentences": [{"raw": c, "tokens": c.lower().strip(".").split(),
+                                       "imgid": k, "sentid": 5 * k + j} for j, c in enumerate(caps)]})
+    split_file = root / "dataset_coco.json"
+    split_file.write_text(json.dumps({"images": entries, "dataset": "coco"}))
+    corpus_file = root / "corpus.txt"
+    corpus_lines = _corpus_lines(rng)
+    corpus_file.write_text("\n".join(corpus_lines) + "\n")
+    sentences += [s for s in corpus_lines if s.strip()]
+
+    clip_bpe = root / "clip_bpe.txt"
+    clip_model.write_merges(clip_bpe, _clip_merges(sentences))
+    clip_path = root / "clip.pt"
+    save_random_clip(clip_path, clip_bpe, seed)
+    gpt2, roberta = root / "gpt2", root / "roberta"
+    if models:
+        _save_hf_models(sentences, gpt2, roberta)
+    return PaperFixture(root, split_file, image_root, corpus_file, gpt2, roberta, clip_path, clip_bpe)
