@@ -59,8 +59,8 @@ def _char_class(keep):
 # and other numeric symbols are separate tokens.
 _L = _char_class(lambda c: (c.isalpha() or c.isdecimal() or unicodedata.category(c)[0] == "M"))
 _LETTER = _char_class(lambda c: c.isalpha())
-# Characters Java's lexer deletes as untokenizable (astral-plane emoji arrive as surrogates there)
-# and the ones it treats as spaces.
+# Characters Java's lexer drops as untokenizable (astral-plane emoji arrive as surrogates there;
+# they still end the word they interrupt) and the ones it treats as spaces.
 _UNTOKENIZABLE = re.compile("[\U00010000-\U0010ffff\u2010\u2011\x00-\x08\x0e-\x1f\x7f]")
 _SPACE = re.compile(r"[\s\u200b]+")
 
@@ -75,6 +75,11 @@ _ABBREV = frozenset("""jan feb mar apr jun jul aug sep sept oct nov dec mon tue 
 _ABBREV_CAPITAL = frozenset("Ark Del Ill La Mass Miss Ore Pa Tex Wash".split())
 _ABBREV_BEFORE_NUMBER = frozenset("no nos prop ca fig figs pp op".split())
 _ACRONYM = re.compile(rf"{_LETTER}(?:\.{_LETTER})+|ph\.d", re.IGNORECASE)
+# A single letter keeps its period ("vitamin c.") unless one of these words follows, capitalised,
+# which Stanford's lexer takes as the start of a new sentence.
+_SENTENCE_START = re.compile(r"\s+([A-Z][A-Za-z]*)(?![^\W_])")
+_SENTENCE_WORDS = frozenset("""A An The In At It He She They We You This That There These Her Our Their
+    What When But So If As One Some Many Then Here Now Other Such While After Since""".split())
 _SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
                 "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me")}
 _SYMBOLS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-", "}": "-RCB-",
@@ -84,15 +89,17 @@ _SYMBOLS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-"
 
 # One alternative per token kind, tried in this order at each position.
 _TOKEN = re.compile(rf"""
-    (?P<url>(?:https?|ftp)://[^\s"<>()]+|[\w.+-]+@\w[\w-]*(?:\.\w[\w-]*)+)
+    (?P<url>(?:https?|ftp)://[^\s"<>()]+
+        |[a-z0-9][^\s"<>|(){{}}]*@(?:[^\s"<>|(){{}}.]+\.)*[^\s"<>|(){{}}\[\].,;:]+)
   | (?P<dots>\.\.\.+|\.(?:[ \u00a0]\.){{2,}})
   | (?P<dashes>--+)
   | (?P<bangs>[?!]+)
   | (?P<number>[+-]?\d+(?:[.,:]\d+)+(?:-{_L}+)*|[+-]\d+)
   | (?P<apoword>['’]n['’]|['’](?:em|cause|\d0s)(?!{_L})|['’](?=twas|tis)t
-        |(?<!{_L})[a-hj-xz]['’]{_L}{{2,}}|{_L}*[aeiouy]['’][aeiou]{_L}*)
+        |(?<!{_L})(?-i:[dlnoA-HJ-XZ])['’]{_L}{{2,}}|{_L}+[aeiouy]['’][aeiou]{_L}*|(?<!{_L})y['’](?=all|know)|(?<!{_L})['’]\d\d(?!{_L}))
   | (?P<clitic>['’](?:s|re|ve|ll|m|d)(?!{_L}))
-  | (?P<word>{_L}+(?:(?:[-_/&]|[.!?](?={_LETTER})){_L}+)*)
+  | (?P<caps>(?-i:[A-Z]+(?:[&+][A-Z]+)+|[A-Z]+\$)|(?<!{_L})(?:[cf]\#|c\+\+))
+  | (?P<word>{_L}+(?:(?:[-_/]|[.!?](?={_LETTER})){_L}+)*)
   | (?P<tag>[#@]{_LETTER}{_L}*|<[^<>\s]+>|<<|>>|&amp;|''|``|__+)
   | (?P<other>.)
 """, re.VERBOSE | re.IGNORECASE)
@@ -109,8 +116,12 @@ def _after_word(word, text, end):
     if (low.endswith("n") and len(low) > 1 and text[end:end + 2].lower() in ("'t", "’t")
             and not re.match(_L, text[end + 2:end + 3])):
         return [word[:-1], "n't"], end + 2
-    if text[end:end + 1] == "." and text[end + 1:end + 2] != ".":
-        keep = (len(word) == 1 and word.isalpha() or low in _ABBREV or word in _ABBREV_CAPITAL
+    if text[end:end + 1] == ".":
+        # At the end of a caption Java looks into the next line of its batch; COCO captions
+        # mostly start with "A", so assume that.
+        follow = _SENTENCE_START.match(text + " A", end + 1)
+        single = len(word) == 1 and word.isascii() and word.isalpha() and not (follow and follow[1].capitalize() in _SENTENCE_WORDS)
+        keep = (single or low in _ABBREV or word in _ABBREV_CAPITAL
                 or _ACRONYM.fullmatch(word)
                 or low in _ABBREV_BEFORE_NUMBER and re.match(r"\s*\d", text[end + 1:]))
         if keep:
@@ -128,7 +139,7 @@ def _quote(ch, text, end):
 
 def _lex(text):
     """Stanford PTBTokenizer tokens of one line, before lowercasing and punctuation removal."""
-    text = _UNTOKENIZABLE.sub("", text)
+    text = _UNTOKENIZABLE.sub(" ", text)
     # A whole number followed by a fraction is one token joined by a no-break space ("1 1/2").
     text = re.sub(r"(?<![\d.,])(\d+) (\d+/\d+)(?![\d/])", "\\1\u00a0\\2", text)
     tokens, pos = [], 0
