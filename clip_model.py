@@ -840,9 +840,17 @@ def load_image(path) -> Image.Image:
         raise ValueError(f"{path}: empty image file (0 bytes); re-copy or remove it")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"{path}: unreadable image ({e}); re-copy or remove it") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of any PIL image; transparency (alpha band or palette transparency) over white."""
+    if "A" in image.getbands() or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
 
 
 class Preprocess:
@@ -851,7 +859,8 @@ class Preprocess:
 
     OpenAI converts to RGB after cropping; converting first gives the same pixels for RGB and
     grayscale images and lets palette images be resized bicubically (PIL would fall back to
-    nearest-neighbour for mode "P"), as Hugging Face's CLIPImageProcessor does.
+    nearest-neighbour for mode "P"). Transparent pixels are composited onto white rather than
+    keeping whatever colour hides under alpha 0. Both choices are Hugging Face's CLIPImageProcessor's.
     """
 
     load_image = staticmethod(load_image)
@@ -865,7 +874,7 @@ class Preprocess:
 
     def pixels(self, image: Image.Image) -> np.ndarray:
         """One image -> (3, R, R) float32."""
-        image, R = image.convert("RGB"), self.resolution
+        image, R = to_rgb(image), self.resolution
         # Like torchvision's Resize(R): the shorter side becomes R, the longer one is truncated.
         w, h = image.size
         size = (R, int(R * h / w)) if w <= h else (int(R * w / h), R)
