@@ -1,0 +1,329 @@
+"""Tests of cgtgan.py: shapes of every module, the rewards' equations, learning signals.
+
+Everything runs on tiny random models and a synthetic CaptionData built here (`tiny_world`):
+sentences from a small grammar, byte-level BPE tokenizers trained on them, and a tiny random CLIP
+whose embeddings stand in for the image and text features.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cgtgan
+from cgtgan import (IGNORE_INDEX, Config, ConfigError, DiscriminatorConfig, GeneratorConfig,
+                    apply_overrides, build_discriminator, build_generator, caption_loss,
+                    clip_agg_reward, clip_agg_target, clip_cos_reward, discriminator_loss,
+                    lambda_schedule, naturalness_reward, sample_categorical, scst_loss,
+                    semantic_reward)
+
+COLOURS = ["red", "blue", "green", "yellow"]
+SHAPES = ["circle", "square", "star"]
+RELATIONS = ["above", "below", "left of", "right of"]
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a = f"a {rng.choice(COLOURS)} {rng.choice(SHAPES)}"
+        out.append(a if rng.random() < 0.3 else
+                   f"{a} {rng.choice(RELATIONS)} a {rng.choice(COLOURS)} {rng.choice(SHAPES)}")
+    return out
+
+
+def write_tokenizers(root: Path, corpus: list[str]) -> tuple[Path, Path]:
+    """GPT-2 and RoBERTa tokenizer directories (byte-level BPE trained on the corpus)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast, RobertaTokenizerFast
+
+    dirs = []
+    for name, cls, specials in [("gpt2", GPT2TokenizerFast, ["<|endoftext|>"]),
+                                ("roberta", RobertaTokenizerFast,
+                                 ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])]:
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(corpus + ["."], vocab_size=300, min_frequency=1,
+                                special_tokens=specials, show_progress=False)
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        bpe.save_model(str(d))
+        tok = cls.from_pretrained(str(d))
+        assert len(tok) > 0
+        tok.save_pretrained(str(d))
+        dirs.append(d)
+    return dirs[0], dirs[1]
+
+
+def tiny_world(root: Path, n_train: int = 24, n_eval: int = 6, n_corpus: int = 60):
+    """A synthetic CaptionData with a tiny random CLIP: images are solid colour squares."""
+    import clip_model
+    from data import CaptionData, EvalSplit
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = sentences(n_corpus, seed=1)
+    gpt2_dir, roberta_dir = write_tokenizers(root, corpus)
+    bpe = root / "clip_merges.txt"
+    clip_model.write_merges(bpe, [("r", "e"), ("c", "i"), ("s", "q")])
+    tok = clip_model.Tokenizer(str(bpe))
+    torch.manual_seed(0)
+    clip = clip_model.CLIP(clip_model.CLIPConfig(
+        embed_dim=16, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
+        context_length=48, vocab_size=tok.vocab_size, transformer_width=64, transformer_heads=1,
+        transformer_layers=1)).eval()
+    clip_path = root / "clip.pt"
+    clip_model.save(clip, clip_path)
+    palette = [(200, 30, 30), (30, 30, 200), (30, 180, 30), (220, 220, 40)]
+    ids = [f"img{i}" for i in range(n_train + 2 * n_eval)]
+    images = {i: Image.new("RGB", (16, 16), palette[k % 4]) for k, i in enumerate(ids)}
+    pre = clip_model.Preprocess(16)
+    with torch.no_grad():
+        img = F.normalize(clip.encode_image(pre([images[i] for i in ids])), dim=-1)
+        txt = F.normalize(clip.encode_text(clip_model.tokenize(corpus, 48, tokenizer=tok)), dim=-1)
+    refs = sentences(2 * n_eval * 2, seed=2)
+    split = lambda a, b: EvalSplit(ids[a:b], img[a:b].clone(),
+                                   {i: refs[2 * j:2 * j + 2] for j, i in enumerate(ids[a:b])})
+    return CaptionData(
+        name="tiny", clip_path=clip_path, clip_bpe_path=bpe, gpt2_path=gpt2_dir,
+        roberta_path=roberta_dir, train_ids=ids[:n_train], train_feats=img[:n_train].clone(),
+        corpus=corpus, corpus_feats=txt, splits={"val": split(n_train, n_train + n_eval),
+                                                 "test": split(n_train + n_eval, len(ids))},
+        image_loader=images.__getitem__,
+        checker=lambda caps, split: {"fluency": 0.5, "faithfulness": 0.5}).validate()
+
+
+def tiny_config(**overrides) -> Config:
+    cfg = Config()
+    apply_overrides(cfg, {
+        "gen.n_layer": 1, "gen.n_embd": 32, "gen.n_head": 2, "gen.prefix_len": 2,
+        "gen.max_len": 8, "disc.n_layer": 1, "disc.hidden": 32, "disc.n_head": 2,
+        "disc.dropout": 0.0, "init.steps": 6, "init.batch": 8, "gan.steps": 4, "gan.batch": 3,
+        "gan.k": 2, "gan.eval_every": 2, "gan.ckpt_every": 2, "gan.lambda_hold": 1,
+        "gan.lambda_ramp": 2, **overrides})
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    return tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
+@pytest.fixture()
+def models(world):
+    from cgtgan import load_tokenizer
+
+    cfg = tiny_config()
+    gtok = load_tokenizer(world.gpt2_path, "GPT-2")
+    dtok = load_tokenizer(world.roberta_path, "RoBERTa")
+    torch.manual_seed(0)
+    gen = build_generator(cfg.gen, gtok, world.train_feats.shape[1])
+    disc = build_discriminator(cfg.disc, dtok)
+    return gen, gtok, disc, dtok
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes
+
+
+def test_mapping_and_generator_shapes(models):
+    gen, gtok, _, _ = models
+    feats = F.normalize(torch.randn(3, 16), dim=-1)
+    assert gen.mapping(feats).shape == (3, 2, 32)  # (B, P, E)
+    tokens = torch.randint(len(gtok), (3, 5))
+    assert gen(feats, tokens).shape == (3, 5, len(gtok))  # (B, T, V)
+    ids, mask = gen.greedy(feats)
+    assert ids.shape == mask.shape and ids.shape[0] == 3 and ids.shape[1] <= 8
+    ids, logp, mask = gen.sample(feats, 4)
+    assert ids.shape[:2] == (3, 4) and logp.shape == ids.shape == mask.shape
+    assert logp.requires_grad
+    ids, mask = gen.beam_search(feats, beams=2)
+    assert ids.shape[0] == 3 and ids.shape[1] <= 8
+
+
+def test_decoding_stops_at_end_token(models):
+    gen, _, _, _ = models
+    with torch.no_grad():
+        gen.gpt.lm_head.weight.zero_()
+        gen.gpt.lm_head.weight[gen.end_id] = 1.0  # make "." the only likely token
+        gen.gpt.transformer.ln_f.bias.fill_(1.0)
+    ids, mask = gen.greedy(torch.randn(2, 16))
+    assert ids.shape == (2, 1) and (ids == gen.end_id).all() and mask.sum() == 2
+
+
+def test_discriminator_shapes(models):
+    _, _, disc, dtok = models
+    batch = dtok(["a red circle", "a blue star above a green square"], padding=True,
+                 return_tensors="pt")
+    assert disc(batch["input_ids"], batch["attention_mask"]).shape == (2,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling is exact and its log-probs are the model's
+
+
+def test_sample_logprobs_equal_forward_logprobs(models):
+    gen, _, _, _ = models
+    feats = F.normalize(torch.randn(2, 16), dim=-1)
+    ids, logp, mask = gen.sample(feats, 3, generator=torch.Generator().manual_seed(0))
+    flat_ids = ids.flatten(0, 1)  # (B*K, T)
+    logits = gen(feats.repeat_interleave(3, 0), flat_ids)  # (B*K, T, V)
+    ref = logits.log_softmax(-1).gather(-1, flat_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp.flatten(0, 1), ref * mask.flatten(0, 1), atol=1e-5, rtol=1e-5)
+    # Each caption ends at the first end token: nothing after it is counted.
+    for row, m in zip(flat_ids.tolist(), mask.flatten(0, 1).tolist()):
+        n = int(sum(m))
+        assert gen.end_id not in row[:n - 1]
+
+
+def test_sample_categorical_matches_distribution():
+    logits = torch.tensor([[0.0, 1.0, -1.0, float("-inf")]]).repeat(40000, 1)
+    draws = sample_categorical(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.01, rtol=0)
+    assert (draws != 3).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards and losses: equations against direct computations
+
+
+def test_clip_agg_target_equals_float64_direct():
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(5, 24), dim=-1)
+    corpus = F.normalize(torch.randn(1000, 24), dim=-1)
+    for t in (1.0, 100.0, 175.0):
+        got = clip_agg_target(img, corpus, t, chunk=97)
+        w = (t * img.double() @ corpus.double().T).softmax(-1)  # (B, M)
+        torch.testing.assert_close(got.double(), w @ corpus.double(), atol=1e-5, rtol=1e-4)
+
+
+def test_clip_rewards_worked_examples():
+    v = torch.tensor([[1.0, 0.0]])
+    caps = torch.tensor([[[2.0, 0.0], [0.0, 3.0]]])  # (B=1, K=2, D=2)
+    torch.testing.assert_close(clip_cos_reward(v, caps), torch.tensor([[100.0, 0.0]]))
+    agg = clip_agg_reward(v, caps)
+    # identical directions: 50 + 50; orthogonal: 0 + 50 * (1 - mean(|1-0|, |0-1|)) = 0
+    torch.testing.assert_close(agg, torch.tensor([[100.0, 0.0]]))
+    torch.testing.assert_close(semantic_reward(torch.tensor(10.0), torch.tensor(20.0), 0.25),
+                               torch.tensor(12.5))  # 0.25 * 20 + 0.75 * 10
+    logits = torch.tensor([2.0, -1.0], requires_grad=True)
+    assert not naturalness_reward(logits).requires_grad
+    torch.testing.assert_close(naturalness_reward(logits), torch.tensor([2.0, -1.0]))
+
+
+def test_scst_loss_greedy_and_leave_one_out():
+    logp = torch.tensor([[[-1.0, -3.0], [-2.0, 0.0]]])  # (B=1, K=2, T=2)
+    mask = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])
+    reward = torch.tensor([[3.0, 1.0]])
+    # greedy baseline 2: advantages [1, -1]; mean log-probs [-2, -2] -> -(1*-2 + -1*-2)/2 = 0
+    torch.testing.assert_close(scst_loss(logp, mask, reward, torch.tensor([2.0])), torch.tensor(0.0))
+    # leave-one-out: baselines [1, 3], advantages [2, -2] -> -(2*-2 + -2*-2)/2 = 0
+    torch.testing.assert_close(scst_loss(logp, mask, reward), torch.tensor(0.0))
+    torch.testing.assert_close(scst_loss(logp, mask, reward, torch.tensor([0.0])),
+                               torch.tensor(4.0))
+
+
+def test_lambda_schedule():
+    assert lambda_schedule(50, 100, 200) == 0.0
+    assert lambda_schedule(100, 100, 200) == 0.0
+    assert lambda_schedule(200, 100, 200) == pytest.approx(0.25)
+    assert lambda_schedule(400, 100, 200) == 0.5
+    assert lambda_schedule(10_000, 100, 200) == 0.5
+    assert lambda_schedule(5, 0, 0, final=0.7) == 0.7
+
+
+def test_caption_loss_ignores_padding():
+    logits = torch.randn(2, 3, 7)
+    labels = torch.tensor([[1, 2, IGNORE_INDEX], [3, IGNORE_INDEX, IGNORE_INDEX]])
+    ref = F.cross_entropy(logits[[0, 0, 1], [0, 1, 0]], torch.tensor([1, 2, 3]))
+    torch.testing.assert_close(caption_loss(logits, labels), ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning signals
+
+
+def test_positive_advantage_raises_sample_logprob(models):
+    gen, _, _, _ = models
+    feats = F.normalize(torch.randn(1, 16), dim=-1)
+    ids, logp, mask = gen.sample(feats, 2, generator=torch.Generator().manual_seed(1))
+    before = (logp.detach() * mask).sum(-1) / mask.sum(-1)  # (1, 2)
+    opt = torch.optim.SGD(gen.parameters(), lr=0.1)
+    loss = scst_loss(logp, mask, torch.tensor([[1.0, 0.0]]), torch.tensor([0.0]))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after_lp = gen.log_probs(feats.repeat(2, 1), ids[0]) * mask[0]
+    after = after_lp.sum(-1) / mask[0].sum(-1)
+    assert after[0] > before[0, 0]
+
+
+def test_discriminator_loss_falls_when_overfitting(models):
+    _, _, disc, dtok = models
+    real = ["a red circle above a blue square", "a green star", "a yellow square left of a red star"]
+    fake = ["circle circle red", "a a a", "square above above"]
+    batch = dtok(real + fake, padding=True, return_tensors="pt")
+    opt = torch.optim.AdamW(disc.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        logits = disc(batch["input_ids"], batch["attention_mask"])
+        loss, stats = discriminator_loss(logits[:3], logits[3:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0] and stats["d_acc"] == 1.0
+
+
+def test_text_only_init_learns(world, models):
+    from train import encode_sentences
+
+    gen, gtok, _, _ = models
+    ids, labels = encode_sentences(gtok, world.corpus[:8], gen.end_id, gen.max_len)
+    assert (labels[:, 0] != IGNORE_INDEX).all() and ids.shape == labels.shape
+    opt = torch.optim.AdamW(gen.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        loss = caption_loss(gen(world.corpus_feats[:8], ids), labels)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def test_overrides_are_checked():
+    cfg = apply_overrides(Config(), {"gan.lr": "3e-4", "gan.steps": "7", "bf16": "true",
+                                     "world.n_train": "10"})
+    assert cfg.gan.lr == 3e-4 and cfg.gan.steps == 7 and cfg.bf16 is True
+    assert cfg.world == {"n_train": "10"}
+    with pytest.raises(ConfigError, match="unknown config key 'gan.nope'"):
+        apply_overrides(Config(), {"gan.nope": "1"})
+    with pytest.raises(ConfigError, match="gan.steps takes a int"):
+        apply_overrides(Config(), {"gan.steps": "1.5"})
+    with pytest.raises(ConfigError, match="bf16 takes true or false"):
+        apply_overrides(Config(), {"bf16": "maybe"})
+    from dataclasses import asdict
+    assert cgtgan.config_from_dict(asdict(cfg)) == cfg
+
+
+def test_presets_apply():
+    for name, preset in cgtgan.PRESETS.items():
+        cfg = apply_overrides(Config(), preset)
+        assert cfg.gen.prefix_len == 10 and cfg.gan.k == 5 and cfg.gan.batch == 64
+    assert apply_overrides(Config(), cgtgan.PRESETS["coco-gcc"]).gan.temperature == 175.0
+
+
+def test_missing_pretrained_model_is_named(tmp_path, models):
+    _, gtok, _, _ = models
+    with pytest.raises(ConfigError, match="GPT-2 not found at .*huggingface-cli download gpt2"):
+        build_generator(GeneratorConfig(pretrained=str(tmp_path / "nope")), gtok, 16)
+    with pytest.raises(ConfigError, match="RoBERTa not found"):
+        build_discriminator(DiscriminatorConfig(pretrained=str(tmp_path / "nope")), gtok)

@@ -1,0 +1,746 @@
+"""CgT-GAN's training stages, evaluation and run folder (the loops behind `python cgtgan.py`).
+
+Follows Sec. 3.4 of CgT-GAN (arXiv:2308.12045): text-only initialisation of the generator on the
+corpus, then adversarial self-critical training on unpaired images, one discriminator step per
+generator step, lambda ramping from 0 to 0.5. The equations live in cgtgan.py; this file moves data
+through them, checkpoints, evaluates and draws the figures.
+
+Run folder (runs/<name>/): config.json, init.pt (text-only generator), last.pt (full training
+state for --resume), best.pt (best validation CIDEr-D), metrics.jsonl, results.json, samples.png,
+curves.png. Checkpoints hold only tensors and plain Python values: torch.load(weights_only=True).
+
+Shape legend: B images, K samples per image, T tokens, D CLIP width, M corpus sentences.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cgtgan import (IGNORE_INDEX, Config, ConfigError, build_discriminator, build_generator,
+                    caption_loss, clip_agg_reward, clip_agg_target, clip_cos_reward,
+                    discriminator_loss, lambda_schedule, load_tokenizer, naturalness_reward,
+                    scst_loss, semantic_reward)
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (NaN loss): the message names the step, the term and the checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Text through CLIP, captions through tokenizers
+
+
+class ClipText:
+    """CLIP text embeddings (N, D), L2-normalised, of caption strings; memoised by string because
+    sampled captions repeat often and the text tower is the costliest reward term."""
+
+    def __init__(self, clip, tokenizer, device, max_cache: int = 200_000):
+        self.clip, self.tokenizer, self.device, self.max_cache = clip, tokenizer, device, max_cache
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        from clip_model import tokenize
+
+        todo = sorted({t for t in texts if t not in self.cache})
+        if todo:
+            if len(self.cache) + len(todo) > self.max_cache:
+                self.cache.clear()
+            tokens = tokenize(todo, context_length=self.clip.config.context_length, truncate=True,
+                              tokenizer=self.tokenizer).to(self.device)  # (n, L)
+            emb = F.normalize(self.clip.encode_text(tokens).float(), dim=-1).cpu()  # (n, D)
+            self.cache.update(zip(todo, emb))
+        return torch.stack([self.cache[t] for t in texts]).to(self.device)  # (N, D)
+
+
+def decode_captions(tokenizer, ids: torch.Tensor, mask: torch.Tensor, end_id: int) -> list[str]:
+    """Token ids (N, T) with mask (N, T) -> caption strings, without the end token."""
+    out = []
+    for row, n in zip(ids.tolist(), mask.sum(-1).long().tolist()):
+        row = row[:n]
+        if row and row[-1] == end_id:
+            row = row[:-1]
+        out.append(" ".join(tokenizer.decode(row).split()))
+    return out
+
+
+def encode_sentences(tokenizer, sentences: list[str], end_id: int, max_len: int):
+    """Corpus sentences -> token ids (M, T) padded with end_id and labels (M, T) with IGNORE_INDEX."""
+    rows = [ids[:max_len - 1] + [end_id] for ids in
+            tokenizer(sentences, add_special_tokens=False)["input_ids"]]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), end_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = labels[i, :len(r)] = torch.tensor(r)
+    return ids, labels  # (M, T), (M, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything a stage needs
+
+
+@dataclass
+class Parts:
+    cfg: Config
+    data: object  # data.CaptionData
+    device: torch.device
+    gen: object  # cgtgan.CaptionGenerator
+    gen_tok: object
+    disc: object  # cgtgan.Discriminator
+    disc_tok: object
+    clip_text: ClipText | None
+
+    def autocast(self):
+        if self.cfg.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def pick_device(name: str) -> torch.device:
+    """"auto" is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_data(cfg: Config):
+    """The CaptionData named by cfg.data: ShapesWorld (built or reused), or a prepared real dataset."""
+    if cfg.data == "shapesworld":
+        from shapesworld import ShapesWorldConfig, build_shapesworld
+
+        known = {f for f in ShapesWorldConfig.__dataclass_fields__}
+        unknown = sorted(set(cfg.world) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key 'world.{unknown[0]}'; valid: "
+                              + ", ".join(f"world.{k}" for k in sorted(known)))
+        world = ShapesWorldConfig()
+        from cgtgan import _parse_value
+        for key, value in cfg.world.items():
+            kind = type(getattr(world, key))
+            if isinstance(value, str) and kind is not str:
+                value = _parse_value(f"world.{key}", value, kind)
+            setattr(world, key, value)
+        return build_shapesworld(world).validate()
+    try:
+        import realdata
+    except ImportError:
+        raise ConfigError(f"dataset {cfg.data!r} needs realdata.py (paper-scale data); run "
+                          "`python cgtgan.py prepare` first (see the README)") from None
+    return realdata.load(cfg).validate()
+
+
+def build_parts(cfg: Config, data, with_clip: bool = True) -> Parts:
+    """Tokenizers, generator, discriminator and CLIP text tower for this config and dataset."""
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    gen_tok = load_tokenizer(cfg.gen.pretrained or data.gpt2_path, "GPT-2")
+    disc_tok = load_tokenizer(cfg.disc.pretrained or data.roberta_path, "RoBERTa")
+    torch.manual_seed(cfg.seed)
+    gen = build_generator(cfg.gen, gen_tok, data.train_feats.shape[1]).to(device)
+    disc = build_discriminator(cfg.disc, disc_tok).to(device)
+    clip_text = None
+    if with_clip:
+        import clip_model
+
+        clip, _ = clip_model.load(str(data.clip_path), device=device)
+        bpe = str(data.clip_bpe_path) if data.clip_bpe_path else None
+        clip_text = ClipText(clip, clip_model.Tokenizer(bpe), device)
+    return Parts(cfg, data, device, gen, gen_tok, disc, disc_tok, clip_text)
+
+
+def shapes_of(parts: Parts) -> dict:
+    """What a checkpoint must agree on beyond the config: CLIP width and vocabularies."""
+    return {"clip_dim": parts.data.train_feats.shape[1], "gpt2_vocab": len(parts.gen_tok),
+            "roberta_vocab": len(parts.disc_tok)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: Path, parts: Parts, **state) -> None:
+    """Atomic torch.save of the models plus `state` (plain values and tensors only)."""
+    from data import atomic_write
+
+    blob = {"config": asdict(parts.cfg), "shapes": shapes_of(parts),
+            "generator": parts.gen.state_dict(), "discriminator": parts.disc.state_dict(), **state}
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+
+
+def load_checkpoint(path: Path, parts: Parts, sections=("gen", "disc")) -> dict:
+    """Load a checkpoint into parts' models after checking it was made for the same models."""
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} not found; train first (python cgtgan.py train)")
+    try:
+        blob = torch.load(path, map_location=parts.device, weights_only=True)
+    except (RuntimeError, OSError, EOFError) as err:
+        raise ConfigError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it "
+                          "and train again") from None
+    mine, theirs = asdict(parts.cfg), blob.get("config", {})
+    for section in sections:
+        for key, value in mine[section].items():
+            if theirs.get(section, {}).get(key) != value:
+                raise ConfigError(f"checkpoint {path} was made with {section}.{key}="
+                                  f"{theirs.get(section, {}).get(key)!r}, but this config has "
+                                  f"{value!r}; use the same setting or another run folder")
+    for key, value in shapes_of(parts).items():
+        if blob.get("shapes", {}).get(key) != value:
+            raise ConfigError(f"checkpoint {path} was made with {key}="
+                              f"{blob.get('shapes', {}).get(key)}, but this data has {value}; "
+                              "use the same dataset or another run folder")
+    parts.gen.load_state_dict(blob["generator"])
+    parts.disc.load_state_dict(blob["discriminator"])
+    return blob
+
+
+def rng_state(g: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "generator": g.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, g: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    g.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_finite(step: int, stage: str, terms: dict, checkpoint: Path) -> None:
+    """Stop with a one-line message when a loss or reward term is NaN or infinite."""
+    for name, value in terms.items():
+        if not math.isfinite(float(value)):
+            raise TrainingError(f"{stage} step {step}: {name} is {value}; stopped, the last good "
+                                f"checkpoint is kept at {checkpoint}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def caption_feats(parts: Parts, feats: torch.Tensor, batch: int = 256) -> list[str]:
+    """Captions for CLIP image embeddings (n, D): greedy, or beam search when cfg.decode == "beam"."""
+    parts.gen.eval()
+    out = []
+    for start in range(0, feats.shape[0], batch):
+        f = feats[start:start + batch].to(parts.device)
+        with parts.autocast():
+            ids, mask = (parts.gen.beam_search(f) if parts.cfg.decode == "beam"
+                         else parts.gen.greedy(f))
+        out += decode_captions(parts.gen_tok, ids, mask, parts.gen.end_id)
+    parts.gen.train()
+    return out
+
+
+def score_captions(data, split: str, ids: list[str], captions: list[str]) -> dict:
+    """CIDEr-D, BLEU-4, ROUGE-L (x100), fluency and faithfulness (x100), mean length in words."""
+    from evaluate import score
+
+    cands = dict(zip(ids, captions))
+    refs = {i: data.splits[split].references[i] for i in ids}
+    s = score(cands, refs)
+    out = {k: 100 * s[k] for k in ("CIDEr-D", "BLEU-4", "ROUGE-L")}
+    checked = data.check(cands, split)
+    if checked:
+        out.update({k: 100 * checked[k] for k in ("fluency", "faithfulness")})
+    out["length"] = sum(len(c.split()) for c in captions) / max(1, len(captions))
+    return out
+
+
+def evaluate_generator(parts: Parts, split: str, limit: int = 0) -> tuple[dict, list[str]]:
+    es = parts.data.splits[split]
+    n = limit or len(es.ids)
+    captions = caption_feats(parts, es.feats[:n])
+    return score_captions(parts.data, split, es.ids[:n], captions), captions
+
+
+def retrieval_captions(data, feats: torch.Tensor, chunk: int = 8192) -> list[str]:
+    """CLIPRe-like baseline: the corpus sentence whose CLIP text embedding is nearest each image."""
+    best = torch.full((feats.shape[0],), -2.0)
+    arg = torch.zeros(feats.shape[0], dtype=torch.long)
+    for start in range(0, data.corpus_feats.shape[0], chunk):
+        sims = feats @ data.corpus_feats[start:start + chunk].T  # (n, c)
+        value, index = sims.max(1)
+        better = value > best
+        best[better], arg[better] = value[better], index[better] + start
+    return [data.corpus[i] for i in arg.tolist()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: text-only initialisation
+
+
+def train_init(parts: Parts, run_dir: Path, log, stop_after: int | None = None) -> None:
+    """Train mapping network + GPT-2 to rebuild each corpus sentence from its CLIP text embedding."""
+    cfg, data, gen = parts.cfg.init, parts.data, parts.gen
+    ids, labels = encode_sentences(parts.gen_tok, data.corpus, gen.end_id, gen.max_len)
+    opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(parts.cfg.seed)
+    start = 0
+    if (run_dir / "init_last.pt").is_file():
+        blob = load_checkpoint(run_dir / "init_last.pt", parts)
+        opt.load_state_dict(blob["opt_g"])
+        set_rng_state(blob["rng"], g)
+        start = blob["step"]
+    gen.train()
+    bar = tqdm(range(start, cfg.steps), desc="text-only init", initial=start, total=cfg.steps,
+               dynamic_ncols=True, leave=False)
+    for step in bar:
+        idx = torch.randint(len(data.corpus), (cfg.batch,), generator=g)
+        feats = data.corpus_feats[idx]  # (B, D)
+        if cfg.noise > 0:
+            feats = F.normalize(feats + cfg.noise * torch.randn(feats.shape, generator=g), dim=-1)
+        width = int((labels[idx] != IGNORE_INDEX).sum(1).max())
+        tokens, target = ids[idx, :width].to(parts.device), labels[idx, :width].to(parts.device)
+        with parts.autocast():
+            loss = caption_loss(gen(feats.to(parts.device), tokens), target)
+        check_finite(step + 1, "init", {"caption_loss": loss.item()}, run_dir / "init_last.pt")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
+        opt.step()
+        log({"stage": "init", "step": step + 1, "loss": loss.item()})
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        done = step + 1 == cfg.steps
+        if done or (step + 1) % 500 == 0 or (stop_after and step + 1 == stop_after):
+            save_checkpoint(run_dir / "init_last.pt", parts, opt_g=opt.state_dict(),
+                            rng=rng_state(g), step=step + 1, stage="init")
+        if stop_after and step + 1 == stop_after and not done:
+            return
+    bar.close()
+    save_checkpoint(run_dir / "init.pt", parts, step=cfg.steps, stage="init")
+    (run_dir / "init_last.pt").unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: CgT-GAN
+
+
+def gan_step(parts: Parts, opt_g, opt_d, feats: torch.Tensor, targets: torch.Tensor, step: int,
+             g: torch.Generator) -> tuple[dict, dict]:
+    """One generator step and one discriminator step on B images. Returns (losses, stats)."""
+    cfg, gen, disc = parts.cfg.gan, parts.gen, parts.disc
+    use_gan, use_sem = "gan" in cfg.reward, cfg.reward != "gan"
+    B, K = feats.shape[0], cfg.k
+    timing, t0 = {}, time.perf_counter()
+    with parts.autocast():
+        ids, logp, mask = gen.sample(feats, K, generator=g)  # (B, K, T) each
+        g_ids, g_mask = gen.greedy(feats)  # (B, T)
+    captions = decode_captions(parts.gen_tok, ids.flatten(0, 1), mask.flatten(0, 1), gen.end_id)  # B*K
+    greedy = decode_captions(parts.gen_tok, g_ids, g_mask, gen.end_id)  # B
+    timing["sample"], t0 = time.perf_counter() - t0, time.perf_counter()
+
+    # The semantic reward: CLIP-cos against the image, CLIP-agg against its corpus aggregate.
+    emb = parts.clip_text(captions + greedy)  # (B*K + B, D)
+    emb = torch.cat([emb[:B * K].view(B, K, -1), emb[B * K:, None]], 1)  # (B, K+1, D)
+    cos = clip_cos_reward(feats, emb)  # (B, K+1)
+    agg = clip_agg_reward(targets, emb)  # (B, K+1)
+    w = cfg.agg_weight if "agg" in cfg.reward else 0.0
+    sem = semantic_reward(cos, agg, w)  # (B, K+1)
+    timing["clip"], t0 = time.perf_counter() - t0, time.perf_counter()
+
+    # The discriminator scores the captions (naturalness reward), then takes its own step on
+    # K corpus sentences per image against the K detached samples.
+    stats = {}
+    nat = torch.zeros_like(sem)
+    d_loss = torch.zeros(())
+    if use_gan:
+        real = [parts.data.corpus[i] for i in
+                torch.randint(len(parts.data.corpus), (B * K,), generator=g).tolist()]
+        batch = parts.disc_tok(real + captions + greedy, padding=True, return_tensors="pt").to(parts.device)
+        with parts.autocast():
+            logits = disc(batch["input_ids"], batch["attention_mask"]).float()  # (2BK + B,)
+        fake = naturalness_reward(logits[B * K:])  # (B*K + B,) samples, then greedy captions
+        nat = torch.cat([fake[:B * K].view(B, K), fake[B * K:, None]], 1)  # (B, K+1)
+        d_loss, d_stats = discriminator_loss(logits[:B * K], logits[B * K:2 * B * K])
+        stats.update(d_stats)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+    timing["disc"], t0 = time.perf_counter() - t0, time.perf_counter()
+
+    # The generator: lambda-mixed self-critical losses, each with its own greedy baseline.
+    lam = lambda_schedule(step, cfg.lambda_hold, cfg.lambda_ramp, cfg.lambda_final)
+    lam = lam if use_gan and use_sem else (1.0 if use_sem else 0.0)
+    loo = cfg.baseline == "loo"
+    loss_sem = scst_loss(logp, mask, sem[:, :K], None if loo else sem[:, K])
+    loss_nat = scst_loss(logp, mask, nat[:, :K], None if loo else nat[:, K])
+    loss = lam * loss_sem + (1 - lam) * loss_nat
+    losses = {"loss_g": loss.item(), "loss_sem": loss_sem.item(), "loss_nat": loss_nat.item(),
+              "d_loss": d_loss.item()}
+    for name, value in {**losses, "r_cos": cos.mean().item(), "r_agg": agg.mean().item(),
+                        "r_nat": nat.mean().item()}.items():
+        if not math.isfinite(value):
+            return {**losses, name: value}, stats
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
+    opt_g.step()
+    if use_gan:
+        opt_d.step()
+    timing["backward"] = time.perf_counter() - t0
+    stats.update({"lambda": lam, "r_cos": cos[:, :K].mean().item(), "r_agg": agg[:, :K].mean().item(),
+                  "r_nat": nat[:, :K].mean().item(), "r_sem": sem[:, :K].mean().item(),
+                  "len": (mask.sum(-1).mean().item()), "example": captions[0],
+                  **{f"ms_{k}": 1000 * v for k, v in timing.items()}})
+    return losses, stats
+
+
+def agg_targets(parts: Parts) -> torch.Tensor:
+    """CLIP-agg targets for every training image (N, D), computed once in chunks and reused."""
+    data, t = parts.data, parts.cfg.gan.temperature
+    if data.train_agg_targets is not None and data.agg_temperature == t:
+        return data.train_agg_targets
+    return torch.cat([clip_agg_target(data.train_feats[i:i + 1024], data.corpus_feats, t)
+                      for i in range(0, data.train_feats.shape[0], 1024)])
+
+
+def train_gan(parts: Parts, run_dir: Path, log, resume: bool = False,
+              stop_after: int | None = None) -> None:
+    """Adversarial self-critical training from init.pt; keeps best.pt by validation CIDEr-D."""
+    cfg, data, gen, disc = parts.cfg.gan, parts.data, parts.gen, parts.disc
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.d_lr, weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(parts.cfg.seed + 1)
+    targets_all = agg_targets(parts)  # (N, D)
+    last, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if resume and last.is_file():
+        blob = load_checkpoint(last, parts)
+        opt_g.load_state_dict(blob["opt_g"])
+        opt_d.load_state_dict(blob["opt_d"])
+        set_rng_state(blob["rng"], g)
+        start, best = blob["step"], blob["best"]
+    else:
+        load_checkpoint(run_dir / "init.pt", parts, sections=("gen",))
+        torch.manual_seed(parts.cfg.seed + 2)
+        start, best = 0, -1.0
+    gen.train()
+    disc.train()
+    bar = tqdm(range(start, cfg.steps), desc=f"CgT-GAN ({cfg.reward})", initial=start,
+               total=cfg.steps, dynamic_ncols=True, leave=False)
+    for step in range(start, cfg.steps + 1):
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics, _ = evaluate_generator(parts, "val", cfg.eval_images)
+            log({"stage": "gan", "step": step, **{f"val_{k}": v for k, v in metrics.items()}})
+            if metrics["CIDEr-D"] > best:
+                best = metrics["CIDEr-D"]
+                save_checkpoint(best_path, parts, step=step, stage="gan", val=metrics)
+        if step == cfg.steps:
+            break
+        idx = torch.randperm(len(data.train_ids), generator=g)[:cfg.batch]
+        feats, targets = data.train_feats[idx].to(parts.device), targets_all[idx].to(parts.device)
+        losses, stats = gan_step(parts, opt_g, opt_d, feats, targets, step, g)
+        check_finite(step + 1, "CgT-GAN", losses, last)
+        log({"stage": "gan", "step": step + 1, **losses, **stats})
+        bar.update(1)
+        bar.set_postfix(nat=f"{stats.get('r_nat', 0):.2f}", cos=f"{stats['r_cos']:.1f}",
+                        agg=f"{stats['r_agg']:.1f}", d_acc=f"{stats.get('d_acc', 0):.2f}",
+                        lam=f"{stats['lambda']:.2f}")
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or step + 1 == stop_after:
+            save_checkpoint(last, parts, opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
+                            rng=rng_state(g), step=step + 1, best=best, stage="gan")
+        if stop_after and step + 1 == stop_after:
+            bar.close()
+            return
+    bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: the stages end to end, the results table, the figures
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line (losses, rewards, discriminator accuracy, val scores)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate(self, stage: str, step: int) -> None:
+        """Drop records of `stage` after `step` (what an interrupted run logged past its checkpoint)."""
+        keep = [r for r in self.records() if r["stage"] != stage or r["step"] <= step]
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        from data import atomic_write
+        atomic_write(self.path, lambda tmp: tmp.write_text(text))
+
+
+def run_dir_for(cfg: Config) -> Path:
+    reward = "" if cfg.gan.reward == "agg+gan" else f"_{cfg.gan.reward}"
+    return Path(cfg.runs_dir) / (cfg.name or f"{cfg.data}{reward}_seed{cfg.seed}")
+
+
+def _write_config(run_dir: Path, cfg: Config, resume: bool) -> None:
+    from cgtgan import config_diff
+    from data import atomic_write
+
+    path = run_dir / "config.json"
+    if resume and path.is_file():
+        diff = config_diff(json.loads(path.read_text()), asdict(cfg))
+        if diff:
+            raise ConfigError(f"--resume: {path} has {diff[0]}={diff[1]!r} but this run has "
+                              f"{diff[2]!r}; resume with the same settings")
+    text = json.dumps(asdict(cfg), indent=2)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _init_is_current(path: Path, cfg: Config) -> bool:
+    """init.pt can be reused when it was made with the same data, seed, generator and init settings."""
+    if not path.is_file():
+        return False
+    saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    now = asdict(cfg)
+    return all(saved.get(k) == now[k] for k in ("data", "seed", "world", "gen", "init"))
+
+
+def ensure_init(parts: Parts, run_dir: Path, log, resume: bool = False) -> None:
+    """Run the text-only stage unless run_dir/init.pt already matches this config."""
+    if _init_is_current(run_dir / "init.pt", parts.cfg):
+        print(f"reusing the text-only initialisation in {run_dir / 'init.pt'}")
+        return
+    if not resume:
+        (run_dir / "init_last.pt").unlink(missing_ok=True)
+    t0 = time.time()
+    train_init(parts, run_dir, log)
+    print(f"text-only initialisation: {parts.cfg.init.steps} steps in {time.time() - t0:.0f}s")
+
+
+def test_table(parts: Parts, run_dir: Path, rows: dict[str, Path | None]) -> dict:
+    """Test metrics of each row: None is the retrieval baseline, a path a generator checkpoint."""
+    es, out, captions = parts.data.splits["test"], {}, {}
+    for label, ckpt in rows.items():
+        if ckpt is None:
+            caps = retrieval_captions(parts.data, es.feats)
+            out[label] = score_captions(parts.data, "test", es.ids, caps)
+        else:
+            load_checkpoint(ckpt, parts, sections=("gen",))
+            out[label], caps = evaluate_generator(parts, "test")
+        captions[label] = caps
+    return {"metrics": out, "captions": captions}
+
+
+def format_table(metrics: dict[str, dict], title: str) -> str:
+    cols = ["CIDEr-D", "BLEU-4", "ROUGE-L", "fluency", "faithfulness", "length"]
+    width = max(len(r) for r in metrics) + 2
+    lines = [title, f"{'':{width}}" + "".join(f"{c:>13}" for c in cols)]
+    for label, m in metrics.items():
+        lines.append(f"{label:{width}}" + "".join(
+            f"{m[c]:>13.1f}" if c in m else f"{'-':>13}" for c in cols))
+    return "\n".join(lines)
+
+
+def run_train(cfg: Config, data=None, resume: bool = False, stop_after: int | None = None,
+              run_dir: Path | None = None, table: bool = True) -> dict | None:
+    """The full pipeline: text-only init -> CgT-GAN -> test table, figures and results.json."""
+    t0 = time.time()
+    data = data if data is not None else load_data(cfg)
+    run_dir = run_dir or run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(run_dir, cfg, resume)
+    parts = build_parts(cfg, data)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    if resume and (run_dir / "last.pt").is_file():
+        log.truncate("gan", torch.load(run_dir / "last.pt", weights_only=True)["step"])
+    elif not resume:
+        log.path.unlink(missing_ok=True)
+    ensure_init(parts, run_dir, log, resume)
+    t1 = time.time()
+    train_gan(parts, run_dir, log, resume=resume, stop_after=stop_after)
+    print(f"CgT-GAN ({cfg.gan.reward}): {cfg.gan.steps} steps in {time.time() - t1:.0f}s")
+    if stop_after:
+        return None
+    result = test_table(parts, run_dir, {"retrieval (nearest corpus sentence)": None,
+                                         "text-only init": run_dir / "init.pt",
+                                         f"CgT-GAN ({cfg.gan.reward})": run_dir / "best.pt"})
+    draw_samples(parts.data, result["captions"][f"CgT-GAN ({cfg.gan.reward})"],
+                 run_dir / "samples.png")
+    draw_curves(log.records(), run_dir / "curves.png")
+    wall = time.time() - t0
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    results = {"test": result["metrics"], "best_step": best["step"], "wall_s": round(wall, 1),
+               "config": asdict(cfg)}
+    from data import atomic_write
+    atomic_write(run_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+    if table:
+        print(format_table(result["metrics"], f"ShapesWorld test split ({len(data.splits['test'].ids)}"
+                           f" images), seed {cfg.seed}; x100 except length (words)"))
+        print(f"run folder {run_dir}; wall time {wall / 60:.1f} min")
+    return results
+
+
+def run_ablation(cfg: Config, data=None) -> dict:
+    """The paper's reward ablation from one initialisation: CLIP-cos, CLIP-agg, CLIP-agg + GAN."""
+    import shutil
+    t0 = time.time()
+    data = data if data is not None else load_data(cfg)
+    base = run_dir_for(cfg).with_name(run_dir_for(cfg).name + "_ablation")
+    base.mkdir(parents=True, exist_ok=True)
+    parts = build_parts(cfg, data)
+    ensure_init(parts, base, MetricsLog(base / "metrics.jsonl"))
+    rows = {"text-only init": base / "init.pt"}
+    for reward in ("cos", "agg", "agg+gan"):
+        sub = base / reward
+        sub.mkdir(exist_ok=True)
+        shutil.copyfile(base / "init.pt", sub / "init.pt")
+        run_cfg = Config(**{**cfg.__dict__})
+        run_cfg.gan = type(cfg.gan)(**{**cfg.gan.__dict__, "reward": reward})
+        run_train(run_cfg, data, run_dir=sub, table=False)
+        rows[{"cos": "CLIP-cos", "agg": "CLIP-agg", "agg+gan": "CLIP-agg + GAN"}[reward]] = \
+            sub / "best.pt"
+    metrics = test_table(parts, base, rows)["metrics"]
+    from data import atomic_write
+    atomic_write(base / "ablation.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+    print(format_table(metrics, f"Ablation on the ShapesWorld test split, seed {cfg.seed}; "
+                       "x100 except length (words)"))
+    print(f"run folder {base}; wall time {(time.time() - t0) / 60:.1f} min")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures, drawn with Pillow
+
+
+def draw_samples(data, captions: list[str], path: Path, n: int = 8, cell: int = 192) -> None:
+    """samples.png: the first n test images, each with its generated caption and one reference."""
+    from PIL import Image, ImageDraw
+
+    es = data.splits["test"]
+    n = min(n, len(es.ids))
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    text_h = 64
+    sheet = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        sheet.paste(data.image(es.ids[i]).convert("RGB").resize((cell - 8, cell - 8)), (x + 4, y + 4))
+        lines = _wrap("gen: " + captions[i], 30) + _wrap("ref: " + es.references[es.ids[i]][0], 30)
+        for j, line in enumerate(lines[:5]):
+            draw.text((x + 4, y + cell + j * 12), line, fill="black" if j < len(
+                _wrap("gen: " + captions[i], 30)) else "gray")
+    sheet.save(path)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines
+
+
+def draw_curves(records: list[dict], path: Path) -> None:
+    """curves.png: naturalness reward, CLIP reward, discriminator accuracy and val CIDEr-D by step."""
+    from PIL import Image, ImageDraw
+
+    gan = [r for r in records if r["stage"] == "gan"]
+    panels = [("naturalness reward (D logit)", "r_nat"), ("CLIP-cos / CLIP-agg reward", "r_cos", "r_agg"),
+              ("discriminator accuracy", "d_acc"), ("validation CIDEr-D", "val_CIDEr-D")]
+    w, h, pad = 420, 260, 40
+    sheet = Image.new("RGB", (2 * w, 2 * h), "white")
+    draw = ImageDraw.Draw(sheet)
+    colours = ["#1f77b4", "#d62728"]
+    for p, (title, *keys) in enumerate(panels):
+        ox, oy = (p % 2) * w, (p // 2) * h
+        series = [[(r["step"], r[k]) for r in gan if k in r] for k in keys]
+        series = [_smooth(s) if k != "val_CIDEr-D" else s for s, k in zip(series, keys)]
+        draw.text((ox + pad, oy + 8), title + ("  (red: CLIP-agg)" if len(keys) > 1 else ""),
+                  fill="black")
+        box = (ox + pad, oy + 28, ox + w - 16, oy + h - 28)
+        draw.rectangle(box, outline="black")
+        points = [v for s in series for v in s]
+        if not points:
+            draw.text((box[0] + 10, box[1] + 10), "no data", fill="gray")
+            continue
+        x0, x1 = min(v[0] for v in points), max(v[0] for v in points) or 1
+        y0, y1 = min(v[1] for v in points), max(v[1] for v in points)
+        if y1 - y0 < 1e-9:
+            y0, y1 = y0 - 1, y1 + 1
+        to_xy = lambda s, v: (box[0] + (box[2] - box[0]) * (s - x0) / max(1e-9, x1 - x0),
+                              box[3] - (box[3] - box[1]) * (v - y0) / (y1 - y0))
+        for s, colour in zip(series, colours):
+            if len(s) > 1:
+                draw.line([to_xy(*v) for v in s], fill=colour, width=2)
+            elif s:
+                cx, cy = to_xy(*s[0])
+                draw.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=colour)
+        draw.text((box[0] - 36, box[1]), f"{y1:.3g}", fill="black")
+        draw.text((box[0] - 36, box[3] - 10), f"{y0:.3g}", fill="black")
+        draw.text((box[0], box[3] + 4), f"step {x0}", fill="black")
+        draw.text((box[2] - 60, box[3] + 4), f"step {x1}", fill="black")
+    sheet.save(path)
+
+
+def _smooth(series: list[tuple], window: int = 10) -> list[tuple]:
+    """Moving average over the last `window` points (per-step rewards are noisy)."""
+    out = []
+    for i, (step, _) in enumerate(series):
+        chunk = [v for _, v in series[max(0, i - window + 1):i + 1]]
+        out.append((step, sum(chunk) / len(chunk)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The other commands: init only, eval, caption
+
+
+def run_init(cfg: Config, data=None, resume: bool = False) -> Path:
+    data = data if data is not None else load_data(cfg)
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(run_dir, cfg, resume)
+    parts = build_parts(cfg, data, with_clip=False)
+    ensure_init(parts, run_dir, MetricsLog(run_dir / "metrics.jsonl"), resume)
+    metrics, _ = evaluate_generator(parts, "val")
+    print(format_table({"text-only init": metrics}, "validation split"))
+    return run_dir / "init.pt"
+
+
+def run_eval(cfg: Config, run_dir: Path, split: str, checkpoint: str = "best", data=None) -> dict:
+    data = data if data is not None else load_data(cfg)
+    parts = build_parts(cfg, data, with_clip=False)
+    load_checkpoint(run_dir / f"{checkpoint}.pt", parts, sections=("gen",))
+    metrics, _ = evaluate_generator(parts, split)
+    print(format_table({f"{run_dir.name} ({checkpoint}.pt)": metrics}, f"{split} split"))
+    return metrics
+
+
+def run_caption(cfg: Config, run_dir: Path, images: list[str], data=None) -> list[tuple[str, str]]:
+    """Captions for image files: CLIP image embedding -> generator (best.pt), greedy."""
+    import clip_model
+
+    missing = [p for p in images if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"image file {missing[0]} not found"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    data = data if data is not None else load_data(cfg)
+    parts = build_parts(cfg, data, with_clip=False)
+    load_checkpoint(run_dir / "best.pt", parts, sections=("gen",))
+    clip, preprocess = clip_model.load(str(data.clip_path), device=parts.device)
+    with torch.no_grad():
+        pixels = preprocess([clip_model.load_image(p) for p in images]).to(parts.device)
+        feats = F.normalize(clip.encode_image(pixels).float(), dim=-1)  # (n, D)
+    return list(zip(images, caption_feats(parts, feats)))
