@@ -294,10 +294,14 @@ def _fill_shards(items: list[str], plan, encode: Callable[[list[str]], Iterator[
 
     paths, keys, counts = plan
     todo = [k for k in range(len(paths)) if data.load_arrays(paths[k], keys[k]) is None]
-    stale = [k for k in todo if data.cache_info(paths[k]) not in (None, keys[k])]
+    found = {k: data.cache_info(paths[k]) for k in todo if paths[k].exists()}
+    stale = [k for k, key in found.items() if key not in (None, keys[k])]
     if stale:
         warn(f"{len(stale)} cached {what} shard(s) in {paths[0].parent} were made with a different "
              "CLIP model or data; rebuilding them")
+    if len(found) > len(stale):
+        warn(f"{len(found) - len(stale)} cached {what} shard(s) in {paths[0].parent} are truncated "
+             "or corrupt; rebuilding them")
     starts = np.cumsum([0] + counts)
     bar = tqdm(total=int(starts[-1]), initial=int(starts[-1]) - sum(counts[k] for k in todo),
                desc=f"CLIP {what}", unit=what.split()[0], disable=not cfg.progress)

@@ -116,3 +116,48 @@ def test_interrupted_save_leaves_old_file(tmp_path, monkeypatch):
         data.atomic_write(path, boom)
     assert data.load_arrays(path, "old") is not None
     assert [p.name for p in tmp_path.iterdir()] == ["cache.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP-agg targets
+
+
+def _agg_float64(images, corpus, t):
+    """The equation, directly: per image, softmax over the whole corpus in float64."""
+    x = images.astype(np.float64)
+    s = corpus.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    s /= np.linalg.norm(s, axis=1, keepdims=True)
+    logits = t * x @ s.T  # (N, M)
+    w = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (w / w.sum(axis=1, keepdims=True)) @ s  # (N, D)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("image_chunk, corpus_chunk", [(3, 2), (5, 7), (37, 101), (64, 1000)])
+def test_clip_agg_targets_equal_direct_float64(dtype, image_chunk, corpus_chunk):
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((37, 16)).astype(dtype)
+    corpus = rng.standard_normal((101, 16)).astype(dtype)
+    out = data.clip_agg_targets(images, corpus, 100.0, image_chunk, corpus_chunk)
+    assert out.shape == (37, 16) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), _agg_float64(images, corpus, 100.0), atol=1e-5)
+
+
+def test_clip_agg_targets_stable_at_high_temperature_and_accept_tensors():
+    # t = 1e4 puts logits near 1e4: a naive exp overflows float32, the online softmax does not.
+    rng = np.random.default_rng(1)
+    images, corpus = rng.standard_normal((6, 8)), rng.standard_normal((50, 8))
+    out = data.clip_agg_targets(torch.from_numpy(images), torch.from_numpy(corpus), 1e4, 4, 8)
+    assert torch.isfinite(out).all()
+    np.testing.assert_allclose(out.numpy(), _agg_float64(images, corpus, 1e4), atol=1e-4)
+
+
+def test_clip_agg_targets_worked_example_and_bad_input():
+    corpus = np.eye(2, dtype=np.float32)
+    out = data.clip_agg_targets(np.array([[1.0, 0.0], [1.0, 1.0]], np.float32), corpus, 100.0)
+    np.testing.assert_allclose(out.numpy(), [[1.0, 0.0], [0.5, 0.5]], atol=1e-6)
+    with pytest.raises(DataError, match="width"):
+        data.clip_agg_targets(np.ones((2, 3)), np.ones((2, 4)), 100.0)
+    with pytest.raises(DataError, match="empty"):
+        data.clip_agg_targets(np.ones((2, 3)), np.ones((0, 3)), 100.0)
