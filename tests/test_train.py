@@ -1,0 +1,109 @@
+"""Tests of train.py and the CLI: a short end-to-end run writes every output, resume reproduces an
+uninterrupted run, bad input gets one-line errors. Tiny models on the synthetic world of
+test_cgtgan.py (and a tiny ShapesWorld, marked slow)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import cgtgan
+import train
+from test_cgtgan import tiny_config, tiny_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return tiny_world(tmp_path_factory.mktemp("tiny_world_train"))
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    """One complete tiny run (init + CgT-GAN + test table + figures)."""
+    cfg = tiny_config(runs_dir=str(tmp_path_factory.mktemp("runs")), name="full")
+    results = train.run_train(cfg, world)
+    return cfg, train.run_dir_for(cfg), results
+
+
+def gan_losses(run_dir):
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss_g"], r["d_loss"]) for r in records
+            if r["stage"] == "gan" and "loss_g" in r]
+
+
+def test_end_to_end_writes_every_output(trained):
+    cfg, run_dir, results = trained
+    for name in ("config.json", "init.pt", "last.pt", "best.pt", "metrics.jsonl", "results.json",
+                 "samples.png", "curves.png"):
+        assert (run_dir / name).is_file(), name
+    assert set(results["test"]) == {"retrieval (nearest corpus sentence)", "text-only init",
+                                    "CgT-GAN (agg+gan)"}
+    for row in results["test"].values():
+        assert {"CIDEr-D", "BLEU-4", "ROUGE-L", "fluency", "faithfulness", "length"} <= set(row)
+    blob = torch.load(run_dir / "last.pt", weights_only=True)
+    assert blob["step"] == cfg.gan.steps and "opt_g" in blob and "rng" in blob
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["stage"] == "gan" and "loss_g" in r]
+    assert len(steps) == cfg.gan.steps
+    assert {"r_nat", "r_cos", "r_agg", "d_acc", "lambda"} <= set(steps[-1])
+    assert any("val_CIDEr-D" in r for r in records)
+
+
+def test_resume_gives_the_same_losses(world, trained, tmp_path):
+    cfg, full_dir, _ = trained
+    part = tiny_config(runs_dir=str(tmp_path), name="part")
+    train.run_train(part, world, stop_after=2)
+    assert not (tmp_path / "part" / "results.json").exists()
+    train.run_train(part, world, resume=True)
+    torch.testing.assert_close(torch.tensor(gan_losses(tmp_path / "part")),
+                               torch.tensor(gan_losses(full_dir)), atol=1e-5, rtol=1e-5)
+
+
+def test_resume_refuses_other_settings(world, trained):
+    cfg, run_dir, _ = trained
+    other = tiny_config(runs_dir=cfg.runs_dir, name="full")
+    other.gan.lr = 0.5
+    with pytest.raises(cgtgan.ConfigError, match="gan.lr=0.0001 but this run has 0.5"):
+        train.run_train(other, world, resume=True)
+
+
+def test_checkpoint_from_other_config_is_refused(world, trained):
+    cfg, run_dir, _ = trained
+    other = tiny_config(**{"gen.prefix_len": 3})
+    parts = train.build_parts(other, world, with_clip=False)
+    with pytest.raises(cgtgan.ConfigError, match="gen.prefix_len=2, but this config has 3"):
+        train.load_checkpoint(run_dir / "best.pt", parts, sections=("gen",))
+
+
+def test_nan_loss_stops_with_step_and_term(world, trained, tmp_path, monkeypatch):
+    cfg = tiny_config(runs_dir=str(tmp_path), name="nan")
+    train.run_train(cfg, world, stop_after=2)
+    good = (tmp_path / "nan" / "last.pt").read_bytes()
+    monkeypatch.setattr(train, "clip_cos_reward", lambda v, c: torch.full(c.shape[:2], float("nan")))
+    with pytest.raises(train.TrainingError, match=r"CgT-GAN step 3: loss_g is nan; stopped"):
+        train.run_train(cfg, world, resume=True)
+    assert (tmp_path / "nan" / "last.pt").read_bytes() == good
+
+
+def test_cli_eval_caption_and_errors(world, trained, monkeypatch, capsys, tmp_path):
+    cfg, run_dir, _ = trained
+    monkeypatch.setattr(train, "load_data", lambda cfg: world)
+    assert cgtgan.main(["eval", "--run", str(run_dir), "--split", "test"]) == 0
+    assert "CIDEr-D" in capsys.readouterr().out
+    image = tmp_path / "img.png"
+    world.image("img0").save(image)
+    assert cgtgan.main(["caption", str(image), "--run", str(run_dir)]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: ")
+    assert cgtgan.main(["caption", str(tmp_path / "missing.png"), "--run", str(run_dir)]) == 2
+    assert "missing.png not found" in capsys.readouterr().err
+    assert cgtgan.main(["train", "--set", "gan.nope=1"]) == 2
+    assert "unknown config key 'gan.nope'" in capsys.readouterr().err
+    assert cgtgan.main(["eval", "--run", str(tmp_path / "norun")]) == 2
+    assert "config.json not found" in capsys.readouterr().err
+
+
+def test_curves_and_samples_draw_without_data(tmp_path, world):
+    train.draw_curves([], tmp_path / "c.png")
+    train.draw_samples(world, ["a red circle"] * 6, tmp_path / "s.png")
+    assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
