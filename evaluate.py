@@ -30,7 +30,8 @@ import re
 import shutil
 import sys
 import unicodedata
-from collections import Counter
+from operator import mul
+from collections import Counter, _count_elements
 from pathlib import Path
 
 # ----------------------------------------------------------------------------------------------
@@ -193,14 +194,18 @@ def ptb_tokenize(caption: str) -> list[str]:
 # per image, images in the same order in both)
 
 def ngrams(tokens, n=4):
-    """Counts of all 1..n-grams of a token list, keyed by tuple: the toolkit's `precook`.
+    """[{k-gram: count} for k = 1..n] of a token list, k-grams as tuples: the toolkit's `precook`.
 
-    ngrams(["a", "dog", "a", "dog"], 2) -> {("a",): 2, ("dog",): 2, ("a", "dog"): 2, ("dog", "a"): 1}
+    ngrams(["a", "dog", "a", "dog"], 2) -> [{("a",): 2, ("dog",): 2}, {("a", "dog"): 2, ("dog", "a"): 1}]
     """
-    counts = Counter()
+    shifted = [tokens[i:] for i in range(n)]  # zip(*shifted[:k]) yields the k-grams
+    orders = []
     for k in range(1, n + 1):
-        counts.update(zip(*(tokens[i:] for i in range(k))))
-    return counts
+        counts = {}
+        # Counter's own C counting loop, without Counter's per-call overhead (this runs per caption).
+        _count_elements(counts, zip(*shifted[:k]))
+        orders.append(counts)
+    return orders
 
 
 def bleu_stats(candidate, references, n=4):
@@ -210,16 +215,14 @@ def bleu_stats(candidate, references, n=4):
     guess[k] = max(0, testlen - k); reflen is the reference length closest to testlen (the shorter
     one on a tie), the toolkit's "closest" option.
     """
-    maxcounts = {}
-    for ref in references:
-        for gram, c in ngrams(ref, n).items():
-            if c > maxcounts.get(gram, 0):
-                maxcounts[gram] = c
+    ref_counts = [ngrams(r, n) for r in references]
     testlen = len(candidate)
     reflen = min((abs(len(r) - testlen), len(r)) for r in references)[1]
     correct = [0] * n
-    for gram, c in ngrams(candidate, n).items():
-        correct[len(gram) - 1] += min(c, maxcounts.get(gram, 0))
+    for k, cand_k in enumerate(ngrams(candidate, n)):
+        refs_k = [rc[k] for rc in ref_counts]
+        for gram, c in cand_k.items():
+            correct[k] += min(c, max(rk.get(gram, 0) for rk in refs_k))
     return testlen, reflen, [max(0, testlen - k) for k in range(n)], correct
 
 
@@ -302,60 +305,54 @@ def rouge_l(candidate, references, beta=1.2):
     return (1 + beta ** 2) * prec * rec / (rec + beta ** 2 * prec)
 
 
-def tfidf(counts, idf, log_images, n=4):
-    """CIDEr-D's tf-idf vector of one caption: ({n-gram: weight}, norm per order, bigram count).
+def cider_d_image(cand, refs, df, idf_by_df, sigma=6.0):
+    """CIDEr-D of one image: 10 * mean over references of `sum_k cos_k / n * length penalty`.
 
-    weight(g) = count(g) * (log(#images) - log(max(1, df(g)))), where df(g) is the number of images
-    whose references contain g; `idf` maps reference n-grams to that bracket, unseen ones get
-    log(#images). The "length" is the number of bigrams, as in the toolkit.
+    cand: `ngrams(candidate)`; refs: [`ngrams(reference)`]; df: {n-gram: number of images whose
+    references contain it}; idf_by_df[d] = log(#images) - log(max(1, d)). With the tf-idf weights
+    w(g) = count(g) * idf_by_df[df(g)] of each order k,
+        cos_k = sum_g min(w_c(g), w_r(g)) * w_r(g) / (|w_c| |w_r|)   (clipped cosine, 0 if a norm is 0)
+        penalty = exp(-(l_c - l_r)^2 / (2 sigma^2)), l = number of bigrams (the toolkit's "length").
     """
-    vec, norm2 = {}, [0.0] * n
-    for gram, tf in counts.items():
-        w = vec[gram] = tf * idf.get(gram, log_images)
-        norm2[len(gram) - 1] += w * w
-    length = sum(tf for gram, tf in counts.items() if len(gram) == 2)
-    return vec, [math.sqrt(x) for x in norm2], length
-
-
-def cider_d_pair(cand, ref, n=4, sigma=6.0):
-    """Clipped cosine of two tf-idf vectors per order, times the Gaussian length penalty, averaged.
-
-    sum_{k=1..n} [sum_g min(c_g, r_g) r_g / (|c_k| |r_k|)] * exp(-(l_c - l_r)^2 / (2 sigma^2)) / n
-    where c, r are `tfidf` outputs (vec, norms, length) and g runs over the k-grams of c.
-    """
-    (vc, nc, lc), (vr, nr, lr) = cand, ref
-    val = [0.0] * n
-    for gram, w in vc.items():
-        wr = vr.get(gram)
-        if wr is not None:
-            val[len(gram) - 1] += min(w, wr) * wr
-    penalty = math.exp(-((lc - lr) ** 2) / (2 * sigma ** 2))
-    return sum(v / (a * b) if a and b else v for v, a, b in zip(val, nc, nr)) * penalty / n
+    n = len(cand)
+    vec = [{g: tf * idf_by_df[df.get(g, 0)] for g, tf in ck.items()} for ck in cand]  # (n, {g: w})
+    norm = [math.hypot(*v.values()) for v in vec]
+    length = sum(cand[1].values())
+    total = 0.0
+    for ref in refs:
+        val = 0.0
+        for vk, nk, rk in zip(vec, norm, ref):
+            common = vk.keys() & rk.keys()
+            if common and nk:
+                weights = {g: rk[g] * idf_by_df[df[g]] for g in common}
+                ref_norm = math.hypot(*map(mul, rk.values(), map(idf_by_df.__getitem__, map(df.__getitem__, rk))))
+                if ref_norm:
+                    val += sum(min(vk[g], w) * w for g, w in weights.items()) / (nk * ref_norm)
+        delta = length - sum(ref[1].values())
+        total += val * math.exp(-(delta * delta) / (2 * sigma ** 2)) / n
+    return 10.0 * total / len(refs)
 
 
 def cider_d(candidates, references, n=4, sigma=6.0):
     """CIDEr-D, as pycocoevalcap 1.2's `Cider` (which is CIDEr-D): (mean, per-image list).
 
-    CIDEr-D(c, R) = 10 / |R| * sum_{r in R} cider_d_pair(tfidf(c), tfidf(r)), with document
-    frequencies taken from the references of the evaluated images only.
+    candidates: list of token lists; references: list of lists of token lists. Document
+    frequencies come from the references of the evaluated images only, so a score depends on the
+    set of images scored together (as in the toolkit).
     Worked example with two images, refs {1: ["a dog"], 2: ["a cat"]} and candidate "a dog" for
     image 1: log(#images) = log 2; df("a") = 2 so "a" weighs log 2 - log 2 = 0; df("dog") = 1 so
-    "dog" weighs log 2 = 0.693, and so does the bigram "a dog". Unigram cosine: vectors
-    (0, 0.693) and (0, 0.693) -> 1; bigram cosine 1; 3- and 4-grams are empty -> 0. Lengths
-    (1 bigram each) agree, penalty 1. CIDEr-D = 10 * (1 + 1 + 0 + 0) / 4 = 5.0.
+    "dog" weighs log 2 = 0.693, and so does the bigram "a dog" (df 1). Unigram vectors
+    ("a": 0, "dog": 0.693) and the same for the reference: cosine 1; bigram cosine 1; no 3- or
+    4-grams: 0. Both have 1 bigram, penalty 1. CIDEr-D = 10 * (1 + 1 + 0 + 0) / 4 = 5.0.
     """
     cand_counts = [ngrams(c, n) for c in candidates]
     ref_counts = [[ngrams(r, n) for r in refs] for refs in references]
     df = Counter()
     for refs in ref_counts:
-        df.update(set().union(*refs))
+        df.update(set().union(*(ck.keys() for r in refs for ck in r)))
     log_images = math.log(len(references)) if references else 0.0
-    idf = {gram: log_images - math.log(d) for gram, d in df.items()}
-    scores = []
-    for cand, refs in zip(cand_counts, ref_counts):
-        vc = tfidf(cand, idf, log_images, n)
-        total = sum(cider_d_pair(vc, tfidf(r, idf, log_images, n), n, sigma) for r in refs)
-        scores.append(10.0 * total / len(refs))
+    idf_by_df = [log_images] + [log_images - math.log(d) for d in range(1, len(references) + 1)]
+    scores = [cider_d_image(c, r, df, idf_by_df, sigma) for c, r in zip(cand_counts, ref_counts)]
     return (sum(scores) / len(scores) if scores else 0.0), scores
 
 
