@@ -97,7 +97,7 @@ class GANConfig:
 class Config:
     name: str = ""  # run folder runs/<name>; "" derives one from the data, reward and seed
     runs_dir: str = "runs"
-    data: str = "shapesworld"  # shapesworld, or a paper-scale dataset prepared by `prepare`
+    data: str = "shapesworld"  # shapesworld | real (a paper-scale dataset made by `prepare`)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     bf16: bool = False  # bf16 autocast on CUDA
@@ -108,21 +108,30 @@ class Config:
     init: InitConfig = field(default_factory=InitConfig)
     gan: GANConfig = field(default_factory=GANConfig)
     world: dict = field(default_factory=dict)  # ShapesWorldConfig overrides (world.FIELD=VALUE)
+    real: dict = field(default_factory=dict)  # realdata.RealDataConfig overrides (real.FIELD=VALUE)
 
 
 # The paper's settings (Sec. 4.1): ViT-L/14 features, GPT-2 124M with a prefix of 10, RoBERTa-base,
 # batch 64, K = 5, lr 1e-5 (initialisation 2e-5), 20 tokens; t per corpus as the authors used.
-_PAPER = {"gen.pretrained": "models/gpt2", "disc.pretrained": "models/roberta-base",
-          "gen.prefix_len": 10, "gen.dropout": 0.0, "gan.batch": 64, "gan.k": 5, "gan.lr": 1e-5,
-          "gan.d_lr": 1e-5, "init.lr": 2e-5, "init.batch": 64, "init.steps": 30000,
-          "gan.steps": 20000, "gan.eval_every": 1000, "gan.eval_images": 0, "gan.ckpt_every": 500,
-          "gan.lambda_hold": 1000, "gan.lambda_ramp": 4000, "gan.weight_decay": 0.01}
+# Models and data are read from local directories (real.* are realdata.RealDataConfig fields).
+_PAPER = {"data": "real", "real.clip": "ViT-L/14", "real.gpt2": "models/gpt2",
+          "real.roberta": "models/roberta-base", "gen.prefix_len": 10, "gen.dropout": 0.0,
+          "gan.batch": 64, "gan.k": 5, "gan.lr": 1e-5, "gan.d_lr": 1e-5, "init.lr": 2e-5,
+          "init.batch": 64, "init.steps": 30000, "gan.steps": 20000, "gan.eval_every": 1000,
+          "gan.eval_images": 0, "gan.ckpt_every": 500, "gan.lambda_hold": 1000,
+          "gan.lambda_ramp": 4000}
+_COCO = {"real.split_file": "data/dataset_coco.json", "real.image_root": "data/coco"}
+_FLICKR = {"real.split_file": "data/dataset_flickr30k.json", "real.image_root": "data/flickr30k"}
 PRESETS = {
-    "coco": {**_PAPER, "data": "coco", "gan.temperature": 100.0},
-    "flickr30k": {**_PAPER, "data": "flickr30k", "gan.temperature": 125.0},
-    "coco-shutterstock": {**_PAPER, "data": "coco-shutterstock", "gan.temperature": 100.0},
-    "coco-flickr30k": {**_PAPER, "data": "coco-flickr30k", "gan.temperature": 125.0},
-    "coco-gcc": {**_PAPER, "data": "coco-gcc", "gan.temperature": 175.0},
+    "coco": {**_PAPER, **_COCO, "real.setting": "coco/coco", "gan.temperature": 100.0},
+    "flickr30k": {**_PAPER, **_FLICKR, "real.setting": "flickr30k/flickr30k",
+                  "gan.temperature": 125.0},
+    "coco-shutterstock": {**_PAPER, **_COCO, "real.corpus": "data/shutterstock.txt",
+                          "real.setting": "coco/shutterstock", "gan.temperature": 100.0},
+    "coco-flickr30k": {**_PAPER, **_COCO, "real.corpus": "data/flickr30k_captions.txt",
+                       "real.setting": "coco/flickr30k", "gan.temperature": 125.0},
+    "coco-gcc": {**_PAPER, **_COCO, "real.corpus": "data/gcc.txt", "real.setting": "coco/gcc",
+                 "gan.temperature": 175.0},
 }
 
 
@@ -145,8 +154,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
     """
     for key, value in overrides.items():
         parts = key.split(".")
-        if parts[0] == "world" and len(parts) == 2:
-            cfg.world[parts[1]] = value  # checked against ShapesWorldConfig when the world is built
+        if parts[0] in ("world", "real") and len(parts) == 2:
+            # Checked against ShapesWorldConfig / RealDataConfig when the data is loaded.
+            getattr(cfg, parts[0])[parts[1]] = value
             continue
         target = cfg
         for part in parts[:-1]:
@@ -515,10 +525,8 @@ def config_from_dict(d: dict) -> Config:
     """A Config from its asdict() form (config.json), refusing unknown keys."""
     flat = {}
     for key, value in d.items():
-        if isinstance(value, dict) and key != "world":
+        if isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
-        elif key == "world":
-            flat.update({f"world.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
     return apply_overrides(Config(), flat)
@@ -575,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cgtgan.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in [("train", "text-only init + CgT-GAN + test table (default: ShapesWorld)"),
-                       ("init", "text-only initialisation only")]:
+                       ("init", "text-only initialisation only"),
+                       ("prepare", "paper scale: CLIP embeddings and CLIP-agg targets of a dataset")]:
         p = sub.add_parser(name, help=text)
         p.add_argument("--preset", help=f"paper-scale settings: {', '.join(PRESETS)}")
         p.add_argument("--seed", type=int)
@@ -600,9 +609,13 @@ def main(argv: list[str] | None = None) -> int:
     from data import DataError
 
     try:
-        if args.command in ("train", "init"):
+        if args.command in ("train", "init", "prepare"):
             cfg = _config_from_args(args)
-            if args.command == "init":
+            if args.command == "prepare":
+                import realdata
+
+                print(json.dumps(realdata.prepare(train.real_config(cfg)), indent=2))
+            elif args.command == "init":
                 train.run_init(cfg, resume=args.resume)
             elif args.ablation:
                 train.run_ablation(cfg)

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -113,30 +113,42 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _dataclass_with(cls, overrides: dict, prefix: str):
+    """cls() with overrides checked against its fields (strings parsed to the field's type)."""
+    from cgtgan import _parse_value
+
+    obj = cls()
+    for key, value in overrides.items():
+        if key not in cls.__dataclass_fields__:
+            raise ConfigError(f"unknown config key '{prefix}.{key}'; valid: "
+                              + ", ".join(f"{prefix}.{k}" for k in cls.__dataclass_fields__))
+        kind = type(getattr(obj, key))
+        if isinstance(value, str) and kind in (int, float, bool):
+            value = _parse_value(f"{prefix}.{key}", value, kind)
+        setattr(obj, key, value)
+    return obj
+
+
 def load_data(cfg: Config):
     """The CaptionData named by cfg.data: ShapesWorld (built or reused), or a prepared real dataset."""
     if cfg.data == "shapesworld":
         from shapesworld import ShapesWorldConfig, build_shapesworld
 
-        known = {f for f in ShapesWorldConfig.__dataclass_fields__}
-        unknown = sorted(set(cfg.world) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key 'world.{unknown[0]}'; valid: "
-                              + ", ".join(f"world.{k}" for k in sorted(known)))
-        world = ShapesWorldConfig()
-        from cgtgan import _parse_value
-        for key, value in cfg.world.items():
-            kind = type(getattr(world, key))
-            if isinstance(value, str) and kind is not str:
-                value = _parse_value(f"world.{key}", value, kind)
-            setattr(world, key, value)
-        return build_shapesworld(world).validate()
-    try:
+        return build_shapesworld(_dataclass_with(ShapesWorldConfig, cfg.world, "world")).validate()
+    if cfg.data == "real":
         import realdata
-    except ImportError:
-        raise ConfigError(f"dataset {cfg.data!r} needs realdata.py (paper-scale data); run "
-                          "`python cgtgan.py prepare` first (see the README)") from None
-    return realdata.load(cfg).validate()
+
+        return realdata.load_real_data(real_config(cfg))
+    raise ConfigError(f"data must be shapesworld or real, not {cfg.data!r}")
+
+
+def real_config(cfg: Config):
+    """realdata.RealDataConfig from cfg.real (the paper-scale dataset's files and cleaning)."""
+    import realdata
+
+    real = _dataclass_with(realdata.RealDataConfig, cfg.real, "real")
+    real.device = cfg.device
+    return real
 
 
 def build_parts(cfg: Config, data, with_clip: bool = True) -> Parts:
@@ -147,8 +159,15 @@ def build_parts(cfg: Config, data, with_clip: bool = True) -> Parts:
     gen_tok = load_tokenizer(cfg.gen.pretrained or data.gpt2_path, "GPT-2")
     disc_tok = load_tokenizer(cfg.disc.pretrained or data.roberta_path, "RoBERTa")
     torch.manual_seed(cfg.seed)
-    gen = build_generator(cfg.gen, gen_tok, data.train_feats.shape[1]).to(device)
-    disc = build_discriminator(cfg.disc, disc_tok).to(device)
+    # A model directory in the data (paper scale) is loaded; a tokenizer-only one (ShapesWorld)
+    # means a small model trained from scratch.
+    gen_cfg, disc_cfg = cfg.gen, cfg.disc
+    if not gen_cfg.pretrained and (Path(data.gpt2_path) / "config.json").is_file():
+        gen_cfg = replace(gen_cfg, pretrained=str(data.gpt2_path))
+    if not disc_cfg.pretrained and (Path(data.roberta_path) / "config.json").is_file():
+        disc_cfg = replace(disc_cfg, pretrained=str(data.roberta_path))
+    gen = build_generator(gen_cfg, gen_tok, data.train_feats.shape[1]).to(device)
+    disc = build_discriminator(disc_cfg, disc_tok).to(device)
     clip_text = None
     if with_clip:
         import clip_model
@@ -510,7 +529,7 @@ def _init_is_current(path: Path, cfg: Config) -> bool:
         return False
     saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
     now = asdict(cfg)
-    return all(saved.get(k) == now[k] for k in ("data", "seed", "world", "gen", "init"))
+    return all(saved.get(k) == now[k] for k in ("data", "seed", "world", "real", "gen", "init"))
 
 
 def ensure_init(parts: Parts, run_dir: Path, log, resume: bool = False) -> None:
