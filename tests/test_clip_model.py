@@ -1,5 +1,9 @@
 """Shape, loss and file-format tests for clip_model.py on tiny random CLIPs (offline, seconds)."""
+import hashlib
+import io
 import math
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -10,6 +14,15 @@ from clip_model import CLIP, CLIPConfig, build_model, contrastive_loss, load, sa
 TINY_VIT = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
                 context_length=16, vocab_size=100, transformer_width=64, transformer_heads=2, transformer_layers=2)
 TINY_RESNET = dict(TINY_VIT, vision_layers=(1, 1, 1, 1), vision_width=16, vision_patch_size=None, image_resolution=64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: one thread avoids OpenMP spin-waits that make a shared 2-core machine ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tokens(n, length=16, vocab=100):
@@ -105,3 +118,93 @@ def test_tokenize_shapes_and_end_token():
     assert out.shape == (2, 10) and out.dtype == torch.long
     assert out[0, :7].tolist() == [tok.sot_token, 320, 1125, 539, 320, 1929, tok.eot_token]
     assert out.argmax(-1).tolist() == [6, 3]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one-line errors that name the file
+
+
+def one_line(excinfo):
+    assert "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
+def test_not_a_checkpoint(tmp_path):
+    cases = {"notes.pt": b"just some text\n", "random.bin": bytes(range(256)) * 10,
+             "archive.zip": None, "list.pt": None, "empty.pt": b""}
+    for name, data in cases.items():
+        path = tmp_path / name
+        if name == "archive.zip":
+            import zipfile
+            with zipfile.ZipFile(path, "w") as z:
+                z.writestr("readme.txt", "hello")
+        elif name == "list.pt":
+            torch.save([1, 2, 3], path)
+        else:
+            path.write_bytes(data)
+        with pytest.raises(ValueError) as excinfo:
+            load(path)
+        assert str(path) in one_line(excinfo)
+    with pytest.raises(FileNotFoundError, match="nope.pt: no such checkpoint file"):
+        load(tmp_path / "nope.pt")
+
+
+def test_missing_unexpected_and_misshaped_keys(tmp_path):
+    state = CLIP(CLIPConfig(**TINY_VIT)).state_dict()
+    del state["ln_final.bias"], state["visual.proj"]
+    state["visual.extra.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(ValueError) as excinfo:
+        load(tmp_path / "odd.pt")
+    message = one_line(excinfo)
+    # Without visual.proj the vision tower reads as a ResNet, whose keys are then missing.
+    assert "odd.pt: not a CLIP state dict: no key 'visual.attnpool.positional_embedding'" in message
+
+    state = CLIP(CLIPConfig(**TINY_VIT)).state_dict()
+    del state["ln_final.bias"], state["visual.transformer.resblocks.0.mlp.c_fc.bias"]
+    state["visual.extra.weight"] = torch.zeros(3)
+    state["visual.ln_post.weight"] = torch.zeros(7)
+    with pytest.raises(ValueError) as excinfo:
+        build_model(state)
+    assert one_line(excinfo) == ("state dict does not fit CLIP: missing keys [ln_final.bias, "
+                                 "visual.transformer.resblocks.0.mlp.c_fc.bias]; unexpected keys [visual.extra.weight]")
+    state = CLIP(CLIPConfig(**TINY_VIT)).state_dict()
+    state["visual.ln_post.weight"] = torch.zeros(7)
+    with pytest.raises(ValueError, match=r"wrong shapes \[visual.ln_post.weight \(7,\) vs \(64,\)\]"):
+        build_model(state)
+
+
+class FakeResponse(io.BytesIO):
+    def __init__(self, data):
+        super().__init__(data)
+        self.headers = {"Content-Length": str(len(data))}
+
+
+def test_released_name_download_checksum_and_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("CGTGAN_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    save(CLIP(CLIPConfig(**TINY_VIT)), tmp_path / "tiny.pt")
+    data = (tmp_path / "tiny.pt").read_bytes()
+    url = f"https://example.invalid/{hashlib.sha256(data).hexdigest()}/tiny.pt"
+    monkeypatch.setitem(clip_model.MODEL_URLS, "tiny", url)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(data[:-10]))
+    with pytest.raises(RuntimeError) as excinfo:
+        load("tiny", cache_dir=tmp_path / "cache")
+    assert "failed its SHA-256 check" in one_line(excinfo) and str(tmp_path / "cache" / "tiny.pt") in str(excinfo.value)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(data))
+    model, _ = load("tiny", cache_dir=tmp_path / "cache")
+    assert (tmp_path / "cache" / "tiny.pt").read_bytes() == data and not model.training
+
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("Name or service not known")
+
+    # Cached now: no network needed. A fresh cache directory offline names the expected path.
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    load("tiny", cache_dir=tmp_path / "cache")
+    monkeypatch.setenv("CGTGAN_CACHE", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError) as excinfo:
+        load("tiny")
+    assert f"put a copy at {tmp_path / 'elsewhere' / 'tiny.pt'}" in one_line(excinfo)

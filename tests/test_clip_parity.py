@@ -17,6 +17,15 @@ from clip_model import CLIP, OPENAI_CONFIGS, config_from_state_dict, load
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: one thread avoids OpenMP spin-waits that make a shared 2-core machine ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 

@@ -11,9 +11,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 import clip_model
 from clip_model import BPE_FILENAME, Tokenizer, tokenize, write_merges
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: one thread avoids OpenMP spin-waits that make a shared 2-core machine ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
