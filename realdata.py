@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import clip_model
 import data
 from data import CaptionData, DataError, EvalSplit
 
@@ -267,9 +268,10 @@ class ShardedRows:
                 parts.append(self.shard(k)["feats"][lo - self.starts[k]: hi - self.starts[k]])
         return np.concatenate(parts) if parts else np.zeros((0, self.shape[1]), np.float16)
 
-    def load(self, name: str = "feats") -> np.ndarray:
-        """One array across all shards."""
-        return np.concatenate([self.shard(k)[name] for k in range(len(self.paths))])
+    def load(self) -> dict[str, np.ndarray]:
+        """Every array ("feats" (R, D) fp16, "valid" (R,) uint8) across all shards."""
+        shards = [self.shard(k) for k in range(len(self.paths))]
+        return {name: np.concatenate([s[name] for s in shards]) for name in shards[0]}
 
 
 def _shard_plan(items: list[str], cfg: RealDataConfig, folder: Path, stem: str,
@@ -328,8 +330,6 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        import clip_model
-
         try:
             return self.preprocess(clip_model.load_image(self.paths[i]))[0], ""  # (3, R, R)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -367,9 +367,9 @@ def _plan(cfg: RealDataConfig) -> _Plan:
     images = check_images(read_karpathy(cfg.split_file, cfg.image_root), cfg.missing_images,
                           cfg.split_file)
     corpus = read_corpus(cfg, images)
-    if not Path(cfg.clip).is_file() and "/" in cfg.clip and Path(cfg.clip).suffix:
-        raise DataError(f"CLIP checkpoint {cfg.clip} does not exist; give a model name "
-                        "(e.g. ViT-L/14) or the path of a .pt/.safetensors state dict")
+    if not Path(cfg.clip).is_file() and cfg.clip not in clip_model.MODEL_URLS:
+        raise DataError(f"CLIP checkpoint {cfg.clip} does not exist and is not a released model "
+                        f"name ({', '.join(clip_model.MODEL_URLS)})")
     model_id = data.file_digest(cfg.clip) if Path(cfg.clip).is_file() else cfg.clip
     bpe_id = data.file_digest(cfg.clip_bpe) if cfg.clip_bpe else None
     model_key = data.cache_key(clip=model_id, bpe=bpe_id)
@@ -389,17 +389,17 @@ def _plan(cfg: RealDataConfig) -> _Plan:
                  folder / f"agg-{agg_key}.safetensors", agg_key)
 
 
-def _rows(plan_part: tuple, dim: int) -> ShardedRows:
+def _rows(plan_part: tuple, dim: int = 0) -> ShardedRows:
     return ShardedRows(*plan_part, dim=dim)
 
 
-def _valid_images(rows: ShardedRows, images: list[KarpathyImage]) -> tuple[np.ndarray, list]:
-    """Rows and images of the readable images of one split (unreadable ones were zero rows)."""
-    valid = rows.load("valid").astype(bool)
+def _readable(cached: dict[str, np.ndarray], images: list[KarpathyImage]) -> tuple[np.ndarray, list]:
+    """Features (n, D) and images of the readable images of one split (others were zero rows)."""
+    valid = cached["valid"].astype(bool)
     if not valid.all():
         bad = [im.path for im, ok in zip(images, valid) if not ok]
         warn(f"{len(bad)} unreadable image(s) skipped (first: {', '.join(map(str, bad[:3]))})")
-    return valid, [im for im, ok in zip(images, valid) if ok]
+    return cached["feats"][valid], [im for im, ok in zip(images, valid) if ok]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,8 +410,6 @@ def prepare(cfg: RealDataConfig) -> dict:
     """Embed every image and corpus sentence with CLIP (fp16 shards, resumable), write the
     reference files, and compute the CLIP-agg targets of the training images. Returns a summary
     (counts, paths). Safe to rerun: finished shards are reused, stale ones rebuilt."""
-    import clip_model
-
     plan = _plan(cfg)
     plan.folder.mkdir(parents=True, exist_ok=True)
     for s in ("val", "test"):
@@ -452,9 +450,8 @@ def prepare(cfg: RealDataConfig) -> dict:
     _fill_shards(plan.corpus, plan.corpus_plan, encode_texts, cfg, "sentences")
 
     dim = model.config.embed_dim
-    valid, train = _valid_images(_rows(plan.image_plans["train"], dim), plan.images["train"])
+    train_feats, train = _readable(_rows(plan.image_plans["train"], dim).load(), plan.images["train"])
     if data.load_arrays(plan.agg_path, plan.agg_key) is None:
-        train_feats = _rows(plan.image_plans["train"], dim).load()[valid]  # (N, D) fp16
         agg = data.clip_agg_targets(train_feats, _rows(plan.corpus_plan, dim), cfg.temperature(),
                                     cfg.image_chunk, cfg.corpus_chunk, device, cfg.progress)
         data.save_arrays(plan.agg_path, {"agg": agg.numpy().astype(np.float16)}, plan.agg_key)
@@ -470,21 +467,15 @@ def load_real_data(cfg: RealDataConfig) -> CaptionData:
     check_model_dir(cfg.roberta, "RoBERTa")
     plan = _plan(cfg)
     paths = {im.id: im.path for ims in plan.images.values() for im in ims}
-    dims = set()
 
     def feats(part: tuple, images=None):
-        rows = _rows(part, 0)
         try:
-            x = rows.load()
+            cached = _rows(part).load()
         except DataError as e:
             raise DataError(f"{e}; dataset {cfg.dataset_name()} is not fully prepared: run "
                             "`python cgtgan.py prepare` with the same settings") from None
-        dims.add(x.shape[1])
-        kept = images
-        if images is not None:
-            valid, kept = _valid_images(rows, images)
-            x = x[valid]
-        x = torch.from_numpy(x.astype(np.float32))
+        x, kept = _readable(cached, images) if images is not None else (cached["feats"], None)
+        x = torch.from_numpy(x.astype(np.float32))  # (n, D)
         return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12), kept
 
     train_feats, train = feats(plan.image_plans["train"], plan.images["train"])
@@ -498,7 +489,7 @@ def load_real_data(cfg: RealDataConfig) -> CaptionData:
         raise DataError(f"CLIP-agg targets {plan.agg_path} are missing or corrupt; run "
                         "`python cgtgan.py prepare` with the same settings")
     return CaptionData(
-        name=cfg.dataset_name(), clip_path=Path(cfg.clip),
+        name=cfg.dataset_name(), clip_path=clip_file(cfg.clip),
         clip_bpe_path=Path(cfg.clip_bpe) if cfg.clip_bpe else None,
         gpt2_path=Path(cfg.gpt2), roberta_path=Path(cfg.roberta),
         train_ids=[im.id for im in train], train_feats=train_feats,
@@ -507,6 +498,13 @@ def load_real_data(cfg: RealDataConfig) -> CaptionData:
         train_agg_targets=torch.from_numpy(agg["agg"].astype(np.float32)),
         agg_temperature=cfg.temperature(),
     ).validate()
+
+
+def clip_file(clip: str) -> Path:
+    """The checkpoint file of a CLIP path or released name (where clip_model.load keeps it)."""
+    if Path(clip).is_file() or clip not in clip_model.MODEL_URLS:
+        return Path(clip)
+    return clip_model.default_cache_dir() / clip_model.MODEL_URLS[clip].split("/")[-1]
 
 
 def _load_image(paths: dict[str, Path], image_id: str) -> Image.Image:
