@@ -67,6 +67,8 @@ class RealDataConfig:
     Cleaning (applied to the corpus): lowercase, strip a final period, collapse spaces, keep
     sentences of min_words..max_words words, drop duplicates (first occurrence kept).
     missing_images: "stop" raises on missing or unreadable images, "skip" warns and drops them.
+    workers: image-decoding processes (torch DataLoader) while embedding; shard_size: rows per
+    cache file (the unit of resumption); image_chunk x corpus_chunk: the CLIP-agg tile.
     """
 
     split_file: str = "dataset_coco.json"
@@ -87,7 +89,7 @@ class RealDataConfig:
     missing_images: str = "stop"
     batch_size: int = 64
     shard_size: int = 4096
-    workers: int = 0
+    workers: int = 4
     image_chunk: int = 2048
     corpus_chunk: int = 16384
     cache_dir: str = "cache/real"

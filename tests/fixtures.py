@@ -48,7 +48,7 @@ class PaperFixture:
         fields = dict(split_file=str(self.split_file), image_root=str(self.image_root),
                       corpus="in-domain", name="coco", clip=str(self.clip),
                       clip_bpe=str(self.clip_bpe), gpt2=str(self.gpt2), roberta=str(self.roberta),
-                      batch_size=3, shard_size=4, image_chunk=3, corpus_chunk=5,
+                      batch_size=3, shard_size=4, workers=0, image_chunk=3, corpus_chunk=5,
                       cache_dir=str(self.root / "cache"), device="cpu", progress=False)
         fields.update(overrides)
         return RealDataConfig(**fields)
