@@ -92,7 +92,7 @@ _SYMBOLS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-"
 _TOKEN = re.compile(rf"""
     (?P<url>(?:https?|ftp)://[^\s"<>()]+
         |[a-z0-9][^\s"<>|(){{}}]*@(?:[^\s"<>|(){{}}.]+\.)*[^\s"<>|(){{}}\[\].,;:]+)
-  | (?P<dots>\.\.\.+|\.(?:[ \u00a0]\.){{2,}})
+  | (?P<dots>\.\.\.+)
   | (?P<dashes>--+)
   | (?P<bangs>[?!]+)
   | (?P<number>[+-]?\d+(?:[.,:]\d+)+(?:-{_L}+)*|[+-]\d+)
@@ -104,6 +104,9 @@ _TOKEN = re.compile(rf"""
   | (?P<tag>[#@]{_LETTER}{_L}*|<[^<>\s]+>|<<|>>|&amp;|''|``|__+)
   | (?P<other>.)
 """, re.VERBOSE | re.IGNORECASE)
+
+# Text between spaces and tabs; a chunk of ASCII letters and digits is one token as it is.
+_CHUNK = re.compile(r"[^ \t]+")
 
 
 def _after_word(word, text, end):
@@ -141,39 +144,69 @@ def _quote(ch, text, end):
 def _lex(text):
     """Stanford PTBTokenizer tokens of one line, before lowercasing and punctuation removal."""
     text = _UNTOKENIZABLE.sub(" ", text)
-    # A whole number followed by a fraction is one token joined by a no-break space ("1 1/2").
+    # A whole number followed by a fraction is one token joined by a no-break space ("1 1/2"),
+    # and spaced dots are one ellipsis: the only tokens that span a space.
     text = re.sub(r"(?<![\d.,])(\d+) (\d+/\d+)(?![\d/])", "\\1\u00a0\\2", text)
-    tokens, pos = [], 0
-    while True:
-        space = _SPACE.match(text, pos)
-        if space:
-            pos = space.end()
-        if pos >= len(text):
-            return tokens
-        m = _TOKEN.match(text, pos)
-        kind, tok, pos = m.lastgroup, m.group(), m.end()
-        if kind == "word":
-            if "\u00a0" in text[pos:pos + 1] and re.match(r"\d+/\d+", text[pos + 1:]):
-                frac = re.match(r"\d+/\d+", text[pos + 1:])
-                tok, pos = tok + "\u00a0" + frac.group(), pos + 1 + frac.end()
-            words, pos = _after_word(tok, text, pos)
-            tokens += words
-        elif kind == "dots":
-            tokens.append("...")
-        elif kind == "dashes":
-            tokens.append("--")
-        elif kind in ("apoword", "clitic"):
-            tokens.append(tok.replace("’", "'") if kind == "clitic" or tok[0] in "'’" else tok)
-        elif kind == "tag" and tok == "&amp;":
-            tokens.append("&")
-        elif kind == "other" and tok in "\"'":
-            tokens.append(_quote(tok, text, pos))
-        else:
-            tokens.append(_SYMBOLS.get(tok, tok))
+    text = re.sub(r"\.(?:[ \u00a0]\.){2,}", "...", text)
+    tokens = []
+    for chunk in _CHUNK.finditer(text):
+        word = chunk.group()
+        if word.isascii() and word.isalnum() and word.lower() not in _SPLIT_WORDS:
+            tokens.append(word)  # the common case, a plain word between spaces
+            continue
+        pos, end = chunk.span()
+        while pos < end:
+            space = _SPACE.match(text, pos, end)
+            if space:
+                pos = space.end()
+                continue
+            m = _TOKEN.match(text, pos, end)
+            kind, tok, pos = m.lastgroup, m.group(), m.end()
+            if kind == "word":
+                frac = re.match(r"\u00a0\d+/\d+", text[pos:end])
+                if frac:
+                    tok, pos = tok + frac.group(), pos + frac.end()
+                words, pos = _after_word(tok, text, pos)
+                tokens += words
+            elif kind == "dots":
+                tokens.append("...")
+            elif kind == "dashes":
+                tokens.append("--")
+            elif kind in ("apoword", "clitic"):
+                tokens.append(tok.replace("’", "'") if kind == "clitic" or tok[0] in "'’" else tok)
+            elif kind == "tag" and tok == "&amp;":
+                tokens.append("&")
+            elif kind == "other" and tok in "\"'":
+                tokens.append(_quote(tok, text, pos))
+            else:
+                tokens.append(_SYMBOLS.get(tok, tok))
+    return tokens
+
+
+# Most captions are only letters, digits and spaces, with perhaps a final period: for those the
+# lexer reduces to lowercasing and splitting (unless the last word may keep its period).
+_PLAIN = re.compile(r"[A-Za-z0-9 ]*?([A-Za-z]*)(\.?) *")
+
+
+def _tokenize_plain(caption):
+    """Tokens of a letters-digits-spaces caption, or None when the full lexer is needed."""
+    m = _PLAIN.fullmatch(caption)
+    if m is None:
+        return None
+    last, period = m.groups()
+    if period and (len(last) == 1 or last.lower() in _ABBREV or last in _ABBREV_CAPITAL):
+        return None
+    words = caption.lower().replace(".", " ").split()
+    if any(w in _SPLIT_WORDS for w in words):
+        return None
+    return tuple(words)
 
 
 @functools.lru_cache(maxsize=1 << 17)
 def _ptb_tokenize_cached(caption):
+    plain = _tokenize_plain(caption)
+    if plain is not None:
+        return plain
     return tuple(t for t in (tok.lower() for tok in _lex(caption.replace("\n", " ")))
                  if t not in PUNCTUATIONS)
 
