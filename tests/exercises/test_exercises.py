@@ -1,0 +1,415 @@
+"""The exercise grader: each student function against fixed worked examples and the reference.
+
+Run one exercise with `CGTGAN_STUDENT=my_solution.py python -m pytest tests/exercises -k NAME`
+(NAME as in docs/exercises.md). Each test is named `test_<NAME>_<what it checks>`: the fixed
+examples come first (they say what is wrong in words), then seeded random inputs compared with
+the reference implementation (values, and gradients where the function is a loss).
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import evaluate
+
+ATOL = 1e-5
+
+
+def check_close(got, want, what: str, atol: float = ATOL, rtol: float = 1e-5) -> None:
+    """Fail with the quantity, the shapes, the worst entry and both values when they differ."""
+    want = torch.as_tensor(want, dtype=torch.float64)
+    if not isinstance(got, torch.Tensor):
+        try:
+            got = torch.as_tensor(got, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            pytest.fail(f"{what}: expected a tensor or number, got {type(got).__name__}", pytrace=False)
+    got = got.detach().double()
+    if got.shape != want.shape:
+        pytest.fail(f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}", pytrace=False)
+    if not torch.isfinite(got).all():
+        pytest.fail(f"{what}: contains NaN or inf (expected {want.flatten()[:4].tolist()} ...); "
+                    "is an exp() overflowing or a division by zero?", pytrace=False)
+    diff = (got - want).abs()
+    bad = diff > atol + rtol * want.abs()
+    if bad.any():
+        i = int(diff.flatten().argmax())
+        index = tuple(torch.unravel_index(torch.tensor(i), want.shape)) if want.dim() else ()
+        index = tuple(int(j) for j in index)
+        pytest.fail(f"{what}: {int(bad.sum())} of {want.numel()} entries differ; worst at "
+                    f"{index}: got {got.flatten()[i].item():.6g}, expected "
+                    f"{want.flatten()[i].item():.6g}", pytrace=False)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. clip_cos_reward(image (B, D), caption (B, K, D)) -> (B, K)
+
+
+def test_clip_cos_reward_worked_example(student):
+    f = student("clip_cos_reward")
+    image = torch.tensor([[1.0, 0.0]])  # (1, 2)
+    captions = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0], [3.0, 0.0]]])
+    check_close(f(image, captions), [[100.0, 0.0, -100.0, 100 / math.sqrt(2), 100.0]],
+                "r_cos for image e1 and captions e1, e2, -e1, e1+e2, 3*e1 (normalise both first)",
+                atol=1e-4)
+
+
+def test_clip_cos_reward_random(student, reference):
+    f = student("clip_cos_reward")
+    g = seeded(1)
+    image, caption = torch.randn(3, 8, generator=g) * 4, torch.randn(3, 5, 8, generator=g)
+    check_close(f(image, caption), reference.clip_cos_reward(image, caption),
+                "r_cos on random (B=3, K=5, D=8) embeddings", atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. clip_agg_target(image (B, D), corpus (M, D), t) -> (B, D)
+
+
+def test_clip_agg_target_worked_example(student):
+    f = student("clip_agg_target")
+    corpus = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    image = torch.tensor([[1.0, 0.0]])
+    check_close(f(image, corpus, 0.0), [[0.5, 0.5]],
+                "agg at t = 0 (uniform weights: the corpus mean)")
+    check_close(f(image, corpus, 100.0), [[1.0, 0.0]],
+                "agg at t = 100 for image e1 over corpus {e1, e2} (the nearest sentence dominates)")
+    w = 1 / (1 + math.exp(-1.0))  # softmax(1 * (1, 0)) = (w, 1 - w)
+    check_close(f(image, corpus * 5, 1.0), [[w, 1 - w]],
+                "agg at t = 1 over a corpus of norm 5 (normalise the corpus rows first)")
+
+
+def test_clip_agg_target_random(student, reference):
+    f = student("clip_agg_target")
+    g = seeded(2)
+    image, corpus = torch.randn(4, 16, generator=g) * 3, torch.randn(50, 16, generator=g) * 2
+    for t in (1.0, 10.0, 100.0):
+        want = reference.clip_agg_target(image, corpus, t)
+        check_close(f(image, corpus, t), want, f"agg on random (B=4, M=50, D=16), t={t}", atol=1e-5)
+    # The reference itself against the equation in float64 (a direct softmax).
+    v = torch.nn.functional.normalize(image.double(), dim=-1)
+    s = torch.nn.functional.normalize(corpus.double(), dim=-1)
+    check_close(reference.clip_agg_target(image, corpus, 10.0), (10 * v @ s.T).softmax(-1) @ s,
+                "reference agg vs a float64 softmax", atol=1e-5)
+
+
+def test_clip_agg_target_stable_at_high_temperature(student, reference):
+    f = student("clip_agg_target")
+    g = seeded(3)
+    image, corpus = torch.randn(3, 8, generator=g), torch.randn(200, 8, generator=g)
+    check_close(f(image, corpus, 1000.0), reference.clip_agg_target(image, corpus, 1000.0),
+                "agg at t = 1000 (exp(1000) overflows: subtract the row maximum before exp)",
+                atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. clip_agg_reward(target (B, D), caption (B, K, D)) -> (B, K)
+
+
+def test_clip_agg_reward_worked_example(student):
+    f = student("clip_agg_reward")
+    target = torch.tensor([[1.0, 0.0]])
+    captions = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
+    # e1: cos 1, L1 0 -> 100. e2: cos 0, mean|e1 - e2| = 1 -> 0. -e1: cos -1, mean L1 1 -> -50.
+    check_close(f(target, captions), [[100.0, 0.0, -50.0]],
+                "r_agg for target e1 and captions e1, e2, -e1", atol=1e-4)
+    check_close(f(target * 0.3, captions[:, :1] * 2), [[100.0]],
+                "r_agg for target 0.3*e1 and caption 2*e1 (normalise both before cos and L1)",
+                atol=1e-4)
+
+
+def test_clip_agg_reward_random(student, reference):
+    f = student("clip_agg_reward")
+    g = seeded(4)
+    target, caption = torch.randn(3, 8, generator=g) * 0.2, torch.randn(3, 5, 8, generator=g)
+    check_close(f(target, caption), reference.clip_agg_reward(target, caption),
+                "r_agg on random (B=3, K=5, D=8) embeddings", atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. scst_loss(logp (B, K, T), mask (B, K, T), reward (B, K), baseline (B,) or None) -> scalar
+
+
+def test_scst_loss_worked_example(student):
+    f = student("scst_loss")
+    logp = torch.tensor([[[-1.0, -1.0], [-2.0, -50.0]]])  # (1, 2, 2); -50 sits after the end
+    mask = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])
+    reward, baseline = torch.tensor([[3.0, 1.0]]), torch.tensor([2.0])
+    # advantages (1, -1), mean log-probs (-1, -2): loss = -(1 * -1 + -1 * -2) / 2 = -0.5
+    check_close(f(logp, mask, reward, baseline), -0.5,
+                "loss for rewards (3, 1), greedy baseline 2, mean log-probs (-1, -2) over the mask")
+    # Leave-one-out: sample 0's baseline is 1, sample 1's is 3: advantages (2, -2) -> -1.0
+    check_close(f(logp, mask, reward, None), -1.0,
+                "loss with baseline=None (leave-one-out mean of the other samples)")
+
+
+def test_scst_loss_random_values_and_gradients(student, reference):
+    f = student("scst_loss")
+    g = seeded(5)
+    B, K, T = 3, 4, 6
+    logp0 = -torch.rand(B, K, T, generator=g) * 5
+    lengths = torch.randint(1, T + 1, (B, K), generator=g)
+    mask = (torch.arange(T) < lengths[..., None]).float()  # (B, K, T)
+    reward, baseline = torch.randn(B, K, generator=g) * 10, torch.randn(B, generator=g) * 10
+    for base in (baseline, None):
+        name = "greedy baseline" if base is not None else "leave-one-out baseline"
+        got_logp, want_logp = logp0.clone().requires_grad_(), logp0.clone().requires_grad_()
+        got, want = f(got_logp, mask, reward, base), reference.scst_loss(want_logp, mask, reward, base)
+        check_close(got, want, f"loss on random (B={B}, K={K}, T={T}), {name}")
+        got.backward()
+        want.backward()
+        check_close(got_logp.grad, want_logp.grad, f"d loss / d logp, {name}")
+
+
+def test_scst_loss_advantage_is_detached(student):
+    f = student("scst_loss")
+    logp = -torch.rand(2, 3, 4).requires_grad_()
+    reward = torch.randn(2, 3).requires_grad_()
+    baseline = torch.randn(2).requires_grad_()
+    f(logp, torch.ones(2, 3, 4), reward, baseline).backward()
+    for name, x in (("reward", reward), ("baseline", baseline)):
+        if x.grad is not None and x.grad.abs().max() > 0:
+            pytest.fail(f"the loss sends gradient into the {name}: the advantage (r - b) is a "
+                        "constant weight, detach it", pytrace=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. discriminator_loss(real_logits (N,), fake_logits (N',)) -> (loss, {"d_loss", "d_acc"})
+
+
+def test_discriminator_loss_worked_example(student):
+    f = student("discriminator_loss")
+    loss, stats = f(torch.tensor([0.0]), torch.tensor([0.0]))
+    check_close(loss, math.log(2), "loss when D outputs logit 0 for everything (log 2)")
+    check_close(stats["d_acc"], 0.0, "d_acc when no logit is on the right side of 0")
+    loss, stats = f(torch.tensor([2.0, -1.0]), torch.tensor([-3.0, -1.0, 1.0, -2.0]))
+    check_close(stats["d_acc"], 0.5 * (1 / 2 + 3 / 4), "d_acc = mean of real and fake accuracies")
+    check_close(stats["d_loss"], loss, "stats['d_loss'] equals the loss")
+    loss, _ = f(torch.tensor([-100.0]), torch.tensor([-100.0]))
+    check_close(loss, 50.0, "loss for real logit -100 (use a log-sigmoid that does not overflow)",
+                atol=1e-3)
+
+
+def test_discriminator_loss_random_values_and_gradients(student, reference):
+    f = student("discriminator_loss")
+    g = seeded(6)
+    real0, fake0 = torch.randn(7, generator=g) * 3, torch.randn(13, generator=g) * 3
+    real, fake = real0.clone().requires_grad_(), fake0.clone().requires_grad_()
+    rr, rf = real0.clone().requires_grad_(), fake0.clone().requires_grad_()
+    (got, got_stats), (want, want_stats) = f(real, fake), reference.discriminator_loss(rr, rf)
+    check_close(got, want, "loss on 7 real and 13 fake logits (average the two halves' means)")
+    for key in ("d_loss", "d_acc"):
+        check_close(got_stats[key], want_stats[key], f"stats[{key!r}]")
+    got.backward()
+    want.backward()
+    check_close(real.grad, rr.grad, "d loss / d real_logits")
+    check_close(fake.grad, rf.grad, "d loss / d fake_logits")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. lambda_schedule(step, hold, ramp, final=0.5) -> float
+
+
+def test_lambda_schedule_worked_example(student):
+    f = student("lambda_schedule")
+    for step, want in ((0, 0.0), (50, 0.0), (99, 0.0), (100, 0.0), (200, 0.25), (300, 0.5),
+                       (400, 0.5), (10_000, 0.5)):
+        check_close(f(step, 100, 200, 0.5), want, f"lambda at step {step} (hold 100, ramp 200)")
+    check_close(f(5, 5, 0, 0.7), 0.7, "lambda with ramp 0 (a jump to final after the hold)")
+
+
+def test_lambda_schedule_grid(student, reference):
+    f = student("lambda_schedule")
+    for hold in (0, 10, 150):
+        for ramp in (0, 1, 50, 2350):
+            for final in (0.5, 1.0):
+                for step in (0, 1, 9, 10, 11, 60, 149, 150, 151, 1000, 3000):
+                    check_close(f(step, hold, ramp, final), reference.lambda_schedule(
+                        step, hold, ramp, final), f"lambda({step}, hold={hold}, ramp={ramp}, "
+                        f"final={final})")
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. caption_loss(logits (N, T, V), labels (N, T)) -> scalar; labels -1 are padding
+
+
+def test_caption_loss_worked_example(student):
+    f = student("caption_loss")
+    logits = torch.zeros(1, 3, 4)  # uniform over V = 4: every counted token costs log 4
+    logits[0, 1, 2] = 100.0  # position 1 is padding: a confident wrong guess must not count
+    check_close(f(logits, torch.tensor([[0, -1, 3]])), math.log(4),
+                "loss with labels (0, -1, 3): -1 is padding; 0 is a real token (GPT-2's '!')")
+
+
+def test_caption_loss_random_values_and_gradients(student, reference):
+    f = student("caption_loss")
+    g = seeded(7)
+    logits0 = torch.randn(4, 7, 11, generator=g) * 2
+    labels = torch.randint(0, 11, (4, 7), generator=g)
+    labels[torch.rand(4, 7, generator=g) < 0.3] = -1
+    got_logits, want_logits = logits0.clone().requires_grad_(), logits0.clone().requires_grad_()
+    got, want = f(got_logits, labels), reference.caption_loss(want_logits, labels)
+    check_close(got, want, "loss on random (N=4, T=7, V=11) with 30% padding")
+    got.backward()
+    want.backward()
+    check_close(got_logits.grad, want_logits.grad, "d loss / d logits")
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. contrastive_loss(logits_per_image (B, B)) -> scalar (CLIP's symmetric InfoNCE)
+
+
+def test_contrastive_loss_worked_example(student):
+    f = student("contrastive_loss")
+    check_close(f(torch.tensor([[2.0, 0.0], [0.0, 2.0]])), math.log(1 + math.exp(-2)),
+                "loss for logits [[2, 0], [0, 2]] (log(1 + e^-2))")
+
+
+def test_contrastive_loss_random_values_and_gradients(student, reference):
+    f = student("contrastive_loss")
+    g = seeded(8)
+    x0 = torch.randn(5, 5, generator=g) * 4  # not symmetric: the text-side term differs
+    got_x, want_x = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    got, want = f(got_x), reference.contrastive_loss(want_x)
+    check_close(got, want, "loss on random 5x5 logits (average image->text and text->image CE)")
+    got.backward()
+    want.backward()
+    check_close(got_x.grad, want_x.grad, "d loss / d logits")
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. tfidf_vector(counts [n x {gram: count}], df {gram: images}, n_images) -> [n x {gram: weight}]
+
+
+def _check_vectors(got, want, what):
+    if not isinstance(got, (list, tuple)) or len(got) != len(want):
+        pytest.fail(f"{what}: expected a list of {len(want)} dicts (one per n-gram order), got "
+                    f"{type(got).__name__} of length {len(got) if hasattr(got, '__len__') else '?'}",
+                    pytrace=False)
+    for k, (gk, wk) in enumerate(zip(got, want)):
+        if set(gk) != set(wk):
+            pytest.fail(f"{what}, order {k + 1}: n-grams {sorted(set(gk) ^ set(wk))[:3]} are in "
+                        "one vector but not the other (one weight per n-gram of the caption)",
+                        pytrace=False)
+        for gram, w in wk.items():
+            check_close(gk[gram], w, f"{what}, weight of {' '.join(gram)!r}", atol=1e-9)
+
+
+def test_tfidf_vector_worked_example(student):
+    f = student("tfidf_vector")
+    counts = evaluate.ngrams("a dog a dog".split(), 2)
+    df = {("a",): 2, ("dog",): 1, ("a", "dog"): 1, ("dog", "a"): 1}
+    log2 = math.log(2)
+    # "a" is in every image's references: idf 0. "dog" occurs twice: 2 * log 2.
+    _check_vectors(f(counts, df, 2), [{("a",): 0.0, ("dog",): 2 * log2},
+                                      {("a", "dog"): 2 * log2, ("dog", "a"): log2}],
+                   "tf-idf of 'a dog a dog' over 2 images")
+    _check_vectors(f(evaluate.ngrams(["zebra"], 1), {}, 4), [{("zebra",): math.log(4)}],
+                   "tf-idf of an n-gram no reference contains (df 0 counts as 1)")
+
+
+def _random_captions(rng: random.Random, n: int) -> list[list[str]]:
+    words = "a the dog cat red blue on under small big".split()
+    return [[rng.choice(words) for _ in range(rng.randint(1, 8))] for _ in range(n)]
+
+
+def test_tfidf_vector_random(student, reference):
+    f = student("tfidf_vector")
+    rng = random.Random(9)
+    refs = [_random_captions(rng, 3) for _ in range(20)]
+    df = {}
+    for image_refs in refs:
+        for gram in {g for r in image_refs for order in evaluate.ngrams(r) for g in order}:
+            df[gram] = df.get(gram, 0) + 1
+    for i, caption in enumerate(_random_captions(rng, 10)):
+        counts = evaluate.ngrams(caption)
+        _check_vectors(f(counts, df, len(refs)), reference.tfidf_vector(counts, df, len(refs)),
+                       f"tf-idf of random caption {i} ({' '.join(caption)!r})")
+
+
+def _cider_d_from_vectors(vector, candidates, references, sigma=6.0):
+    """CIDEr-D per image (evaluate.cider_d's formula), with the tf-idf step given by `vector`."""
+    refs_counts = [[evaluate.ngrams(r) for r in refs] for refs in references]
+    df = {}
+    for image_refs in refs_counts:
+        for gram in {g for r in image_refs for order in r for g in order}:
+            df[gram] = df.get(gram, 0) + 1
+    scores = []
+    for cand, image_refs in zip(candidates, refs_counts):
+        counts = evaluate.ngrams(cand)
+        vc, total = vector(counts, df, len(references)), 0.0
+        for r in image_refs:
+            vr = vector(r, df, len(references))
+            val = 0.0
+            for ck, rk in zip(vc, vr):
+                nc, nr = math.hypot(*ck.values()), math.hypot(*rk.values())
+                if nc and nr:
+                    val += sum(min(w, rk.get(g, 0.0)) * rk.get(g, 0.0) for g, w in ck.items()) / (nc * nr)
+            delta = sum(counts[1].values()) - sum(r[1].values())
+            total += val * math.exp(-delta * delta / (2 * sigma ** 2)) / 4
+        scores.append(10 * total / len(image_refs))
+    return scores
+
+
+def test_tfidf_vector_gives_evaluate_cider_d(student):
+    f = student("tfidf_vector")
+    rng = random.Random(10)
+    references = [_random_captions(rng, 4) for _ in range(15)]
+    candidates = _random_captions(rng, 15)[:10] + [refs[0] for refs in references[10:]]
+    _, want = evaluate.cider_d(candidates, references)
+    check_close(_cider_d_from_vectors(f, candidates, references), want,
+                "CIDEr-D per image built on your tf-idf vectors vs evaluate.cider_d", atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. bpe(word, ranks {(a, b): rank}) -> symbols (CLIP's BPE merge loop)
+
+
+def test_bpe_worked_example(student):
+    f = student("bpe")
+    cases = [
+        ("low", {("l", "o"): 0, ("lo", "w</w>"): 1}, ["low</w>"], "merge, then merge the result"),
+        ("low", {("o", "w</w>"): 0, ("l", "o"): 1}, ["l", "ow</w>"],
+         "the lowest-ranked pair goes first, not the leftmost"),
+        ("aaaa", {("a", "a"): 0}, ["aa", "a", "a</w>"],
+         "a pair is merged left to right without overlap; 'a a</w>' is another pair"),
+        ("x", {("x", "y"): 0}, ["x</w>"], "a one-symbol word is just its end symbol"),
+        ("cab", {}, ["c", "a", "b</w>"], "no merges: the symbols, the last one marked </w>"),
+    ]
+    for word, ranks, want, why in cases:
+        got = f(word, dict(ranks))
+        if list(got) != want:
+            pytest.fail(f"bpe({word!r}, {ranks}) = {list(got)}, expected {want}: {why}",
+                        pytrace=False)
+
+
+def _random_ranks(rng: random.Random, words: list[str]) -> dict:
+    """A merge table learned on the words (as shapesworld.learn_bpe does), then partly shuffled,
+    plus merges of pairs that never occur."""
+    from shapesworld import learn_bpe
+
+    merges = learn_bpe([" ".join(words)], max_merges=40)
+    merges += [(rng.choice("abcde"), rng.choice("abcde") + rng.choice(["", "</w>"])) for _ in range(10)]
+    for _ in range(len(merges) // 4):
+        i, j = rng.randrange(len(merges)), rng.randrange(len(merges))
+        merges[i], merges[j] = merges[j], merges[i]
+    return {m: i for i, m in reversed(list(enumerate(merges)))}
+
+
+def test_bpe_random(student, reference):
+    f = student("bpe")
+    rng = random.Random(11)
+    for trial in range(20):
+        words = ["".join(rng.choice("abcde") for _ in range(rng.randint(1, 9))) for _ in range(30)]
+        ranks = _random_ranks(rng, words)
+        for word in words[:10]:
+            got, want = f(word, dict(ranks)), reference.bpe(word, ranks)
+            if list(got) != want:
+                pytest.fail(f"bpe({word!r}, <random table {trial}>) = {list(got)}, expected {want}",
+                            pytrace=False)
