@@ -1,0 +1,571 @@
+"""ShapesWorld: the embedded default world that the CgT-GAN demo trains and evaluates on.
+
+CgT-GAN (Yu et al., arXiv:2308.12045) needs unpaired images, an unpaired sentence corpus, a frozen
+CLIP and pretrained language models. Offline, on a laptop CPU, we make all of them: scenes of
+coloured shapes drawn with PIL, captions from the grammars in shapes_grammar.py, byte-level BPE
+tokenizers for GPT-2 and RoBERTa trained on the corpus, and a tiny CLIP pretrained contrastively on
+separate image-caption pairs (standing in for CLIP's web pretraining, with its logit scale fixed at
+100 as in the released models, so the modality gap the paper is about is there to be closed).
+
+`build_shapesworld(cfg)` builds each part under `cfg.root` or reuses it when its key matches:
+
+    world.json          scenes, corpus and references of every split      key: the world's config
+    images.safetensors  uint8 images of the train, val and test splits    key: the world's config
+    tokenizers/         gpt2/ and roberta/ (vocab.json, merges.txt, ...) and clip_bpe.txt
+    clip.pt             the tiny CLIP (clip_model.save), clip.json: its key, digest and metrics
+    feats.safetensors   L2-normalised CLIP embeddings of images and corpus sentences
+
+Every file is written to a temporary name and renamed into place, and a part is trusted only when
+its recorded key (and, for non-safetensors files, its bytes' digest) matches, so an interrupted
+build leaves nothing that a later run would read. Splits: "clip" pairs (CLIP pretraining only),
+"train" (unpaired images), "corpus" (unpaired sentences of independent scenes), "val", "test".
+
+Shape legend: N images, M corpus sentences, R image resolution, L CLIP context length, D CLIP width.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+import clip_model
+import data
+import shapes_grammar as grammar
+
+VERSION = 1  # bump when generation changes, so old caches are rebuilt
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class ShapesWorldConfig:
+    """Sizes and settings of the world; the defaults build in about two minutes on 2 CPU cores."""
+
+    seed: int = 0
+    corpus_style: str = "plain"  # "alt": the cross-domain corpus (another grammar), Sec. 4.4
+    image_size: int = 48  # R; shapes sit on a 3x3 grid of 16-pixel cells
+    n_clip_pairs: int = 24000  # image-caption pairs that pretrain the tiny CLIP, and nothing else
+    n_clip_heldout: int = 1000  # held-out pairs for CLIP's retrieval and modality-gap figures
+    n_train: int = 8000  # unpaired training images
+    n_corpus: int = 15000  # unpaired corpus sentences, one per independent scene
+    n_val: int = 300
+    n_test: int = 600
+    n_references: int = 5
+    bpe_vocab_size: int = 1000  # GPT-2 / RoBERTa byte-level BPE vocabulary (special tokens included)
+    # The tiny CLIP (a ViT; see clip_model.CLIPConfig) and its pretraining.
+    clip_embed_dim: int = 64
+    clip_patch_size: int = 8
+    clip_vision_width: int = 64
+    clip_vision_layers: int = 3
+    clip_text_width: int = 64
+    clip_text_layers: int = 2
+    clip_heads: int = 2
+    clip_context_length: int = 32
+    clip_steps: int = 300
+    clip_batch_size: int = 256
+    clip_lr: float = 1e-3
+    clip_logit_scale: float = 100.0
+    clip_learn_logit_scale: bool = False  # True: learn the temperature (hides the modality gap)
+    root: str | None = None  # default: $CGTGAN_CACHE or <repo>/cache, then shapesworld/<key>
+
+    def __post_init__(self):
+        if self.corpus_style not in grammar.STYLES:
+            raise ValueError(f"ShapesWorldConfig: corpus_style must be one of {grammar.STYLES}, "
+                             f"got {self.corpus_style!r}")
+        if self.image_size % 3 or self.image_size % self.clip_patch_size:
+            raise ValueError(f"ShapesWorldConfig: image_size {self.image_size} must be a multiple "
+                             f"of 3 and of clip_patch_size {self.clip_patch_size}")
+        for name in ("n_clip_pairs", "n_clip_heldout", "n_train", "n_corpus", "n_val", "n_test"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ShapesWorldConfig: {name} must be at least 1")
+
+    def key(self, *fields: str) -> str:
+        """Hash of the named fields (all but root when none are named) and the generator version."""
+        values = asdict(self)
+        values.pop("root")
+        if fields:
+            values = {f: values[f] for f in fields}
+        return data.cache_key(version=VERSION, **values)
+
+    def world_dir(self) -> Path:
+        if self.root is not None:
+            return Path(self.root)
+        base = Path(os.environ.get("CGTGAN_CACHE") or ROOT / "cache")
+        return base / "shapesworld" / self.key()
+
+
+# Which config fields each part depends on (its cache key is their hash).
+WORLD_FIELDS = ("seed", "corpus_style", "image_size", "n_train", "n_corpus", "n_val", "n_test",
+                "n_references")
+CLIP_FIELDS = ("seed", "image_size", "n_clip_pairs", "n_clip_heldout") + tuple(
+    f for f in ShapesWorldConfig.__dataclass_fields__ if f.startswith("clip_"))
+
+# ----------------------------------------------------------------------------------------------
+# Scenes and captions of every split
+
+
+def _rng(cfg: ShapesWorldConfig, stream: str) -> random.Random:
+    """Each split draws from its own stream, so splits are independent and sizes do not interact."""
+    return random.Random(f"shapesworld/{cfg.seed}/{stream}")
+
+
+def make_scenes(cfg: ShapesWorldConfig, stream: str, n: int) -> list[grammar.Scene]:
+    rng = _rng(cfg, stream)
+    return [grammar.sample_scene(rng) for _ in range(n)]
+
+
+def make_world(cfg: ShapesWorldConfig) -> dict:
+    """The text side of the world: scenes of train/val/test, corpus sentences, references.
+
+    The corpus describes its own scenes (stream "corpus"), never the training images; references
+    of val/test are in the plain style (the images' own domain) whatever the corpus style.
+    """
+    scenes = {s: make_scenes(cfg, s, n) for s, n in
+              (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test))}
+    rng = _rng(cfg, "corpus-text")
+    corpus = [grammar.describe(s, cfg.corpus_style, rng) for s in
+              make_scenes(cfg, "corpus", cfg.n_corpus)]
+    rng = _rng(cfg, "references")
+    references = {split: {f"{split}_{i:05d}": grammar.references(s, "plain", rng, cfg.n_references)
+                          for i, s in enumerate(scenes[split])} for split in ("val", "test")}
+    return {"scenes": {k: [grammar.scene_to_json(s) for s in v] for k, v in scenes.items()},
+            "corpus": corpus, "references": references}
+
+
+def clip_pairs(cfg: ShapesWorldConfig) -> tuple[list[grammar.Scene], list[list[str]]]:
+    """Scenes of the CLIP pretraining pairs (training ones, then held-out ones), each with one
+    caption per grammar, so the tiny CLIP reads both corpus styles."""
+    scenes = make_scenes(cfg, "clip", cfg.n_clip_pairs + cfg.n_clip_heldout)
+    rng = _rng(cfg, "clip-text")
+    return scenes, [[grammar.describe(s, style, rng) for style in grammar.STYLES] for s in scenes]
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+
+SUPERSAMPLE = 2  # draw at twice the size, then box-filter down: anti-aliased edges
+RADIUS = {"small": 0.19, "medium": 0.29, "large": 0.40}  # fraction of a grid cell
+
+
+def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple]:
+    """Polygon vertices of a shape of radius r centred at (cx, cy), rotated by angle degrees."""
+    if shape == "diamond":  # taller than wide, so it never looks like a rotated square
+        points = [(0, -1.25), (0.75, 0), (0, 1.25), (-0.75, 0)]
+    else:
+        corners, start, radii = {"square": (4, 45, [1.0]), "triangle": (3, -90, [1.2]),
+                                 "star": (10, -90, [1.25, 0.5]), "hexagon": (6, 0, [1.05])}[shape]
+        points = [(radii[k % len(radii)] * math.cos(math.radians(start + 360 * k / corners)),
+                   radii[k % len(radii)] * math.sin(math.radians(start + 360 * k / corners)))
+                  for k in range(corners)]
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in points]
+
+
+def render(scene: grammar.Scene, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A scene -> (R, R, 3) uint8 image: tinted grey background with noise, jittered colours."""
+    big, cell = size * SUPERSAMPLE, size * SUPERSAMPLE / grammar.GRID
+    grey = rng.uniform(45, 150)
+    background = tuple(int(grey + t) for t in rng.uniform(-12, 12, 3))
+    image = Image.new("RGB", (big, big), background)
+    draw = ImageDraw.Draw(image)
+    for o in scene:
+        colour = tuple(int(v) for v in np.clip(np.array(grammar.COLOURS[o.colour])
+                                               + rng.uniform(-20, 20, 3), 0, 255))
+        cx, cy, r = (o.col + 0.5 + o.dx) * cell, (o.row + 0.5 + o.dy) * cell, RADIUS[o.size] * cell
+        if o.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        else:
+            draw.polygon(_outline(o.shape, cx, cy, r, o.angle), fill=colour)
+    pixels = np.asarray(image.resize((size, size), Image.BOX), dtype=np.float32)
+    pixels = pixels + rng.normal(0, 6, pixels.shape)
+    return np.clip(pixels + 0.5, 0, 255).astype(np.uint8)
+
+
+def render_all(cfg: ShapesWorldConfig, stream: str, scenes: list, progress: bool) -> np.ndarray:
+    """Images of a split (N, R, R, 3) uint8; image i's noise comes from (seed, stream, i) alone."""
+    out = np.empty((len(scenes), cfg.image_size, cfg.image_size, 3), np.uint8)
+    salt = int(data.cache_key(stream=stream)[:8], 16)
+    for i, scene in enumerate(tqdm(scenes, desc=f"render {stream}", disable=not progress,
+                                   leave=False)):
+        out[i] = render(scene, cfg.image_size, np.random.default_rng([cfg.seed, salt, i]))
+    return out
+
+
+def to_clip_input(images: np.ndarray) -> torch.Tensor:
+    """(N, R, R, 3) uint8 -> (N, 3, R, R) float32, exactly as clip_model.Preprocess maps a PIL image
+    of size R (same float32 operations, so cached embeddings equal the `caption` path's)."""
+    x = (images.astype(np.float32) / 255.0 - clip_model.MEAN) / clip_model.STD  # (N, R, R, 3)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # (N, 3, R, R)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers: CLIP's BPE merges (our own small trainer) and byte-level BPE for GPT-2 and RoBERTa
+
+
+def learn_bpe(texts: list[str], max_merges: int = 4000) -> list[tuple[str, str]]:
+    """BPE merges in CLIP's format, learned from word counts (Sennrich et al., 2016).
+
+    Words are split on spaces into CLIP's byte symbols, the last marked with "</w>"; the most
+    frequent adjacent pair is merged, again and again, until no pair is left or max_merges.
+    Ties go to the alphabetically first pair, so the result is deterministic. Example: ["low low
+    lot"] starts from l o w</w> (x2), l o t</w>; ("l", "o") occurs 3 times and is merged first.
+    """
+    to_symbols = clip_model.bytes_to_unicode()
+    counts: dict[tuple, int] = {}
+    for text in texts:
+        for word in text.split():
+            symbols = [to_symbols[b] for b in word.encode("utf-8")]
+            key = tuple(symbols[:-1]) + (symbols[-1] + "</w>",)
+            counts[key] = counts.get(key, 0) + 1
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: dict[tuple, int] = {}
+        for word, n in counts.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] = pairs.get(pair, 0) + n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        counts = {_merge_pair(word, best): n for word, n in counts.items()}
+    return merges
+
+
+def _merge_pair(word: tuple, pair: tuple) -> tuple:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+HF_SPECIALS = {"gpt2": ["<|endoftext|>"], "roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]}
+
+
+def train_hf_tokenizer(corpus: list[str], kind: str, vocab_size: int, directory: Path) -> None:
+    """Byte-level BPE trained on the corpus, saved as GPT-2's or RoBERTa's tokenizer files
+    (vocab.json, merges.txt, and save_pretrained's tokenizer.json / tokenizer_config.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast, RobertaTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=HF_SPECIALS[kind],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe.model.save(str(directory))
+    # Load back through transformers, as the paper-scale path loads "gpt2" / "roberta-base".
+    cls = GPT2TokenizerFast if kind == "gpt2" else RobertaTokenizerFast
+    tokenizer = cls.from_pretrained(str(directory))
+    if len(tokenizer) == 0:
+        raise data.DataError(f"{directory}: the trained {kind} tokenizer is empty")
+    tokenizer.save_pretrained(str(directory))
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny CLIP: pretraining on the pairs, retrieval and modality-gap figures, embeddings
+
+
+def clip_config(cfg: ShapesWorldConfig, vocab_size: int) -> clip_model.CLIPConfig:
+    return clip_model.CLIPConfig(
+        embed_dim=cfg.clip_embed_dim, image_resolution=cfg.image_size,
+        vision_layers=cfg.clip_vision_layers, vision_width=cfg.clip_vision_width,
+        vision_patch_size=cfg.clip_patch_size, context_length=cfg.clip_context_length,
+        vocab_size=vocab_size, transformer_width=cfg.clip_text_width,
+        transformer_heads=cfg.clip_heads, transformer_layers=cfg.clip_text_layers,
+        vision_heads=cfg.clip_heads, learn_logit_scale=cfg.clip_learn_logit_scale,
+        logit_scale_init=math.log(cfg.clip_logit_scale))
+
+
+def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tensor,
+                  vocab_size: int, progress: bool = True) -> tuple[clip_model.CLIP, list[float]]:
+    """Contrastive pretraining (clip_model.contrastive_loss) on images (N, R, R, 3) uint8 and
+    tokens (N, C, L): C captions per image, one drawn at random each time the image is used.
+    AdamW with linear warmup and cosine decay. Returns the model (eval mode) and the losses."""
+    torch.manual_seed(cfg.seed)
+    model = clip_model.CLIP(clip_config(cfg, vocab_size))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.clip_lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
+    warmup = max(1, cfg.clip_steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
+        1 + math.cos(math.pi * min(1.0, max(0.0, s - warmup) / max(1, cfg.clip_steps - warmup))))))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch = min(cfg.clip_batch_size, len(images))
+    order, cursor, losses = torch.randperm(len(images), generator=gen), 0, []
+    model.train()
+    bar = tqdm(range(cfg.clip_steps), desc="pretrain tiny CLIP", disable=not progress, leave=False)
+    for _ in bar:
+        if cursor + batch > len(images):
+            order, cursor = torch.randperm(len(images), generator=gen), 0
+        idx = order[cursor:cursor + batch]  # (B,)
+        cursor += batch
+        pick = torch.randint(tokens.shape[1], (batch,), generator=gen)  # (B,)
+        logits, _ = model(to_clip_input(images[idx.numpy()]), tokens[idx, pick])  # (B, B)
+        loss = clip_model.contrastive_loss(logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval(), losses
+
+
+@torch.no_grad()
+def encode_images(model: clip_model.CLIP, images: np.ndarray, progress: bool = False,
+                  chunk: int = 1000) -> torch.Tensor:
+    """(N, R, R, 3) uint8 -> (N, D) L2-normalised float32 CLIP image embeddings."""
+    out = [model.encode_image(to_clip_input(images[i:i + chunk])) for i in
+           tqdm(range(0, len(images), chunk), desc="encode images", disable=not progress,
+                leave=False)]
+    return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)  # (N, D)
+
+
+@torch.no_grad()
+def encode_texts(model: clip_model.CLIP, tokenizer: clip_model.Tokenizer, texts: list[str],
+                 progress: bool = False, chunk: int = 2000) -> torch.Tensor:
+    """Texts -> (M, D) L2-normalised float32 CLIP text embeddings."""
+    out = []
+    for i in tqdm(range(0, len(texts), chunk), desc="encode texts", disable=not progress,
+                  leave=False):
+        tokens = clip_model.tokenize(texts[i:i + chunk], model.config.context_length, truncate=True,
+                                     tokenizer=tokenizer)  # (chunk, L)
+        out.append(model.encode_text(tokens))
+    return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)  # (M, D)
+
+
+def retrieval_and_gap(image_feats: torch.Tensor, text_feats: torch.Tensor,
+                      captions: list[str]) -> dict[str, float]:
+    """Image->text retrieval of matched pairs, and the modality gap.
+
+    image_feats, text_feats (n, D) normalised, row i a matched pair. R@k: share of images whose
+    top-k texts (cosine) include one identical to their own caption (identical captions of other
+    scenes count, as no retrieval could tell them apart); chance_r1 is that share for a random
+    pick. gap_cos: cosine of the mean image and mean text embeddings; matched_cos: mean cosine of
+    matched pairs.
+    """
+    sims = image_feats @ text_feats.T  # (n, n)
+    top = sims.topk(min(5, len(captions)), dim=1).indices  # (n, 5)
+    same = [[captions[j] == captions[i] for j in row] for i, row in enumerate(top.tolist())]
+    counts: dict[str, int] = {}
+    for c in captions:
+        counts[c] = counts.get(c, 0) + 1
+    mean_img, mean_txt = image_feats.mean(0), text_feats.mean(0)  # (D,)
+    return {"n": len(captions),
+            "r1": float(np.mean([s[0] for s in same])), "r5": float(np.mean([any(s) for s in same])),
+            "chance_r1": float(np.mean([counts[c] / len(captions) for c in captions])),
+            "gap_cos": float(torch.nn.functional.cosine_similarity(mean_img, mean_txt, dim=0)),
+            "matched_cos": float((image_feats * text_feats).sum(1).mean()),
+            "mean_image_norm": float(mean_img.norm()), "mean_text_norm": float(mean_txt.norm())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building (or reusing) every part, each trusted only when its key matches
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    data.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj)))
+
+
+def _read_json(path: Path, key: str) -> dict | None:
+    """The JSON object at path if it was written under key, else None (missing, stale, corrupt)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) and obj.get("key") == key else None
+
+
+def _dir_digests(directory: Path) -> dict[str, str]:
+    return {p.name: data.file_digest(p) for p in sorted(directory.iterdir())
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def _tokenizers_ok(directory: Path, key: str) -> bool:
+    manifest = _read_json(directory / "manifest.json", key)
+    if manifest is None:
+        return False
+    try:
+        return all(_dir_digests(directory / sub) == manifest["digests"][sub]
+                   for sub in ("gpt2", "roberta")) and data.file_digest(
+            directory / "clip_bpe.txt") == manifest["digests"]["clip_bpe.txt"]
+    except (OSError, KeyError):
+        return False
+
+
+def build_tokenizers(directory: Path, key: str, corpus: list[str], clip_texts: list[str],
+                     vocab_size: int) -> None:
+    """GPT-2 and RoBERTa tokenizers from the corpus, CLIP's merges from the CLIP pairs' captions;
+    built in a temporary directory that replaces `directory` only when complete."""
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for kind in ("gpt2", "roberta"):
+            train_hf_tokenizer(corpus, kind, vocab_size, tmp / kind)
+        clip_model.write_merges(tmp / "clip_bpe.txt", learn_bpe(clip_texts))
+        digests = {sub: _dir_digests(tmp / sub) for sub in ("gpt2", "roberta")}
+        digests["clip_bpe.txt"] = data.file_digest(tmp / "clip_bpe.txt")
+        _write_json(tmp / "manifest.json", {"key": key, "digests": digests})
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _split_of(image_id: str, known: dict) -> tuple[str, int]:
+    split, _, index = image_id.partition("_")
+    if split not in known or not index.isdigit() or int(index) >= len(known[split]):
+        raise data.DataError(f"ShapesWorld has no image {image_id!r}; ids look like 'test_00012' "
+                             f"(splits {sorted(known)})")
+    return split, int(index)
+
+
+def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = True) -> data.CaptionData:
+    """Build (or reuse) the world under cfg.world_dir() and return it as a data.CaptionData.
+
+    Parts whose key matches are loaded; the rest are rebuilt in order: text (scenes, corpus,
+    references), images, tokenizers, tiny CLIP, embedding caches. report.json records the time of
+    each step of this call and the CLIP's figures.
+    """
+    cfg = cfg or ShapesWorldConfig()
+    root = cfg.world_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def step(name):
+        timings[name] = time.perf_counter()
+        if progress:
+            tqdm.write(f"shapesworld: {name} ...")
+
+    def done(name):
+        timings[name] = round(time.perf_counter() - timings[name], 2)
+
+    world_key = cfg.key(*WORLD_FIELDS)
+    world = _read_json(root / "world.json", world_key)
+    if world is None:
+        step("text")
+        world = {"key": world_key, **make_world(cfg)}
+        _write_json(root / "world.json", world)
+        done("text")
+    scenes = {k: [grammar.scene_from_json(s) for s in v] for k, v in world["scenes"].items()}
+
+    arrays = data.load_arrays(root / "images.safetensors", world_key)
+    if arrays is None:
+        step("images")
+        arrays = {split: render_all(cfg, split, scenes[split], progress) for split in scenes}
+        data.save_arrays(root / "images.safetensors", arrays, world_key)
+        done("images")
+
+    clip_key = cfg.key(*CLIP_FIELDS)
+    tok_dir, tok_key = root / "tokenizers", data.cache_key(world=world_key, clip=clip_key,
+                                                           vocab=cfg.bpe_vocab_size)
+    pairs = None
+    if not _tokenizers_ok(tok_dir, tok_key):
+        step("tokenizers")
+        pairs = clip_pairs(cfg)
+        build_tokenizers(tok_dir, tok_key, world["corpus"],
+                         [c for caps in pairs[1] for c in caps], cfg.bpe_vocab_size)
+        done("tokenizers")
+    bpe_path = tok_dir / "clip_bpe.txt"
+    tokenizer = clip_model.Tokenizer(bpe_path)
+
+    clip_path, clip_key = root / "clip.pt", data.cache_key(clip=clip_key,
+                                                           bpe=data.file_digest(bpe_path))
+    record = _read_json(root / "clip.json", clip_key)
+    if record is None or not clip_path.is_file() or data.file_digest(clip_path) != record["digest"]:
+        step("clip")
+        (root / "clip.json").unlink(missing_ok=True)
+        record = {"key": clip_key, **_train_clip(cfg, pairs or clip_pairs(cfg), tokenizer,
+                                                 clip_path, progress)}
+        _write_json(root / "clip.json", record)
+        done("clip")
+    model, _ = clip_model.load(clip_path)
+
+    feats_key = data.cache_key(world=world_key, clip=record["digest"])
+    feats = data.load_arrays(root / "feats.safetensors", feats_key)
+    if feats is None:
+        step("embeddings")
+        feats = {split: encode_images(model, arrays[split], progress).numpy() for split in arrays}
+        feats["corpus"] = encode_texts(model, tokenizer, world["corpus"], progress).numpy()
+        data.save_arrays(root / "feats.safetensors", feats, feats_key)
+        done("embeddings")
+
+    report = {"timings_s": timings, "clip": record["metrics"],
+              "test_refs_in_corpus": _share_in_corpus(world)}
+    _write_json(root / "report.json", {"key": "report", **report})
+
+    images = {split: arrays[split] for split in scenes}
+    by_split = {split: {f"{split}_{i:05d}": s for i, s in enumerate(v)} for split, v in scenes.items()}
+
+    def image_loader(image_id: str) -> Image.Image:
+        split, index = _split_of(image_id, images)
+        return Image.fromarray(images[split][index])
+
+    def checker(captions: dict[str, str], split: str) -> dict:
+        if split not in by_split:
+            raise data.DataError(f"ShapesWorld has no split {split!r}; use one of {sorted(by_split)}")
+        unknown = [i for i in captions if i not in by_split[split]]
+        if unknown:
+            raise data.DataError(f"ShapesWorld split {split!r} has no image {unknown[0]!r}")
+        return grammar.check(captions, by_split[split])
+
+    def tensor(name):
+        return torch.from_numpy(np.ascontiguousarray(feats[name], dtype=np.float32))
+
+    splits = {split: data.EvalSplit(ids=list(world["references"][split]), feats=tensor(split),
+                                    references=world["references"][split])
+              for split in ("val", "test")}
+    return data.CaptionData(
+        name=f"shapesworld-{cfg.corpus_style}-seed{cfg.seed}", clip_path=clip_path,
+        clip_bpe_path=bpe_path, gpt2_path=tok_dir / "gpt2", roberta_path=tok_dir / "roberta",
+        train_ids=list(by_split["train"]), train_feats=tensor("train"), corpus=world["corpus"],
+        corpus_feats=tensor("corpus"), splits=splits, image_loader=image_loader,
+        checker=checker).validate()
+
+
+def _train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_model.Tokenizer,
+                path: Path, progress: bool) -> dict:
+    """Render the pairs, pretrain and save the tiny CLIP; its metrics on the held-out pairs."""
+    scenes, captions = pairs
+    images = render_all(cfg, "clip", scenes, progress)
+    unique = sorted({c for caps in captions for c in caps})
+    ids = clip_model.tokenize(unique, cfg.clip_context_length, truncate=True, tokenizer=tokenizer)
+    row = {c: i for i, c in enumerate(unique)}
+    tokens = ids[torch.tensor([[row[c] for c in caps] for caps in captions])]  # (N, C, L)
+    n = cfg.n_clip_pairs
+    model, losses = pretrain_clip(cfg, images[:n], tokens[:n], tokenizer.vocab_size, progress)
+    clip_model.save(model, path)
+    held = [caps[0] for caps in captions[n:]]  # plain-style captions of the held-out scenes
+    metrics = retrieval_and_gap(encode_images(model, images[n:]),
+                                encode_texts(model, tokenizer, held), held)
+    metrics["final_loss"] = float(np.mean(losses[-20:]))
+    return {"digest": data.file_digest(path), "metrics": metrics}
+
+
+def _share_in_corpus(world: dict) -> float:
+    """Share of test references that appear verbatim in the corpus."""
+    corpus = set(world["corpus"])
+    refs = [r for rs in world["references"]["test"].values() for r in rs]
+    return sum(r in corpus for r in refs) / max(1, len(refs))
+
+
+def load_report(cfg: ShapesWorldConfig) -> dict | None:
+    """report.json of the last build of this config (timings, CLIP figures), or None."""
+    return _read_json(cfg.world_dir() / "report.json", "report")

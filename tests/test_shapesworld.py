@@ -1,0 +1,221 @@
+"""ShapesWorld: determinism, ground truth, disjoint splits, tokenizers, tiny CLIP, caches."""
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip_model
+import shapes_grammar as grammar
+import shapesworld as sw
+
+
+def tiny(root, **overrides) -> sw.ShapesWorldConfig:
+    """A world that builds in a few seconds: tiny splits, a one-layer CLIP trained for 3 steps."""
+    settings = dict(n_clip_pairs=300, n_clip_heldout=60, n_train=40, n_corpus=150, n_val=8,
+                    n_test=12, clip_steps=3, clip_batch_size=32, clip_vision_layers=1,
+                    clip_text_layers=1, clip_embed_dim=32, root=str(root))
+    settings.update(overrides)
+    return sw.ShapesWorldConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    cfg = tiny(tmp_path_factory.mktemp("world"))
+    return cfg, sw.build_shapesworld(cfg, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The grammar and the checker
+
+
+def test_every_generated_caption_parses_and_is_true_in_both_styles():
+    rng = random.Random(0)
+    for _ in range(400):
+        scene = grammar.sample_scene(rng)
+        for style in grammar.STYLES:
+            for caption in grammar.references(scene, style, rng):
+                facts = grammar.parse(caption)
+                assert facts, (style, caption)
+                assert all(grammar.fact_holds(f, scene) for f in facts), (caption, scene)
+                assert caption == " ".join(caption.split()) and caption == caption.lower()
+                assert not caption.endswith(".")
+
+
+def test_checker_counts_false_facts_and_rejects_ungrammatical_captions():
+    red_circle = grammar.Obj("circle", "red", "small", 2, 0)
+    blue_square = grammar.Obj("square", "blue", "large", 0, 0)
+    scenes = {"a": (red_circle, blue_square)}
+
+    def score(caption):
+        return grammar.check({"a": caption}, scenes)
+
+    assert score("a blue square above a red circle") == {"fluency": 1.0, "faithfulness": 1.0}
+    assert score("a red circle above a blue square")["faithfulness"] == pytest.approx(2 / 3)
+    assert score("two red circles")["faithfulness"] == 0.0  # there is exactly one
+    assert score("a large red circle")["faithfulness"] == 0.0
+    assert score("a small red circle in the bottom left corner")["faithfulness"] == 1.0
+    assert score("a red circle at the top")["faithfulness"] == 0.5
+    assert score("two shapes including a crimson ball and a blue tile")["faithfulness"] == 1.0
+    for bad in ("circle circle", "an red circle", "a orange star", "two red circle",
+                "a red circles", "a red circle above", ""):
+        assert score(bad)["fluency"] == 0.0, bad
+    assert grammar.parse("a red circle above two blue squares.") == [
+        ("np", ("some", "circle", "red", None)), ("np", (2, "square", "blue", None)),
+        ("rel", ("some", "circle", "red", None), "above", (2, "square", "blue", None))]
+
+
+def test_world_references_are_distinct_and_check_fully(world):
+    cfg, d = world
+    for split in ("val", "test"):
+        refs = d.splits[split].references
+        assert all(len(set(r)) == cfg.n_references for r in refs.values())
+        for k in range(cfg.n_references):
+            assert d.check({i: r[k] for i, r in refs.items()}, split) == {
+                "fluency": 1.0, "faithfulness": 1.0}
+
+
+def test_checker_rejects_unknown_split_or_id(world):
+    _, d = world
+    with pytest.raises(ValueError, match="no split"):
+        d.check({}, "nope")
+    with pytest.raises(ValueError, match="no image"):
+        d.check({"train_00000": "a red circle"}, "test")
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits and determinism
+
+
+def test_same_seed_same_world_different_seed_different(tmp_path, world):
+    cfg, d = world
+    again = sw.build_shapesworld(tiny(tmp_path / "again"), progress=False)
+    assert again.corpus == d.corpus
+    assert again.splits["test"].references == d.splits["test"].references
+    assert np.array_equal(np.asarray(again.image("train_00007")), np.asarray(d.image("train_00007")))
+    for sub in ("gpt2/vocab.json", "gpt2/merges.txt", "roberta/merges.txt"):
+        assert (d.gpt2_path.parent / sub).read_bytes() == (again.gpt2_path.parent / sub).read_bytes()
+    assert d.clip_bpe_path.read_bytes() == again.clip_bpe_path.read_bytes()
+    assert torch.allclose(again.train_feats, d.train_feats, atol=1e-5)
+    other = sw.make_world(tiny(tmp_path, seed=1))
+    assert other["corpus"] != d.corpus
+    assert other["scenes"]["train"] != sw.make_world(cfg)["scenes"]["train"]
+
+
+def test_corpus_comes_from_independent_scenes(tmp_path):
+    cfg = tiny(tmp_path)
+    world = sw.make_world(cfg)
+    # The corpus does not change when the training set does: it is not made from its captions.
+    assert sw.make_world(tiny(tmp_path, n_train=cfg.n_train * 3))["corpus"] == world["corpus"]
+    corpus_scenes = {tuple(map(tuple, grammar.scene_to_json(s)))
+                     for s in sw.make_scenes(cfg, "corpus", cfg.n_corpus)}
+    for split in ("train", "val", "test"):
+        assert not corpus_scenes & {tuple(map(tuple, s)) for s in world["scenes"][split]}
+
+
+def test_most_test_references_are_not_in_the_corpus(tmp_path):
+    world = sw.make_world(sw.ShapesWorldConfig(n_train=10, n_corpus=15000, n_val=5, n_test=600))
+    assert sw._share_in_corpus(world) < 0.5
+
+
+def test_alt_corpus_uses_another_grammar(tmp_path):
+    plain = sw.make_world(tiny(tmp_path, n_corpus=400))
+    alt = sw.make_world(tiny(tmp_path, n_corpus=400, corpus_style="alt"))
+    assert alt["references"] == plain["references"]  # the images' own (plain) references
+    plain_words = {w for s in plain["corpus"] for w in s.split()}
+    alt_words = {w for s in alt["corpus"] for w in s.split()}
+    assert {"picture", "crimson", "located"} & (alt_words - plain_words)
+    assert all(grammar.parse(s) for s in alt["corpus"])
+    with pytest.raises(ValueError, match="corpus_style"):
+        sw.ShapesWorldConfig(corpus_style="poetry")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def test_tokenizers_round_trip_every_corpus_sentence(world):
+    from transformers import GPT2TokenizerFast, RobertaTokenizerFast
+
+    _, d = world
+    gpt2 = GPT2TokenizerFast.from_pretrained(str(d.gpt2_path))
+    roberta = RobertaTokenizerFast.from_pretrained(str(d.roberta_path))
+    clip_tok = clip_model.Tokenizer(d.clip_bpe_path)
+    assert len(gpt2) > 0 and len(roberta) > 0 and gpt2.eos_token == "<|endoftext|>"
+    assert roberta.pad_token_id == 1 and roberta.mask_token == "<mask>"
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in Path(d.gpt2_path).iterdir()}
+    texts = d.corpus + [r for rs in d.splits["test"].references.values() for r in rs]
+    for text in texts:
+        assert gpt2.decode(gpt2(text).input_ids) == text
+        assert roberta.decode(roberta(text).input_ids, skip_special_tokens=True) == text
+        assert clip_tok.decode(clip_tok.encode(text)).strip() == text
+    # Learned merges make whole corpus words single CLIP tokens.
+    assert len(clip_tok.encode("a red circle")) == 3
+
+
+def test_learn_bpe_merges_most_frequent_pair_first():
+    assert sw.learn_bpe(["low low lot"], max_merges=2) == [("l", "o"), ("lo", "w</w>")]
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny CLIP and the embedding caches
+
+
+def test_cached_image_features_equal_the_preprocess_path(world):
+    _, d = world
+    model, preprocess = clip_model.load(d.clip_path)
+    assert model.logit_scale.exp().item() == pytest.approx(100.0)
+    with torch.no_grad():
+        feats = F.normalize(model.encode_image(preprocess([d.image("test_00003")])), dim=-1)
+    assert torch.allclose(feats[0], d.splits["test"].feats[3], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_tiny_clip_retrieves_far_better_than_chance(tmp_path):
+    cfg = sw.ShapesWorldConfig(n_clip_pairs=4000, n_clip_heldout=300, n_train=10, n_corpus=10,
+                               n_val=2, n_test=2, clip_steps=150, clip_batch_size=128,
+                               root=str(tmp_path))
+    sw.build_shapesworld(cfg, progress=False)
+    figures = sw.load_report(cfg)["clip"]
+    assert figures["r5"] > 10 * figures["chance_r1"] * 5
+
+
+def test_stale_or_truncated_caches_are_rebuilt(tmp_path):
+    cfg = tiny(tmp_path)
+    d = sw.build_shapesworld(cfg, progress=False)
+    assert sw.build_shapesworld(cfg, progress=False) is not None
+    assert sw.load_report(cfg)["timings_s"] == {}  # everything reused
+    feats = tmp_path / "feats.safetensors"
+    feats.write_bytes(feats.read_bytes()[:-100])
+    clip_pt = tmp_path / "clip.pt"
+    clip_pt.write_bytes(clip_pt.read_bytes() + b"x")
+    again = sw.build_shapesworld(cfg, progress=False)
+    assert set(sw.load_report(cfg)["timings_s"]) == {"clip", "embeddings"}
+    assert torch.allclose(again.corpus_feats, d.corpus_feats, atol=1e-5)
+    world = tmp_path / "world.json"
+    world.write_text(world.read_text().replace('"key": "', '"key": "stale', 1))
+    sw.build_shapesworld(cfg, progress=False)
+    assert "text" in sw.load_report(cfg)["timings_s"]
+
+
+def test_interrupted_build_leaves_nothing_trusted(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sw, "learn_bpe", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sw.build_shapesworld(cfg, progress=False)
+    assert not (tmp_path / "tokenizers").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(sw, "pretrain_clip", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sw.build_shapesworld(cfg, progress=False)
+    assert not (tmp_path / "clip.pt").exists() and not (tmp_path / "clip.json").exists()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    monkeypatch.undo()
+    sw.build_shapesworld(cfg, progress=False)
+    assert set(sw.load_report(cfg)["timings_s"]) == {"clip", "embeddings"}
