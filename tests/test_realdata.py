@@ -275,3 +275,12 @@ def test_bad_input_gives_one_line_errors(fx, tmp_path, case, message):
     assert message in _one_line(err)
     if case in ("no split file", "bad json", "no corpus file", "gpt2 without tokenizer"):
         assert str(tmp_path) in str(err.value)
+
+
+@pytest.mark.slow
+def test_decoding_workers_give_the_same_features(fx, prepared, tmp_path):
+    cfg, _, ds = prepared
+    parallel = fx.config(cache_dir=str(tmp_path), workers=2)
+    realdata.prepare(parallel)
+    torch.testing.assert_close(realdata.load_real_data(parallel).train_feats, ds.train_feats,
+                               atol=0, rtol=0)
