@@ -239,15 +239,29 @@ class CaptionGenerator(nn.Module):
         """K captions per image from the model's own distribution (temperature 1).
 
         feats (B, D) -> ids (B, K, T), log-probs (B, K, T) WITH gradient, mask (B, K, T) float.
-        Tokens are drawn under no_grad with a KV cache, then one teacher-forced pass over
+        Tokens are drawn under no_grad with a KV cache (`draw`), then one teacher-forced pass over
         prefix + sampled tokens gives exactly the log-probs the sampler used, now differentiable.
         """
         rep = feats.repeat_interleave(k, dim=0)  # (B*K, D)
-        with torch.no_grad():
-            ids, mask = self._decode(rep, lambda logits: sample_categorical(logits, generator))
+        ids, mask = self.draw(rep, generator)  # (B*K, T)
         logp = self.log_probs(rep, ids) * mask  # (B*K, T)
         shape = (feats.shape[0], k, ids.shape[1])
         return ids.view(shape), logp.view(shape), mask.view(shape)  # (B, K, T) each
+
+    @torch.no_grad()
+    def draw(self, feats: torch.Tensor, generator: torch.Generator | None = None,
+             uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sampled caption per row of feats (N, D) -> (ids (N, T), mask (N, T)), no gradient.
+
+        The uniform numbers behind the draws, (N, max_len), are taken up front (or given), so a
+        row's caption does not depend on when the other rows stop: data-parallel ranks that each
+        take their rows of one global draw reproduce a single process exactly.
+        """
+        if uniforms is None:
+            uniforms = torch.rand(feats.shape[0], self.max_len, generator=generator)
+        uniforms = uniforms.to(feats.device)
+        step = iter(range(self.max_len))
+        return self._decode(feats, lambda logits: sample_categorical(logits, uniforms[:, next(step)]))
 
     @torch.no_grad()
     def beam_search(self, feats: torch.Tensor, beams: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,15 +308,16 @@ class CaptionGenerator(nn.Module):
         return torch.stack(ids, 1), torch.stack(masks, 1).float()  # (N, T), (N, T)
 
 
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Exact draws from softmax(logits) (N, V) -> (N,) by inverting the CDF.
+def sample_categorical(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Exact draws from softmax(logits) (N, V) -> (N,) by inverting the CDF at uniforms (N,) in [0, 1).
 
     One uniform number per row and a binary search over the cumulative sum, instead of
     torch.multinomial (tens of milliseconds per step over a 50k vocabulary on a CPU). A token with
     probability 0 owns an empty interval of the CDF and is never drawn.
+    Example: probabilities [0.2, 0.5, 0.3] have CDF [0.2, 0.7, 1.0]; u = 0.65 draws token 1.
     """
     cdf = logits.softmax(-1).cumsum(-1)  # (N, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    u = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]  # (N, 1), scaled by the total for rounding
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)
 
 

@@ -180,7 +180,8 @@ def test_sample_logprobs_equal_forward_logprobs(models):
 
 def test_sample_categorical_matches_distribution():
     logits = torch.tensor([[0.0, 1.0, -1.0, float("-inf")]]).repeat(40000, 1)
-    draws = sample_categorical(logits, torch.Generator().manual_seed(0))
+    draws = sample_categorical(logits, torch.rand(len(logits), generator=torch.Generator().manual_seed(0)))
+    assert sample_categorical(torch.tensor([[0.2, 0.5, 0.3]]).log(), torch.tensor([0.65])) == 1
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.01, rtol=0)
     assert (draws != 3).all()
