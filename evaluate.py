@@ -563,7 +563,7 @@ def main(argv=None):
         print(json.dumps(scores, indent=1))
         return 0
     n = len(scores["per_image"]["CIDEr-D"])
-    print(f"{n} images")
+    print(f"{n} images; scores in the toolkit's units, (x100) as papers print them")
     for name, value in scores.items():
         if name != "per_image":
             print(f"{name:<30} {value:8.4f}  ({100 * value:6.1f})")
