@@ -421,13 +421,25 @@ def _check_inputs(candidates, references):
             raise ValueError(f"a reference for image id {key!r} is not a string")
 
 
+def _toolkit_words(tokens):
+    """Tokens as the toolkit's BLEU and CIDEr-D see them after joining with spaces.
+
+    Those split on any whitespace, so a PTB token with a no-break space inside ("1\u00a01/2", from
+    "1 1/2") counts as two words there, while ROUGE-L (split on " " only) sees one.
+    """
+    joined = " ".join(tokens)
+    return list(tokens) if joined.isascii() else joined.split()
+
+
 def score_tokens(candidates, references):
     """`score` on already tokenized captions: {id: tokens} and {id: [tokens, ...]}."""
     ids = list(candidates)
     cands = [list(candidates[i]) for i in ids]
     refs = [[list(r) for r in references[i]] for i in ids]
-    corpus_bleu, image_bleu = bleu(cands, refs)
     rouge = [rouge_l(c, r) for c, r in zip(cands, refs)]
+    cands = [_toolkit_words(c) for c in cands]
+    refs = [[_toolkit_words(r) for r in rs] for rs in refs]
+    corpus_bleu, image_bleu = bleu(cands, refs)
     cider, image_cider = cider_d(cands, refs)
     result = {f"BLEU-{k + 1}": s for k, s in enumerate(corpus_bleu)}
     result["ROUGE-L"] = sum(rouge) / len(rouge)
