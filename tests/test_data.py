@@ -106,7 +106,8 @@ def test_truncated_or_corrupt_cache_is_not_trusted(tmp_path):
 
 def test_interrupted_save_leaves_old_file(tmp_path, monkeypatch):
     path = tmp_path / "cache.safetensors"
-    data.save_arrays(path, {"x": np.zeros(3, np.float32)}, key="old")
+    data.save_arrays(path, {"x": np.zeros(3, np.float32), "empty": np.zeros((0, 4), np.float16)},
+                     key="old")
 
     def boom(tmp):
         Path(tmp).write_bytes(b"partial")
