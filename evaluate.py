@@ -223,6 +223,11 @@ def ptb_tokenize(caption: str) -> list[str]:
     toolkit's PUNCTUATIONS removed, e.g.
     "A man's (red) hat, isn't it?" -> ['a', 'man', "'s", '-lrb-', 'red', '-rrb-', 'hat', 'is', "n't", 'it'].
     Note '-lrb-' survives: the toolkit lists '-LRB-' in upper case, after lowercasing.
+    Agreement with the Java tokenizer (bench/bench_tokenizer.py): 99.87% of 6,000 generated
+    COCO-like captions identical, 95% when random punctuation is sprinkled in. Known differences:
+    a caption-final single letter with a period ("vitamin c."), which Java resolves by looking at
+    the next caption of its batch (we assume one starting with "A"), and rare mixes such as
+    "US$5", "S&P-500" or a "n't" inside a word.
     """
     return list(_ptb_tokenize_cached(caption))
 
@@ -450,8 +455,10 @@ def score_tokens(candidates, references):
 
 
 def score(candidates: dict, references: dict) -> dict:
-    """BLEU-1..4, ROUGE-L and CIDEr-D of captions, identical to pycocoevalcap 1.2.
+    """BLEU-1..4, ROUGE-L and CIDEr-D of captions, as pycocoevalcap 1.2 computes them.
 
+    Equal to the toolkit within 1e-9 given the same tokens; `ptb_tokenize` gives its tokens.
+    CIDEr-D's document frequencies come from these references, so score a whole split at once.
     candidates: {image id: caption}; references: {image id: [caption, ...]} with the same ids.
     Returns {"BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr-D": float, "per_image": {"CIDEr-D" | "ROUGE-L" |
     "BLEU-4": {image id: float}}}. Raises ValueError (one line, naming the id) on bad input.
