@@ -54,7 +54,8 @@ ROWS = [
         ("Decoding",
          "captions end at \".\" or after 20 tokens; greedy at test time; K samples in training",
          [("cgtgan.py", "CaptionGenerator.greedy"), ("cgtgan.py", "CaptionGenerator.sample"),
-          ("cgtgan.py", "sample_categorical"), ("cgtgan.py", "CaptionGenerator.beam_search")],
+          ("cgtgan.py", "CaptionGenerator.draw"), ("cgtgan.py", "sample_categorical"),
+          ("cgtgan.py", "CaptionGenerator.beam_search")],
          [(T_CG, "test_decoding_stops_at_end_token"),
           (T_CG, "test_sample_categorical_matches_distribution")], None,
          "Official: samples are drawn with dropout on (train mode) and the greedy baseline in "
@@ -164,8 +165,8 @@ ROWS = [
          [(T_CG, "test_presets_apply"), (T_TR, "test_resume_gives_the_same_losses")], None,
          "Official: AdamW for G and D (lr 1e-5, wd 0.05 without bias/LayerNorm decay, eps 1e-8), "
          "150 warmup steps for G, batch 64 per GPU on 2 GPUs (128 images), 50 epochs on COCO "
-         "(80 with GCC), seed 0. Ours: one device, batch 64, wd 0.01, no warmup, step budgets "
-         "instead of epochs."),
+         "(80 with GCC), seed 0. Ours: a global batch of 64, wd 0.01 (bias and LayerNorm "
+         "included), no warmup, step budgets instead of epochs."),
         ("Model selection",
          "the checkpoint with the best validation CIDEr is tested",
          [("train.py", "train_gan"), ("train.py", "test_table")],

@@ -23,8 +23,7 @@ STUDENT = '''
 import math
 import torch
 import torch.nn.functional as F
-from cgtgan import clip_cos_reward, clip_agg_reward, discriminator_loss, caption_loss
-from evaluate import cider_d_image
+from cgtgan import clip_cos_reward, clip_agg_reward, discriminator_loss
 
 
 def clip_agg_target(image, corpus, t):
@@ -36,7 +35,8 @@ def clip_agg_target(image, corpus, t):
 
 def scst_loss(logp, mask, reward, baseline=None):
     """Wrong: sums log-probs over tokens instead of averaging them."""
-    b = baseline[:, None] if baseline is not None else (reward.sum(1, keepdim=True) - reward) / (reward.shape[1] - 1)
+    k = reward.shape[1]
+    b = baseline[:, None] if baseline is not None else (reward.sum(1, keepdim=True) - reward) / (k - 1)
     return -((reward - b).detach() * (logp * mask).sum(-1)).mean()
 
 
@@ -45,12 +45,18 @@ def lambda_schedule(step, hold, ramp, final=0.5):
     return final * min(1.0, step / ramp) if ramp > 0 else final
 
 
+def caption_loss(logits, labels):
+    """Wrong, as the official code: pads with 0 and ignores 0, which is also GPT-2's "!"."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.clamp_min(0).flatten(), ignore_index=0)
+
+
 def tfidf_vector(counts, df, n_images):
     """Wrong: term frequency normalised by the caption length."""
     out = []
     for ck in counts:
         total = sum(ck.values()) or 1
-        out.append({g: c / total * (math.log(n_images) - math.log(max(1, df.get(g, 0)))) for g, c in ck.items()})
+        idf = {g: math.log(n_images) - math.log(max(1, df.get(g, 0))) for g in ck}
+        out.append({g: c / total * idf[g] for g, c in ck.items()})
     return out
 
 
@@ -65,7 +71,7 @@ def bpe(word, ranks):
         else:
             return parts
 '''
-WRONG = {"clip_agg_target", "scst_loss", "lambda_schedule", "tfidf_vector", "bpe"}
+WRONG = {"clip_agg_target", "scst_loss", "lambda_schedule", "caption_loss", "tfidf_vector", "bpe"}
 MISSING = {"contrastive_loss"}
 
 
@@ -105,6 +111,7 @@ def test_grader_fails_wrong_functions_and_passes_right_ones(tmp_path):
     assert "overflow" in results["test_clip_agg_target_stable_at_high_temperature"][1]
     assert "lowest-ranked" in results["test_bpe_worked_example"][1]
     assert "lambda at step 50" in results["test_lambda_schedule_worked_example"][1]
+    assert "GPT-2's '!'" in results["test_caption_loss_worked_example"][1]
 
 
 def test_grader_names_a_missing_or_broken_student_file(tmp_path, monkeypatch):

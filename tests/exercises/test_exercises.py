@@ -241,9 +241,11 @@ def test_lambda_schedule_grid(student, reference):
 
 def test_caption_loss_worked_example(student):
     f = student("caption_loss")
-    logits = torch.zeros(1, 3, 4)  # uniform over V = 4: every counted token costs log 4
+    logits = torch.zeros(1, 3, 4)  # uniform over V = 4 unless set: such a token costs log 4
+    logits[0, 0, 0] = 2.0  # token 0 at position 0 costs -log(e^2 / (e^2 + 3)) = log(1 + 3 e^-2)
     logits[0, 1, 2] = 100.0  # position 1 is padding: a confident wrong guess must not count
-    check_close(f(logits, torch.tensor([[0, -1, 3]])), math.log(4),
+    want = (math.log(1 + 3 * math.exp(-2)) + math.log(4)) / 2
+    check_close(f(logits, torch.tensor([[0, -1, 3]])), want,
                 "loss with labels (0, -1, 3): -1 is padding; 0 is a real token (GPT-2's '!')")
 
 
