@@ -74,6 +74,7 @@ class ShapesWorldConfig:
     clip_batch_size: int = 256
     clip_lr: float = 1e-3
     clip_logit_scale: float = 100.0
+    clip_scale_ramp: float = 0.5  # share of the steps over which the fixed scale ramps up to it
     clip_learn_logit_scale: bool = False  # True: learn the temperature (hides the modality gap)
     root: str | None = None  # default: $CGTGAN_CACHE or <repo>/cache, then shapesworld/<key>
 
@@ -141,12 +142,17 @@ def make_world(cfg: ShapesWorldConfig) -> dict:
             "corpus": corpus, "references": references}
 
 
+CLIP_CAPTIONS = 4  # captions per CLIP pretraining image; one is drawn each time the image is used
+
+
 def clip_pairs(cfg: ShapesWorldConfig) -> tuple[list[grammar.Scene], list[list[str]]]:
-    """Scenes of the CLIP pretraining pairs (training ones, then held-out ones), each with one
-    caption per grammar, so the tiny CLIP reads both corpus styles."""
+    """Scenes of the CLIP pretraining pairs (training ones, then held-out ones), each with
+    CLIP_CAPTIONS captions alternating between the grammars, so the tiny CLIP reads both corpus
+    styles and sees each image described in several ways (its first caption is plain)."""
     scenes = make_scenes(cfg, "clip", cfg.n_clip_pairs + cfg.n_clip_heldout)
     rng = _rng(cfg, "clip-text")
-    return scenes, [[grammar.describe(s, style, rng) for style in grammar.STYLES] for s in scenes]
+    styles = [grammar.STYLES[k % len(grammar.STYLES)] for k in range(CLIP_CAPTIONS)]
+    return scenes, [[grammar.describe(s, style, rng) for style in styles] for s in scenes]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +296,7 @@ def clip_config(cfg: ShapesWorldConfig, vocab_size: int) -> clip_model.CLIPConfi
         vocab_size=vocab_size, transformer_width=cfg.clip_text_width,
         transformer_heads=cfg.clip_heads, transformer_layers=cfg.clip_text_layers,
         vision_heads=cfg.clip_heads, learn_logit_scale=cfg.clip_learn_logit_scale,
-        logit_scale_init=math.log(cfg.clip_logit_scale))
+        logit_scale_init=math.log(1 / 0.07 if cfg.clip_learn_logit_scale else cfg.clip_logit_scale))
 
 
 def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tensor,
@@ -310,7 +316,10 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
     order, cursor, losses = torch.randperm(len(images), generator=gen), 0, []
     model.train()
     bar = tqdm(range(cfg.clip_steps), desc="pretrain tiny CLIP", disable=not progress, leave=False)
-    for _ in bar:
+    for step in bar:
+        if not cfg.clip_learn_logit_scale:
+            with torch.no_grad():
+                model.logit_scale.fill_(math.log(logit_scale_at(step, cfg)))
         if cursor + batch > len(images):
             order, cursor = torch.randperm(len(images), generator=gen), 0
         idx = order[cursor:cursor + batch]  # (B,)
@@ -323,9 +332,28 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         schedule.step()
+        if cfg.clip_learn_logit_scale:
+            with torch.no_grad():  # OpenAI clamps the learned scale at 100
+                model.logit_scale.clamp_(max=math.log(100))
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    if not cfg.clip_learn_logit_scale:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(cfg.clip_logit_scale))
     return model.eval(), losses
+
+
+def logit_scale_at(step: int, cfg: ShapesWorldConfig) -> float:
+    """The (not learned) logit scale at a pretraining step: from CLIP's initial 1/0.07 up to
+    cfg.clip_logit_scale (100) geometrically over the first cfg.clip_scale_ramp of the steps, then
+    fixed. From scratch, a scale of 100 at once makes the encoders collapse to constant outputs
+    (random similarities cost more than the signal gains; we measured loss stuck at log B), so
+    the scale ramps up as the released CLIP's learned one did; the saved model's scale is 100.
+    Example: 300 steps, ramp 0.5 -> 14.3 at step 0, 37.8 at step 75, 100 from step 150.
+    """
+    start, end = 1 / 0.07, cfg.clip_logit_scale
+    ramp = max(1, round(cfg.clip_scale_ramp * cfg.clip_steps))
+    return start * (end / start) ** min(1.0, step / ramp)
 
 
 @torch.no_grad()
@@ -447,15 +475,19 @@ def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = Tru
     cfg = cfg or ShapesWorldConfig()
     root = cfg.world_dir()
     root.mkdir(parents=True, exist_ok=True)
+    # Wall-clock and CPU seconds of each step this call ran (CPU time shows the cost on a busy
+    # machine, where several processes share the cores).
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
 
     def step(name):
-        timings[name] = time.perf_counter()
+        timings[name], cpu[name] = time.perf_counter(), time.process_time()
         if progress:
             tqdm.write(f"shapesworld: {name} ...")
 
     def done(name):
         timings[name] = round(time.perf_counter() - timings[name], 2)
+        cpu[name] = round(time.process_time() - cpu[name], 2)
 
     world_key = cfg.key(*WORLD_FIELDS)
     world = _read_json(root / "world.json", world_key)
@@ -507,7 +539,7 @@ def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = Tru
         data.save_arrays(root / "feats.safetensors", feats, feats_key)
         done("embeddings")
 
-    report = {"timings_s": timings, "clip": record["metrics"],
+    report = {"timings_s": timings, "cpu_s": cpu, "clip": record["metrics"],
               "test_refs_in_corpus": _share_in_corpus(world)}
     _write_json(root / "report.json", {"key": "report", **report})
 

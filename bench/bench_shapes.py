@@ -54,8 +54,12 @@ def main() -> None:
         report = sw.load_report(cfg)
     print(f"torch threads: {torch.get_num_threads()}")
     print(f"build: {total:.1f} s total" + ("" if report["timings_s"] else " (all parts reused)"))
+    print(f"  {'step':<12s} {'wall s':>7s} {'CPU s':>7s}   (CPU s / threads ~ wall time on idle cores)")
     for name, seconds in report["timings_s"].items():
-        print(f"  {name:<12s} {seconds:7.1f} s")
+        print(f"  {name:<12s} {seconds:7.1f} {report['cpu_s'][name]:7.1f}")
+    if report["timings_s"]:
+        print(f"  {'total':<12s} {sum(report['timings_s'].values()):7.1f} "
+              f"{sum(report['cpu_s'].values()):7.1f}")
     c = report["clip"]
     print(f"tiny CLIP, image->text on {c['n']} held-out pairs: R@1 {c['r1']:.3f}  R@5 {c['r5']:.3f}"
           f"  (chance R@1 {c['chance_r1']:.4f}, ratio {c['r1'] / c['chance_r1']:.0f}x)")
