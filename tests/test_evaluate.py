@@ -11,12 +11,13 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import evaluate
 
-ROOT = evaluate.Path(evaluate.__file__).resolve().parent
+ROOT = Path(evaluate.__file__).resolve().parent
 bleu_mod = pytest.importorskip("pycocoevalcap.bleu.bleu")
 from pycocoevalcap.cider.cider import Cider  # noqa: E402
 from pycocoevalcap.rouge.rouge import Rouge, my_lcs  # noqa: E402
