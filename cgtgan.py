@@ -227,8 +227,7 @@ class CaptionGenerator(nn.Module):
 
     def log_probs(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """log p(tokens[:, i] | prefix, tokens[:, :i]) for every position: (N, T), with gradient."""
-        logp = self.forward(feats, tokens).float().log_softmax(-1)  # (N, T, V)
-        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
+        return token_log_probs(self.forward(feats, tokens), tokens)
 
     @torch.no_grad()
     def greedy(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,6 +305,11 @@ class CaptionGenerator(nn.Module):
             cache = out.get("cache") or out.get("past_key_values")
             out = self.gpt(input_ids=token[:, None], use_cache=True, **{self._cache_kw: cache})
         return torch.stack(ids, 1), torch.stack(masks, 1).float()  # (N, T), (N, T)
+
+
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) at the given tokens: (N, T, V), (N, T) -> (N, T)."""
+    return logits.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def sample_categorical(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from cgtgan import (IGNORE_INDEX, Config, ConfigError, build_discriminator, build_generator,
                     caption_loss, clip_agg_reward, clip_agg_target, clip_cos_reward,
                     discriminator_loss, lambda_schedule, load_tokenizer, naturalness_reward,
-                    scst_loss, semantic_reward)
+                    scst_loss, semantic_reward, token_log_probs)
 
 
 class TrainingError(RuntimeError):
@@ -99,18 +99,54 @@ class Parts:
     disc: object  # cgtgan.Discriminator
     disc_tok: object
     clip_text: ClipText | None
+    rank: int = 0  # data-parallel rank (torchrun); 0 alone writes files and evaluates
+    world: int = 1
+    gen_train: object = None  # the modules that carry gradients: DDP wrappers under torchrun
+    disc_train: object = None
 
     def autocast(self):
         if self.cfg.bf16 and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def rows(self, n: int) -> tuple[int, int]:
+        """This rank's slice [lo, hi) of a global batch of n rows."""
+        if n % self.world:
+            raise ConfigError(f"batch {n} does not split evenly over {self.world} processes")
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def mean(self, values: dict) -> dict:
+        """Numeric stats averaged over ranks (identity in one process)."""
+        if self.world == 1:
+            return values
+        keys = [k for k, v in values.items() if isinstance(v, (int, float))]
+        t = torch.tensor([float(values[k]) for k in keys], device=self.device)
+        torch.distributed.all_reduce(t)
+        return {**values, **dict(zip(keys, (t / self.world).tolist()))}
+
 
 def pick_device(name: str) -> torch.device:
-    """"auto" is CUDA when present, else the CPU."""
+    """"auto" is CUDA when present (under torchrun: the GPU of this LOCAL_RANK), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
     return torch.device(name)
+
+
+def init_distributed(cfg: Config) -> bool:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1 (NCCL on GPUs, else gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
 
 
 def _dataclass_with(cls, overrides: dict, prefix: str):
@@ -168,6 +204,13 @@ def build_parts(cfg: Config, data, with_clip: bool = True) -> Parts:
         disc_cfg = replace(disc_cfg, pretrained=str(data.roberta_path))
     gen = build_generator(gen_cfg, gen_tok, data.train_feats.shape[1]).to(device)
     disc = build_discriminator(disc_cfg, disc_tok).to(device)
+    rank, world, gen_train, disc_train = 0, 1, gen, disc
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        ids = [device.index] if device.type == "cuda" else None
+        gen_train, disc_train = DDP(gen, device_ids=ids), DDP(disc, device_ids=ids)
     clip_text = None
     if with_clip:
         import clip_model
@@ -175,7 +218,8 @@ def build_parts(cfg: Config, data, with_clip: bool = True) -> Parts:
         clip, _ = clip_model.load(str(data.clip_path), device=device)
         bpe = str(data.clip_bpe_path) if data.clip_bpe_path else None
         clip_text = ClipText(clip, clip_model.Tokenizer(bpe), device)
-    return Parts(cfg, data, device, gen, gen_tok, disc, disc_tok, clip_text)
+    return Parts(cfg, data, device, gen, gen_tok, disc, disc_tok, clip_text, rank, world,
+                 gen_train, disc_train)
 
 
 def shapes_of(parts: Parts) -> dict:
@@ -192,6 +236,8 @@ def save_checkpoint(path: Path, parts: Parts, **state) -> None:
     """Atomic torch.save of the models plus `state` (plain values and tensors only)."""
     from data import atomic_write
 
+    if parts.rank != 0:
+        return
     blob = {"config": asdict(parts.cfg), "shapes": shapes_of(parts),
             "generator": parts.gen.state_dict(), "discriminator": parts.disc.state_dict(), **state}
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
@@ -322,16 +368,18 @@ def train_init(parts: Parts, run_dir: Path, log, stop_after: int | None = None) 
         feats = data.corpus_feats[idx]  # (B, D)
         if cfg.noise > 0:
             feats = F.normalize(feats + cfg.noise * torch.randn(feats.shape, generator=g), dim=-1)
+        lo, hi = parts.rows(cfg.batch)
+        idx, feats = idx[lo:hi], feats[lo:hi]  # this rank's sentences
         width = int((labels[idx] != IGNORE_INDEX).sum(1).max())
         tokens, target = ids[idx, :width].to(parts.device), labels[idx, :width].to(parts.device)
         with parts.autocast():
-            loss = caption_loss(gen(feats.to(parts.device), tokens), target)
+            loss = caption_loss(parts.gen_train(feats.to(parts.device), tokens), target)
         check_finite(step + 1, "init", {"caption_loss": loss.item()}, run_dir / "init_last.pt")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
         opt.step()
-        log({"stage": "init", "step": step + 1, "loss": loss.item()})
+        log(parts.mean({"stage": "init", "step": step + 1, "loss": loss.item()}))
         bar.set_postfix(loss=f"{loss.item():.3f}")
         done = step + 1 == cfg.steps
         if done or (step + 1) % 500 == 0 or (stop_after and step + 1 == stop_after):
@@ -341,7 +389,8 @@ def train_init(parts: Parts, run_dir: Path, log, stop_after: int | None = None) 
             return
     bar.close()
     save_checkpoint(run_dir / "init.pt", parts, step=cfg.steps, stage="init")
-    (run_dir / "init_last.pt").unlink(missing_ok=True)
+    if parts.rank == 0:
+        (run_dir / "init_last.pt").unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,15 +399,26 @@ def train_init(parts: Parts, run_dir: Path, log, stop_after: int | None = None) 
 
 def gan_step(parts: Parts, opt_g, opt_d, feats: torch.Tensor, targets: torch.Tensor, step: int,
              g: torch.Generator) -> tuple[dict, dict]:
-    """One generator step and one discriminator step on B images. Returns (losses, stats)."""
+    """One generator step and one discriminator step on a global batch of B images.
+
+    Every rank draws the random numbers of the whole batch from the same generator and keeps its
+    own rows, so data-parallel ranks reproduce one process. Returns (losses, stats).
+    """
     cfg, gen, disc = parts.cfg.gan, parts.gen, parts.disc
     use_gan, use_sem = "gan" in cfg.reward, cfg.reward != "gan"
-    B, K = feats.shape[0], cfg.k
+    K = cfg.k
+    uniforms = torch.rand(feats.shape[0] * K, gen.max_len, generator=g)  # (B*K, T) global
+    real_idx = torch.randint(len(parts.data.corpus), (feats.shape[0] * K,), generator=g)
+    lo, hi = parts.rows(feats.shape[0])
+    feats, targets = feats[lo:hi], targets[lo:hi]  # this rank's images
+    uniforms, real_idx = uniforms[lo * K:hi * K], real_idx[lo * K:hi * K]
+    B = feats.shape[0]
     timing, t0 = {}, time.perf_counter()
+    rep = feats.repeat_interleave(K, dim=0)  # (B*K, D)
     with parts.autocast():
-        ids, logp, mask = gen.sample(feats, K, generator=g)  # (B, K, T) each
+        flat_ids, flat_mask = gen.draw(rep, uniforms=uniforms)  # (B*K, T)
         g_ids, g_mask = gen.greedy(feats)  # (B, T)
-    captions = decode_captions(parts.gen_tok, ids.flatten(0, 1), mask.flatten(0, 1), gen.end_id)  # B*K
+    captions = decode_captions(parts.gen_tok, flat_ids, flat_mask, gen.end_id)  # B*K
     greedy = decode_captions(parts.gen_tok, g_ids, g_mask, gen.end_id)  # B
     timing["sample"], t0 = time.perf_counter() - t0, time.perf_counter()
 
@@ -377,11 +437,10 @@ def gan_step(parts: Parts, opt_g, opt_d, feats: torch.Tensor, targets: torch.Ten
     nat = torch.zeros_like(sem)
     d_loss = torch.zeros(())
     if use_gan:
-        real = [parts.data.corpus[i] for i in
-                torch.randint(len(parts.data.corpus), (B * K,), generator=g).tolist()]
+        real = [parts.data.corpus[i] for i in real_idx.tolist()]
         batch = parts.disc_tok(real + captions + greedy, padding=True, return_tensors="pt").to(parts.device)
         with parts.autocast():
-            logits = disc(batch["input_ids"], batch["attention_mask"]).float()  # (2BK + B,)
+            logits = parts.disc_train(batch["input_ids"], batch["attention_mask"]).float()  # (2BK+B,)
         fake = naturalness_reward(logits[B * K:])  # (B*K + B,) samples, then greedy captions
         nat = torch.cat([fake[:B * K].view(B, K), fake[B * K:, None]], 1)  # (B, K+1)
         d_loss, d_stats = discriminator_loss(logits[:B * K], logits[B * K:2 * B * K])
@@ -394,14 +453,19 @@ def gan_step(parts: Parts, opt_g, opt_d, feats: torch.Tensor, targets: torch.Ten
     # The generator: lambda-mixed self-critical losses, each with its own greedy baseline.
     lam = lambda_schedule(step, cfg.lambda_hold, cfg.lambda_ramp, cfg.lambda_final)
     lam = lam if use_gan and use_sem else (1.0 if use_sem else 0.0)
+    # The log-probs of the drawn captions, with gradient, in one teacher-forced pass.
+    with parts.autocast():
+        logp = token_log_probs(parts.gen_train(rep, flat_ids), flat_ids) * flat_mask  # (B*K, T)
+    logp, mask = logp.view(B, K, -1), flat_mask.view(B, K, -1)  # (B, K, T)
     loo = cfg.baseline == "loo"
     loss_sem = scst_loss(logp, mask, sem[:, :K], None if loo else sem[:, K])
     loss_nat = scst_loss(logp, mask, nat[:, :K], None if loo else nat[:, K])
     loss = lam * loss_sem + (1 - lam) * loss_nat
     losses = {"loss_g": loss.item(), "loss_sem": loss_sem.item(), "loss_nat": loss_nat.item(),
               "d_loss": d_loss.item()}
-    for name, value in {**losses, "r_cos": cos.mean().item(), "r_agg": agg.mean().item(),
-                        "r_nat": nat.mean().item()}.items():
+    terms = parts.mean({**losses, "r_cos": cos.mean().item(), "r_agg": agg.mean().item(),
+                        "r_nat": nat.mean().item()})
+    for name, value in terms.items():
         if not math.isfinite(value):
             return {**losses, name: value}, stats
     opt_g.zero_grad(set_to_none=True)
@@ -415,7 +479,7 @@ def gan_step(parts: Parts, opt_g, opt_d, feats: torch.Tensor, targets: torch.Ten
                   "r_nat": nat[:, :K].mean().item(), "r_sem": sem[:, :K].mean().item(),
                   "len": (mask.sum(-1).mean().item()), "example": captions[0],
                   **{f"ms_{k}": 1000 * v for k, v in timing.items()}})
-    return losses, stats
+    return parts.mean(losses), parts.mean(stats)
 
 
 def agg_targets(parts: Parts) -> torch.Tensor:
@@ -443,6 +507,7 @@ def train_gan(parts: Parts, run_dir: Path, log, resume: bool = False,
         set_rng_state(blob["rng"], g)
         start, best = blob["step"], blob["best"]
     else:
+        parts.barrier()
         load_checkpoint(run_dir / "init.pt", parts, sections=("gen",))
         torch.manual_seed(parts.cfg.seed + 2)
         start, best = 0, -1.0
@@ -451,12 +516,13 @@ def train_gan(parts: Parts, run_dir: Path, log, resume: bool = False,
     bar = tqdm(range(start, cfg.steps), desc=f"CgT-GAN ({cfg.reward})", initial=start,
                total=cfg.steps, dynamic_ncols=True, leave=False)
     for step in range(start, cfg.steps + 1):
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if (step % cfg.eval_every == 0 or step == cfg.steps) and parts.rank == 0:
             metrics, _ = evaluate_generator(parts, "val", cfg.eval_images)
             log({"stage": "gan", "step": step, **{f"val_{k}": v for k, v in metrics.items()}})
             if metrics["CIDEr-D"] > best:
                 best = metrics["CIDEr-D"]
                 save_checkpoint(best_path, parts, step=step, stage="gan", val=metrics)
+        parts.barrier() if step % cfg.eval_every == 0 else None
         if step == cfg.steps:
             break
         idx = torch.randperm(len(data.train_ids), generator=g)[:cfg.batch]
@@ -484,10 +550,12 @@ def train_gan(parts: Parts, run_dir: Path, log, resume: bool = False,
 class MetricsLog:
     """metrics.jsonl: one JSON object per line (losses, rewards, discriminator accuracy, val scores)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
 
     def __call__(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -535,13 +603,16 @@ def _init_is_current(path: Path, cfg: Config) -> bool:
 def ensure_init(parts: Parts, run_dir: Path, log, resume: bool = False) -> None:
     """Run the text-only stage unless run_dir/init.pt already matches this config."""
     if _init_is_current(run_dir / "init.pt", parts.cfg):
-        print(f"reusing the text-only initialisation in {run_dir / 'init.pt'}")
+        if parts.rank == 0:
+            print(f"reusing the text-only initialisation in {run_dir / 'init.pt'}")
         return
-    if not resume:
+    if not resume and parts.rank == 0:
         (run_dir / "init_last.pt").unlink(missing_ok=True)
+    parts.barrier()
     t0 = time.time()
     train_init(parts, run_dir, log)
-    print(f"text-only initialisation: {parts.cfg.init.steps} steps in {time.time() - t0:.0f}s")
+    if parts.rank == 0:
+        print(f"text-only initialisation: {parts.cfg.init.steps} steps in {time.time() - t0:.0f}s")
 
 
 def test_table(parts: Parts, run_dir: Path, rows: dict[str, Path | None]) -> dict:
@@ -572,22 +643,25 @@ def run_train(cfg: Config, data=None, resume: bool = False, stop_after: int | No
               run_dir: Path | None = None, table: bool = True) -> dict | None:
     """The full pipeline: text-only init -> CgT-GAN -> test table, figures and results.json."""
     t0 = time.time()
+    init_distributed(cfg)
     data = data if data is not None else load_data(cfg)
     run_dir = run_dir or run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, cfg, resume)
     parts = build_parts(cfg, data)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    if resume and (run_dir / "last.pt").is_file():
-        log.truncate("gan", torch.load(run_dir / "last.pt", weights_only=True)["step"])
-    elif not resume:
-        log.path.unlink(missing_ok=True)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=parts.rank == 0)
+    if parts.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(run_dir, cfg, resume)
+        if resume and (run_dir / "last.pt").is_file():
+            log.truncate("gan", torch.load(run_dir / "last.pt", weights_only=True)["step"])
+        elif not resume:
+            log.path.unlink(missing_ok=True)
     ensure_init(parts, run_dir, log, resume)
     t1 = time.time()
     train_gan(parts, run_dir, log, resume=resume, stop_after=stop_after)
-    print(f"CgT-GAN ({cfg.gan.reward}): {cfg.gan.steps} steps in {time.time() - t1:.0f}s")
-    if stop_after:
+    parts.barrier()
+    if parts.rank != 0 or stop_after:
         return None
+    print(f"CgT-GAN ({cfg.gan.reward}): {cfg.gan.steps} steps in {time.time() - t1:.0f}s")
     result = test_table(parts, run_dir, {"retrieval (nearest corpus sentence)": None,
                                          "text-only init": run_dir / "init.pt",
                                          f"CgT-GAN ({cfg.gan.reward})": run_dir / "best.pt"})

@@ -1,0 +1,116 @@
+"""Benchmark of CgT-GAN training: milliseconds per self-critical step and its split, and our
+sampler against transformers' `generate(do_sample=True)` on the same model and batch.
+
+    python bench/bench_train.py            # ShapesWorld default config (builds/reuses the world)
+    python bench/bench_train.py --steps 20 --threads 2
+
+The generator is the text-only initialisation of runs/shapesworld_seed0 when it exists (real
+caption lengths), else a random-weight model (every caption runs to the 20-token cap: worst case).
+A third table times one token draw over GPT-2's 50,257-token vocabulary: torch.multinomial (what
+`generate` uses), the Gumbel-max trick, and our inverse-CDF draw (cgtgan.sample_categorical).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cgtgan  # noqa: E402
+import train  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    """Median milliseconds of fn() over repeats (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--run", default="runs/shapesworld_seed0")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = cgtgan.Config()
+    data = train.load_data(cfg)
+    parts = train.build_parts(cfg, data)
+    init = Path(args.run) / "init.pt"
+    which = "random weights"
+    if init.is_file():
+        train.load_checkpoint(init, parts, sections=("gen",))
+        which = str(init)
+    gen, g = parts.gen, torch.Generator().manual_seed(0)
+    B, K = cfg.gan.batch, cfg.gan.k
+    print(f"ShapesWorld default: B={B} images x K={K} samples, GPT-2 {cfg.gen.n_layer} layers x "
+          f"{cfg.gen.n_embd}, V={len(parts.gen_tok)}, generator: {which}, "
+          f"torch threads {torch.get_num_threads()}")
+
+    # One full self-critical step and its split, as train_gan runs it.
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=cfg.gan.lr)
+    opt_d = torch.optim.AdamW(parts.disc.parameters(), lr=cfg.gan.d_lr)
+    targets = train.agg_targets(parts)
+    rows = []
+    for step in range(args.steps + 2):
+        idx = torch.randperm(len(data.train_ids), generator=g)[:B]
+        t0 = time.perf_counter()
+        _, stats = train.gan_step(parts, opt_g, opt_d, data.train_feats[idx], targets[idx],
+                                  cfg.gan.lambda_hold + cfg.gan.lambda_ramp, g)
+        stats["ms_total"] = 1000 * (time.perf_counter() - t0)
+        if step >= 2:  # warm-up steps excluded
+            rows.append(stats)
+    print(f"\nself-critical step (median of {args.steps}):")
+    for key in ("ms_total", "ms_sample", "ms_clip", "ms_disc", "ms_backward"):
+        print(f"  {key[3:]:>9}: {statistics.median(r[key] for r in rows):8.1f} ms")
+    print(f"  mean caption length {statistics.mean(r['len'] for r in rows):.1f} tokens")
+
+    # Our sampler against transformers' generate(do_sample=True): same model, same prefixes.
+    feats = data.train_feats[:B].repeat_interleave(K, 0)  # (B*K, D)
+    gen.eval()
+
+    def ours():
+        with torch.no_grad():
+            gen.draw(feats, g)
+
+    def theirs():
+        with torch.no_grad():
+            gen.gpt.generate(inputs_embeds=gen.mapping(feats), do_sample=True, top_k=0, top_p=1.0,
+                             temperature=1.0, max_new_tokens=cfg.gen.max_len,
+                             eos_token_id=gen.end_id, pad_token_id=gen.end_id)
+
+    repeats = max(5, args.steps // 2)
+    t_ours, t_theirs = timed(ours, repeats), timed(theirs, repeats)
+    print(f"\nsampling {B * K} captions (max {cfg.gen.max_len} tokens), median of {repeats}:")
+    print(f"  ours (KV cache, inverse-CDF draw): {t_ours:8.1f} ms")
+    print(f"  transformers generate(do_sample):  {t_theirs:8.1f} ms")
+    print(f"  speed-up: {t_theirs / t_ours:.2f}x")
+
+    # One token draw over a GPT-2-sized vocabulary.
+    logits = torch.randn(B * K, 50257)
+    draws = {
+        "torch.multinomial(softmax)": lambda: torch.multinomial(logits.softmax(-1), 1),
+        "Gumbel-max argmax": lambda: (logits - torch.empty_like(logits).exponential_().log()).argmax(-1),
+        "inverse CDF (ours)": lambda: cgtgan.sample_categorical(logits, torch.rand(len(logits), generator=g)),
+    }
+    print(f"\none draw for {B * K} rows over V=50257, median of 20:")
+    base = None
+    for name, fn in draws.items():
+        ms = timed(fn, 20)
+        base = base or ms
+        print(f"  {name:>27}: {ms:7.2f} ms  ({base / ms:.2f}x vs multinomial)")
+
+
+if __name__ == "__main__":
+    main()
