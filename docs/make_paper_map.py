@@ -196,7 +196,10 @@ ROWS = [
          [(T_RD, "test_reference_files_are_coco_format_for_evaluate"),
           (T_RD, "test_external_corpus_is_cleaned_and_used")], None,
          "Official GCC preprocessing re-seeds NumPy inside its loop, so every 16-19-word caption is "
-         "dropped (30% kept was intended). Ours: cleaning in `realdata.clean_sentences`."),
+         "dropped (30% kept was intended); ShutterStock keeps only a caption's first clause; COCO "
+         "captions get \".\" appended after checking only the last character (so \" .\" "
+         "survives). Ours: one cleaning for every corpus in `realdata.clean_sentences` "
+         "(lowercase, no final period)."),
     ]),
     ("Beyond the paper: CLIP itself", [
         ("CLIP's contrastive loss",
