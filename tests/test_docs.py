@@ -138,7 +138,7 @@ def _cli_commands() -> list[str]:
             if line.strip().startswith("python cgtgan.py")]
 
 
-def test_exercise_commands_parse_with_the_real_cli(monkeypatch):
+def test_exercise_commands_parse_with_the_real_cli(monkeypatch, capsys):
     import cgtgan
     import train
     from shapesworld import ShapesWorldConfig
@@ -156,7 +156,8 @@ def test_exercise_commands_parse_with_the_real_cli(monkeypatch):
     assert len(commands) >= 15
     for command in commands:
         argv = shlex.split(command)[2:]
-        assert cgtgan.main(argv) == 0, f"exercises.md: `{command}` is refused by the CLI"
+        assert cgtgan.main(argv) == 0, (f"exercises.md: `{command}` is refused by the CLI: "
+                                        f"{capsys.readouterr().err.strip()}")
     assert len(seen) == len(commands)
     assert {c.gan.temperature for c in seen} >= {10.0, 100.0, 1000.0}
 
