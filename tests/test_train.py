@@ -107,3 +107,38 @@ def test_curves_and_samples_draw_without_data(tmp_path, world):
     train.draw_curves([], tmp_path / "c.png")
     train.draw_samples(world, ["a red circle"] * 6, tmp_path / "s.png")
     assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
+
+
+def _ddp_worker(rank: int, world_dir: str, runs: str, port: int) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    world = tiny_world(Path(world_dir) / f"rank{rank}")
+    train.run_train(tiny_config(runs_dir=runs, name="ddp", **{"gan.batch": 4}), world)
+    assert torch.distributed.get_world_size() == 2  # the run really joined the process group
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(world, tmp_path):
+    """torchrun-style data parallel (gloo, 2 CPU processes) gives the losses of one process with
+    the same global batch: ranks share one draw of the random numbers and DDP averages gradients."""
+    import shutil
+    import socket
+
+    import torch.multiprocessing as mp
+
+    single = tiny_config(runs_dir=str(tmp_path), name="single", **{"gan.batch": 4})
+    train.run_train(single, world)
+    (tmp_path / "ddp").mkdir()
+    shutil.copyfile(tmp_path / "single" / "init.pt", tmp_path / "ddp" / "init.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "worlds"), str(tmp_path), port), nprocs=2)
+    torch.testing.assert_close(torch.tensor(gan_losses(tmp_path / "ddp")),
+                               torch.tensor(gan_losses(tmp_path / "single")), atol=1e-4, rtol=1e-4)
