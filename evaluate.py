@@ -237,17 +237,16 @@ def ptb_tokenize(caption: str) -> list[str]:
 # per image, images in the same order in both)
 
 def ngrams(tokens, n=4):
-    """[{k-gram: count} for k = 1..n] of a token list, k-grams as tuples: the toolkit's `precook`.
+    """[{k-gram: count} for k = 1..n] of a token list: the toolkit's `precook`, split by order.
 
-    ngrams(["a", "dog", "a", "dog"], 2) -> [{("a",): 2, ("dog",): 2}, {("a", "dog"): 2, ("dog", "a"): 1}]
+    Unigrams are keyed by the word itself (saving a tuple per word), longer n-grams by tuples:
+    ngrams(["a", "dog", "a", "dog"], 2) -> [{"a": 2, "dog": 2}, {("a", "dog"): 2, ("dog", "a"): 1}]
     """
     shifted = [tokens[i:] for i in range(n)]  # zip(*shifted[:k]) yields the k-grams
-    orders = []
-    for k in range(1, n + 1):
-        counts = {}
+    orders = [{} for _ in range(n)]
+    for k, counts in enumerate(orders, 1):
         # Counter's own C counting loop, without Counter's per-call overhead (this runs per caption).
-        _count_elements(counts, zip(*shifted[:k]))
-        orders.append(counts)
+        _count_elements(counts, zip(*shifted[:k]) if k > 1 else tokens)
     return orders
 
 
@@ -367,12 +366,15 @@ def cider_d_image(cand, refs, df, idf_by_df, sigma=6.0):
         for vk, nk, rk in zip(vec, norm, ref):
             common = vk.keys() & rk.keys()
             if common and nk:
-                weights = {g: rk[g] * idf_by_df[df[g]] for g in common}
                 # |w_r| over all of the reference's k-grams, in C: counts times idf of their df.
                 ref_idf = map(idf_by_df.__getitem__, map(df.__getitem__, rk))
                 ref_norm = math.hypot(*map(mul, rk.values(), ref_idf))
                 if ref_norm:
-                    val += sum(min(vk[g], w) * w for g, w in weights.items()) / (nk * ref_norm)
+                    dot = 0.0
+                    for g in common:
+                        w = rk[g] * idf_by_df[df[g]]
+                        dot += min(vk[g], w) * w
+                    val += dot / (nk * ref_norm)
         delta = length - sum(ref[1].values())
         total += val * math.exp(-(delta * delta) / (2 * sigma ** 2)) / n
     return 10.0 * total / len(refs)
