@@ -50,7 +50,9 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype (OpenAI ships fp16 weights)."""
 
     def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
@@ -401,6 +403,9 @@ def _count_blocks(state_dict, prefix):
 def config_from_state_dict(state_dict) -> CLIPConfig:
     """Reads CLIP's hyperparameters off the shapes of a state dict with OpenAI's key names."""
     sd = state_dict
+    if "visual.proj" not in sd and "visual.attnpool.positional_embedding" not in sd:
+        raise ValueError("not a CLIP state dict: no 'visual.proj' (ViT) or 'visual.attnpool.positional_embedding' "
+                         "(ResNet) key; expected OpenAI's key names")
     try:
         if "visual.proj" in sd:
             width, _, patch, _ = sd["visual.conv1.weight"].shape
@@ -504,10 +509,9 @@ def _script_state_names(archive: zipfile.ZipFile, root: str) -> dict:
         if not (path.startswith(f"{root}/code/__torch__/") and path.endswith(".py")):
             continue
         module = path[len(root) + len("/code/"): -len(".py")].replace("/", ".")
-        code = archive.read(path).decode("utf-8")
-        for cls, params, buffers in re.findall(
-                r"class (\w+)\(Module\):\n  __parameters__ = \[([^\]]*)\]\n  __buffers__ = \[([^\]]*)\]", code):
-            names[f"{module}.{cls}"] = set(re.findall(r'"([^"]+)"', params + buffers))
+        for body in re.split(r"^class ", archive.read(path).decode("utf-8"), flags=re.M)[1:]:
+            lists = re.findall(r"__(?:parameters|buffers)__ = \[([^\]]*)\]", body)
+            names[f"{module}.{body.split('(')[0].strip()}"] = set(re.findall(r'"([^"]+)"', "".join(lists)))
     return names
 
 
@@ -548,8 +552,8 @@ def read_state_dict(path) -> dict:
         if head[8:9] == b"{":
             return safetensors.torch.load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, safetensors.SafetensorError, RuntimeError, ValueError, EOFError, OSError,
-            KeyError) as e:
+    except (pickle.UnpicklingError, safetensors.SafetensorError, zipfile.BadZipFile, RuntimeError, ValueError,
+            EOFError, OSError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: not a CLIP checkpoint ({first}); expected OpenAI's TorchScript .pt, a "
                          "torch state dict or a .safetensors file") from None

@@ -112,6 +112,39 @@ def test_fp16_checkpoint_loads_as_float32_on_cpu(tmp_path):
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
 
 
+def test_half_precision_runs_close_to_float32():
+    # On an accelerator `load` keeps OpenAI's fp16 weights; LayerNorm still computes in float32.
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(**TINY_VIT)).eval()
+    images, text = torch.randn(2, 3, 32, 32), tokens(3)
+    with torch.no_grad():
+        full = model(images, text)[0]
+        half = model.half()(images, text)[0]
+    assert half.dtype == torch.float16
+    assert ((half.float() - full).norm() / full.norm()).item() < 1e-2
+
+
+class ScriptedBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.scale = torch.nn.Parameter(torch.ones(4))
+        self.register_buffer("running", torch.arange(4.0))
+        self.mask = torch.full((4, 4), float("-inf")).triu(1)  # a plain attribute, as OpenAI's attn_mask
+
+    def forward(self, x):
+        return self.proj(x) * self.scale + self.running + self.mask[0]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_torchscript_reader_keeps_only_parameters_and_buffers(tmp_path):
+    module = torch.nn.Sequential(ScriptedBlock(), ScriptedBlock())
+    torch.jit.script(module).save(str(tmp_path / "scripted.pt"))
+    state = clip_model.read_torchscript_state_dict(tmp_path / "scripted.pt")
+    assert state.keys() == module.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in module.state_dict().items())
+
+
 def test_tokenize_shapes_and_end_token():
     out = tokenize(["a photo of a dog", "a cat"], context_length=10)
     tok = clip_model.default_tokenizer()
@@ -145,6 +178,11 @@ def test_not_a_checkpoint(tmp_path):
         with pytest.raises(ValueError) as excinfo:
             load(path)
         assert str(path) in one_line(excinfo)
+    save(CLIP(CLIPConfig(**TINY_VIT)), tmp_path / "good.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:5000])
+    with pytest.raises(ValueError) as excinfo:
+        load(tmp_path / "cut.pt")
+    assert "cut.pt: not a CLIP checkpoint" in one_line(excinfo)
     with pytest.raises(FileNotFoundError, match="nope.pt: no such checkpoint file"):
         load(tmp_path / "nope.pt")
 
@@ -157,8 +195,7 @@ def test_missing_unexpected_and_misshaped_keys(tmp_path):
     with pytest.raises(ValueError) as excinfo:
         load(tmp_path / "odd.pt")
     message = one_line(excinfo)
-    # Without visual.proj the vision tower reads as a ResNet, whose keys are then missing.
-    assert "odd.pt: not a CLIP state dict: no key 'visual.attnpool.positional_embedding'" in message
+    assert "odd.pt: not a CLIP state dict: no 'visual.proj' (ViT) or 'visual.attnpool.positional_embedding'" in message
 
     state = CLIP(CLIPConfig(**TINY_VIT)).state_dict()
     del state["ln_final.bias"], state["visual.transformer.resblocks.0.mlp.c_fc.bias"]
