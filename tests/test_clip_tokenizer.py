@@ -90,7 +90,8 @@ def test_parity_with_openai_tokenizer(reference_module, standard_bpe):
     for text in texts[:300]:
         ids = reference.encode(text)
         assert ours.decode(ids) == reference.decode(ids)
-    assert (ours.sot_token, ours.eot_token) == (reference.encoder["<|startoftext|>"], reference.encoder["<|endoftext|>"])
+    specials = reference.encoder["<|startoftext|>"], reference.encoder["<|endoftext|>"]
+    assert (ours.sot_token, ours.eot_token) == specials
 
 
 def test_short_merges_file(tmp_path, reference_module):
