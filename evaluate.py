@@ -237,16 +237,15 @@ def ptb_tokenize(caption: str) -> list[str]:
 # per image, images in the same order in both)
 
 def ngrams(tokens, n=4):
-    """[{k-gram: count} for k = 1..n] of a token list: the toolkit's `precook`, split by order.
+    """[{k-gram: count} for k = 1..n] of a token list, k-grams as tuples: the toolkit's `precook`.
 
-    Unigrams are keyed by the word itself (saving a tuple per word), longer n-grams by tuples:
-    ngrams(["a", "dog", "a", "dog"], 2) -> [{"a": 2, "dog": 2}, {("a", "dog"): 2, ("dog", "a"): 1}]
+    ngrams(["a", "dog", "a", "dog"], 2) -> [{("a",): 2, ("dog",): 2}, {("a", "dog"): 2, ("dog", "a"): 1}]
     """
     shifted = [tokens[i:] for i in range(n)]  # zip(*shifted[:k]) yields the k-grams
     orders = [{} for _ in range(n)]
     for k, counts in enumerate(orders, 1):
         # Counter's own C counting loop, without Counter's per-call overhead (this runs per caption).
-        _count_elements(counts, zip(*shifted[:k]) if k > 1 else tokens)
+        _count_elements(counts, zip(*shifted[:k]))
     return orders
 
 
@@ -345,6 +344,20 @@ def rouge_l(candidate, references, beta=1.2):
     if prec == 0 or rec == 0:
         return 0.0
     return (1 + beta ** 2) * prec * rec / (rec + beta ** 2 * prec)
+
+
+def tfidf_vector(counts, df, n_images):
+    """CIDEr-D's tf-idf vector of one caption, one {n-gram: weight} dict per order.
+
+    w(g) = count(g) * (log(n_images) - log(max(1, df(g)))), with counts = `ngrams(tokens)` and df(g)
+    the number of images whose references contain g. An n-gram every image's references contain
+    weighs 0; one no reference contains weighs count * log(n_images).
+    Worked example, "a dog a dog" over 2 images where df("a") = 2 and df of the rest is 1:
+    [{("a",): 2 * (log 2 - log 2) = 0, ("dog",): 2 * log 2}, {("a", "dog"): 2 log 2, ("dog", "a"): log 2}].
+    (`cider_d_image` computes the same weights inline, from a table of idf by df, for speed.)
+    """
+    log_images = math.log(n_images)
+    return [{g: tf * (log_images - math.log(max(1, df.get(g, 0)))) for g, tf in ck.items()} for ck in counts]
 
 
 def cider_d_image(cand, refs, df, idf_by_df, sigma=6.0):

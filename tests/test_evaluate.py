@@ -102,7 +102,13 @@ def test_lcs_matches_toolkit_dynamic_programming():
 # The worked examples in the docstrings
 
 def test_docstring_examples():
-    assert evaluate.ngrams(["a", "dog", "a", "dog"], 2) == [{"a": 2, "dog": 2}, {("a", "dog"): 2, ("dog", "a"): 1}]
+    assert evaluate.ngrams(["a", "dog", "a", "dog"], 2) == [{("a",): 2, ("dog",): 2},
+                                                            {("a", "dog"): 2, ("dog", "a"): 1}]
+    log2 = math.log(2)
+    df = {("a",): 2, ("dog",): 1, ("a", "dog"): 1, ("dog", "a"): 1}
+    got = evaluate.tfidf_vector(evaluate.ngrams("a dog a dog".split(), 2), df, 2)
+    want = [{("a",): 0.0, ("dog",): 2 * log2}, {("a", "dog"): 2 * log2, ("dog", "a"): log2}]
+    assert len(got) == 2 and all(g == pytest.approx(w) for g, w in zip(got, want))
     assert evaluate.lcs_length("a man on a horse".split(), "a horse and a man".split()) == 2
     assert evaluate.rouge_l("a man riding a horse".split(), ["a man on a horse".split()]) == pytest.approx(0.8)
     corpus, _ = evaluate.bleu([["a", "dog", "runs"]], [[["a", "dog", "runs", "fast"]]])
