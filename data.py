@@ -269,8 +269,9 @@ def _rows(x, start: int, stop: int, device: torch.device) -> torch.Tensor:
     """Rows start:stop of an (R, D) array-like as L2-normalised float32 on device."""
     part = x[start:stop]
     part = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.asarray(part))
-    part = part.to(device=device, dtype=torch.float32)
-    return part / part.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # One float32 copy, normalised in place (never the caller's tensor).
+    part = part.to(device=device, dtype=torch.float32, copy=True)
+    return part.div_(part.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 @torch.no_grad()
@@ -293,7 +294,8 @@ def clip_agg_targets(image_feats, corpus_feats, t: float, image_chunk: int = 204
 
         4*N*(D + 2)          running state a, z, m for all images (a becomes the output)
       + 4*bi*bj              one tile of logits, exponentiated in place
-      + 6*bj*D + 16*bi*D     a corpus chunk (fp16 source + float32 copy), image chunk, temporaries
+      + 6*bj*D + 16*bi*D     a corpus chunk (fp16 source + float32 copy), an image chunk and
+                             the (bi, D) temporaries of the weighted sum
 
     independent of M, plus the image features themselves (2*N*D bytes in fp16, moved to `device`
     once). For COCO (N = 113,287, D = 768 for ViT-L/14) with the defaults bi = 2048,
@@ -333,4 +335,7 @@ def clip_agg_targets(image_feats, corpus_feats, t: float, image_chunk: int = 204
             norm[i0:i1] = norm[i0:i1] * rescale + weights.sum(dim=1)
             agg[i0:i1] = agg[i0:i1] * rescale[:, None] + weights @ sents  # (bi, D)
             run_max[i0:i1] = new_max
+            # Free this tile before the next one is allocated, or two would coexist at the peak.
+            del logits, weights
+        del sents
     return agg.div_(norm[:, None]).cpu()
