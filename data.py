@@ -298,9 +298,10 @@ def clip_agg_targets(image_feats, corpus_feats, t: float, image_chunk: int = 204
                              the (bi, D) temporaries of the weighted sum
 
     independent of M, plus the image features themselves (2*N*D bytes in fp16, moved to `device`
-    once). For COCO (N = 113,287, D = 768 for ViT-L/14) with the defaults bi = 2048,
-    bj = 16384: 349 MB + 134 MB + 101 MB = 584 MB (+ 174 MB of fp16 image features), whether
-    the corpus has 3M sentences or 30M.
+    once) and a few tens of MB of BLAS workspace and allocator slack (bench/bench_prepare.py
+    measures the whole). For COCO (N = 113,287, D = 768 for ViT-L/14) with the defaults
+    bi = 2048, bj = 16384: 349 MB + 134 MB + 101 MB = 584 MB (+ 174 MB of fp16 image features),
+    whether the corpus has 3M sentences or 30M.
 
     Worked example: two images, corpus s_1 = e_1, s_2 = e_2, t = 100, img_1 = e_1:
     softmax(100, 0) = (1 - 3.7e-44, 3.7e-44), so agg_1 = e_1 (the nearest sentence dominates).
