@@ -7,7 +7,7 @@ run on the first 200 images only and its time scaled to all images. Both see the
 vectors (fixed seed, stored fp16 as `prepare` stores them). Each method runs in its own child
 process so that its peak memory is its own:
 
-  peak memory = the highest resident set size (RSS, polled from /proc/self/statm every 5 ms)
+  peak memory (MB = 10^6 bytes) = the highest resident set size (RSS, polled from /proc/self/statm every 5 ms)
                 during the computation, minus the RSS just before it (after the inputs exist).
                 It counts everything the method allocates, torch's buffers included (which
                 tracemalloc would miss).
@@ -144,15 +144,15 @@ def main(argv=None):
     print(f"\n| method | images run | time (s) | time for {n:,} images (s) | peak memory (MB) |")
     print("|---|---:|---:|---:|---:|")
     for name, rows_run, sec, full, peak in rows:
-        print(f"| {name} | {rows_run:,} | {sec:.1f} | {full:.1f} | {peak / 2**20:.0f} |")
+        print(f"| {name} | {rows_run:,} | {sec:.1f} | {full:.1f} | {peak / 1e6:.0f} |")
     print(f"\nspeed-up: {ref_scaled / ours['seconds']:.1f}x (reference time scaled from "
           f"{ref['rows']} images); torch threads: {ours['threads']}")
     print(f"max |ours - reference| on the first {ref['rows']} images: {diff:.2e}")
-    print(f"memory bound of ours, 4N(D+2) + 4*bi*bj + 6*bj*D + 16*bi*D = {bound / 2**20:.0f} MB "
-          "(inputs excluded)")
+    print(f"memory bound of ours, 4N(D+2) + 4*bi*bj + 6*bj*D + 16*bi*D = {bound / 1e6:.0f} MB "
+          "(tensors only: inputs, BLAS workspace and allocator slack excluded)")
     coco = 4 * 113287 * (768 + 2) + 4 * bi * bj + 6 * bj * 768 + 16 * bi * 768
     print(f"same bound for COCO, 113,287 images x any number of sentences at D = 768: "
-          f"{coco / 2**20:.0f} MB")
+          f"{coco / 1e6:.0f} MB")
 
 
 if __name__ == "__main__":
