@@ -151,6 +151,11 @@ def test_tokenizers_round_trip_every_corpus_sentence(world):
         assert gpt2.decode(gpt2(text).input_ids) == text
         assert roberta.decode(roberta(text).input_ids, skip_special_tokens=True) == text
         assert clip_tok.decode(clip_tok.encode(text)).strip() == text
+    assert torch.equal(sw.clip_tokens(texts, clip_tok, 32),
+                       clip_model.tokenize(texts, 32, truncate=True, tokenizer=clip_tok))
+    long = " ".join(["a red circle"] * 20)
+    assert torch.equal(sw.clip_tokens([long], clip_tok, 32),
+                       clip_model.tokenize([long], 32, truncate=True, tokenizer=clip_tok))
     # Learned merges make whole corpus words single CLIP tokens.
     assert len(clip_tok.encode("a red circle")) == 3
 
