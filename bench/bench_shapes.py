@@ -33,8 +33,12 @@ def parse_overrides(items: list[str]) -> dict:
         if name not in fields:
             raise SystemExit(f"unknown ShapesWorldConfig field {name!r}; one of {sorted(fields)}")
         kind = type(getattr(sw.ShapesWorldConfig(), name))
-        out[name] = value if kind is str or value == "None" and name == "root" else (
-            value.lower() in ("1", "true") if kind is bool else kind(value))
+        if name == "root" or kind is str:
+            out[name] = value
+        elif kind is bool:
+            out[name] = value.lower() in ("1", "true")
+        else:
+            out[name] = kind(value)
     return out
 
 
