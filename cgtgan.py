@@ -39,11 +39,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class GeneratorConfig:
-    prefix_len: int = 10  # P visual prompt tokens
+    prefix_len: int = 5  # P visual prompt tokens (the paper: 10)
     mapping_hidden: int = 0  # hidden width of the mapping MLP; 0 means P*E/2 as in ClipCap
     pretrained: str = ""  # GPT-2 directory (or hub name); "" builds the small model below
-    n_layer: int = 3
-    n_embd: int = 128  # E
+    n_layer: int = 2
+    n_embd: int = 96  # E
     n_head: int = 4
     dropout: float = 0.0
     max_len: int = 20  # the paper caps captions at 20 tokens
@@ -54,8 +54,8 @@ class GeneratorConfig:
 class DiscriminatorConfig:
     pretrained: str = ""  # RoBERTa directory (or hub name); "" builds the small model below
     n_layer: int = 2
-    hidden: int = 128  # H
-    n_head: int = 4
+    hidden: int = 64  # H
+    n_head: int = 2
     dropout: float = 0.1
 
 
@@ -63,9 +63,9 @@ class DiscriminatorConfig:
 class InitConfig:
     """Text-only initialisation (Sec. 3.1): reconstruct corpus sentences from their CLIP text embedding."""
 
-    steps: int = 1500
+    steps: int = 800
     batch: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
     noise: float = 0.0  # std of Gaussian noise on the text embedding (CapDec); off as in the paper
 
@@ -75,7 +75,7 @@ class GANConfig:
     """Adversarial self-critical training on unpaired images (Sec. 3.4)."""
 
     steps: int = 400
-    batch: int = 32  # B images per step
+    batch: int = 16  # B images per step
     k: int = 5  # K samples per image (and K real sentences per image for the discriminator)
     lr: float = 1e-4
     d_lr: float = 1e-4

@@ -642,7 +642,7 @@ def format_table(metrics: dict[str, dict], title: str) -> str:
 def run_train(cfg: Config, data=None, resume: bool = False, stop_after: int | None = None,
               run_dir: Path | None = None, table: bool = True) -> dict | None:
     """The full pipeline: text-only init -> CgT-GAN -> test table, figures and results.json."""
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     init_distributed(cfg)
     data = data if data is not None else load_data(cfg)
     run_dir = run_dir or run_dir_for(cfg)
@@ -670,14 +670,16 @@ def run_train(cfg: Config, data=None, resume: bool = False, stop_after: int | No
     draw_curves(log.records(), run_dir / "curves.png")
     wall = time.time() - t0
     best = torch.load(run_dir / "best.pt", weights_only=True)
+    cpu = time.process_time() - cpu0
     results = {"test": result["metrics"], "best_step": best["step"], "wall_s": round(wall, 1),
-               "config": asdict(cfg)}
+               "cpu_s": round(cpu, 1), "config": asdict(cfg)}
     from data import atomic_write
     atomic_write(run_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
     if table:
         print(format_table(result["metrics"], f"ShapesWorld test split ({len(data.splits['test'].ids)}"
                            f" images), seed {cfg.seed}; x100 except length (words)"))
-        print(f"run folder {run_dir}; wall time {wall / 60:.1f} min")
+        print(f"run folder {run_dir}; wall time {wall / 60:.1f} min (CPU time {cpu / 60:.1f} min, "
+              f"{torch.get_num_threads()} threads)")
     return results
 
 
