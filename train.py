@@ -415,9 +415,13 @@ def gan_step(parts: Parts, opt_g, opt_d, feats: torch.Tensor, targets: torch.Ten
     B = feats.shape[0]
     timing, t0 = {}, time.perf_counter()
     rep = feats.repeat_interleave(K, dim=0)  # (B*K, D)
+    # K samples per image and, in the same batch, each image's greedy caption (the baseline).
+    greedy_rows = torch.arange(B * K + B) >= B * K  # (B*K + B,)
     with parts.autocast():
-        flat_ids, flat_mask = gen.draw(rep, uniforms=uniforms)  # (B*K, T)
-        g_ids, g_mask = gen.greedy(feats)  # (B, T)
+        ids, masks = gen.draw(torch.cat([rep, feats]), greedy_rows=greedy_rows,
+                              uniforms=torch.cat([uniforms, torch.zeros(B, gen.max_len)]))
+    flat_ids, flat_mask = ids[:B * K], masks[:B * K]  # (B*K, T)
+    g_ids, g_mask = ids[B * K:], masks[B * K:]  # (B, T)
     captions = decode_captions(parts.gen_tok, flat_ids, flat_mask, gen.end_id)  # B*K
     greedy = decode_captions(parts.gen_tok, g_ids, g_mask, gen.end_id)  # B
     timing["sample"], t0 = time.perf_counter() - t0, time.perf_counter()

@@ -102,7 +102,7 @@ def tiny_config(**overrides) -> Config:
         "gen.max_len": 8, "disc.n_layer": 1, "disc.hidden": 32, "disc.n_head": 2,
         "disc.dropout": 0.0, "init.steps": 6, "init.batch": 8, "gan.steps": 4, "gan.batch": 3,
         "gan.k": 2, "gan.eval_every": 2, "gan.ckpt_every": 2, "gan.lambda_hold": 1,
-        "gan.lambda_ramp": 2, **overrides})
+        "gan.lambda_ramp": 2, "threads": 0, **overrides})
     return cfg
 
 
