@@ -778,29 +778,34 @@ class Tokenizer:
         return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
 
     def bpe(self, word: str) -> list:
-        """Merges a word's symbols, lowest-ranked pair first, until no known pair is left.
+        """bpe(word, self.ranks), remembered per word."""
+        if word not in self.cache:
+            self.cache[word] = bpe(word, self.ranks)
+        return self.cache[word]
 
-        Example: "low" starts as ["l", "o", "w</w>"]; if ("l", "o") is ranked first and
-        ("lo", "w</w>") next, it becomes ["lo", "w</w>"], then ["low</w>"].
-        """
-        if word in self.cache:
-            return self.cache[word]
-        parts = [*word[:-1], word[-1] + "</w>"]
-        while len(parts) > 1:
-            best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, math.inf))
-            if best not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        self.cache[word] = parts
-        return parts
+
+def bpe(word: str, ranks: dict) -> list:
+    """The BPE merge loop on one word: merge the lowest-ranked adjacent pair, everywhere it occurs
+    left to right, until no adjacent pair is ranked. The last symbol carries the word end "</w>".
+
+    Example: "low" starts as ["l", "o", "w</w>"]; with ranks {("l", "o"): 0, ("lo", "w</w>"): 1}
+    it becomes ["lo", "w</w>"], then ["low</w>"].
+    """
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        best = min(zip(parts, parts[1:]), key=lambda pair: ranks.get(pair, math.inf))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
 
 
 @lru_cache()
