@@ -282,6 +282,7 @@ def test_real_sized_models_take_one_step_on_cpu(tmp_path):
     """GPT-2 124M, RoBERTa-base and a ViT-L/14 CLIP (random weights, released formats) through
     prepare, 1 init step and 1 CgT-GAN step (B=2, K=2) with the coco preset."""
     import resource
+    import shutil
     import time
 
     import clip_model
@@ -337,3 +338,8 @@ def test_real_sized_models_take_one_step_on_cpu(tmp_path):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GB (Linux: KiB)
     print(f"\nreal-sized step: build {built:.0f}s, prepare {t2 - t1:.0f}s, init+GAN+eval "
           f"{t3 - t2:.0f}s, peak RSS {peak:.1f} GB")
+    # The run writes about 7 GB (checkpoints with optimiser states, models): free the disk now.
+    for path in [*run_dir.glob("*.pt"), clip_path]:
+        path.unlink()
+    for folder in ("gpt2", "roberta-base"):
+        shutil.rmtree(tmp_path / folder)
