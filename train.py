@@ -643,6 +643,11 @@ def format_table(metrics: dict[str, dict], title: str) -> str:
     return "\n".join(lines)
 
 
+def dataset_title(cfg: Config, data) -> str:
+    """The dataset's name for printed tables."""
+    return "ShapesWorld" if cfg.data == "shapesworld" else data.name
+
+
 def run_train(cfg: Config, data=None, resume: bool = False, stop_after: int | None = None,
               run_dir: Path | None = None, table: bool = True) -> dict | None:
     """The full pipeline: text-only init -> CgT-GAN -> test table, figures and results.json."""
@@ -680,7 +685,8 @@ def run_train(cfg: Config, data=None, resume: bool = False, stop_after: int | No
     from data import atomic_write
     atomic_write(run_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
     if table:
-        print(format_table(result["metrics"], f"ShapesWorld test split ({len(data.splits['test'].ids)}"
+        print(format_table(result["metrics"], f"{dataset_title(cfg, data)} test split "
+                           f"({len(data.splits['test'].ids)}"
                            f" images), seed {cfg.seed}; x100 except length (words)"))
         print(f"run folder {run_dir}; wall time {wall / 60:.1f} min (CPU time {cpu / 60:.1f} min, "
               f"{torch.get_num_threads()} threads)")
@@ -709,8 +715,8 @@ def run_ablation(cfg: Config, data=None) -> dict:
     metrics = test_table(parts, base, rows)["metrics"]
     from data import atomic_write
     atomic_write(base / "ablation.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
-    print(format_table(metrics, f"Ablation on the ShapesWorld test split, seed {cfg.seed}; "
-                       "x100 except length (words)"))
+    print(format_table(metrics, f"Ablation on the {dataset_title(cfg, data)} test split, "
+                       f"seed {cfg.seed}; x100 except length (words)"))
     print(f"run folder {base}; wall time {(time.time() - t0) / 60:.1f} min")
     return metrics
 

@@ -158,15 +158,15 @@ ROWS = [
          [(T_CG, "test_lambda_schedule")], "lambda_schedule",
          "Official: 0 while step <= 150, then (step - 150) / 2350 * 0.5, capped at 0.5 (reached at "
          "step 2500). Ours: `gan.lambda_hold`, `gan.lambda_ramp`, `gan.lambda_final`; the paper "
-         "preset uses hold 1000 and ramp 4000."),
+         "presets use the official hold 150 and ramp 2350."),
         ("Optimisation",
          "AdamW, lr 1e-5, gradient clipping 1.0, batch 64, K = 5, 20 tokens",
          [("cgtgan.py", "_PAPER"), ("train.py", "train_gan")],
          [(T_CG, "test_presets_apply"), (T_TR, "test_resume_gives_the_same_losses")], None,
          "Official: AdamW for G and D (lr 1e-5, wd 0.05 without bias/LayerNorm decay, eps 1e-8), "
          "150 warmup steps for G, batch 64 per GPU on 2 GPUs (128 images), 50 epochs on COCO "
-         "(80 with GCC), seed 0. Ours: a global batch of 64, wd 0.01 (bias and LayerNorm "
-         "included), no warmup, step budgets instead of epochs."),
+         "(80 with GCC), seed 0. Ours (paper presets): a global batch of 64, wd "
+         "0.05 (bias and LayerNorm included), no warmup, step budgets instead of epochs."),
         ("Model selection",
          "the checkpoint with the best validation CIDEr is tested",
          [("train.py", "train_gan"), ("train.py", "test_table")],

@@ -102,8 +102,6 @@ def test_cli_init_then_train_then_eval(fx, in_domain):
     assert printed == [round(gan_row[k], 1) for k in ("CIDEr-D", "BLEU-4", "ROUGE-L")]
 
 
-@pytest.mark.xfail(strict=True, reason="train.run_train titles the test table 'ShapesWorld test "
-                   "split' for every dataset")
 def test_cli_train_table_names_the_dataset(in_domain):
     out = in_domain[2]["train"][1]
     assert "coco test split" in out and "ShapesWorld" not in out
@@ -200,8 +198,6 @@ def test_preset_with_a_missing_model_directory(fx, prepared_cache, tmp_path, mod
     assert "huggingface-cli download" in err and f"--local-dir {missing}" in err
 
 
-@pytest.mark.xfail(strict=True, reason="cgtgan.load_tokenizer passes what.lower() ('gpt-2', "
-                   "'roberta') as the hub repository; the repositories are 'gpt2' and 'roberta-base'")
 @pytest.mark.parametrize("model,repo", [("gpt2", "gpt2"), ("roberta", "roberta-base")])
 def test_missing_model_message_names_the_hub_repository(fx, prepared_cache, tmp_path, model, repo):
     missing = tmp_path / "models" / model
