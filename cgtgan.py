@@ -685,4 +685,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run main from the importable module `cgtgan`, not from `__main__`: train.py imports
+    # cgtgan, and its ConfigError must be the class main() catches.
+    from cgtgan import main as cgtgan_main
+
+    sys.exit(cgtgan_main())

@@ -167,3 +167,18 @@ def test_cli_train_on_a_tiny_shapesworld(tmp_path, capsys):
     assert cgtgan.main(["eval", "--run", str(run_dir), "--split", "val"]) == 0
     assert cgtgan.main(argv[:1] + ["--set", "world.nope=1"]) == 2
     assert "unknown config key 'world.nope'" in capsys.readouterr().err
+
+
+def test_script_errors_are_one_line(trained, tmp_path):
+    """`python cgtgan.py ...` as a script (module __main__) still turns errors into one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg, run_dir, _ = trained
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "cgtgan.py"), "caption",
+                           str(tmp_path / "missing.png"), "--run", str(run_dir)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"error: image file {tmp_path / 'missing.png'} not found"
