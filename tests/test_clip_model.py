@@ -16,13 +16,7 @@ TINY_VIT = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width
 TINY_RESNET = dict(TINY_VIT, vision_layers=(1, 1, 1, 1), vision_width=16, vision_patch_size=None, image_resolution=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread avoids OpenMP spin-waits that make a shared 2-core machine ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokens(n, length=16, vocab=100):

@@ -5,9 +5,7 @@
   and numpy), traced and saved as a TorchScript archive like OpenAI's releases, then read by `load`;
 - the released models' parameter counts, from state dicts with OpenAI's key names (meta tensors).
 """
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +15,7 @@ from clip_model import CLIP, OPENAI_CONFIGS, config_from_state_dict, load
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread avoids OpenMP spin-waits that make a shared 2-core machine ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(a, b):
@@ -119,22 +111,11 @@ def test_matches_transformers_clipmodel():
 # OpenAI's reference implementation, through a TorchScript archive
 
 
-def openai_model_module():
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.origin:
-        pytest.skip("clip-anytorch is not installed (pip install --no-deps clip-anytorch)")
-    path = Path(spec.origin).parent / "model.py"
-    module_spec = importlib.util.spec_from_file_location("openai_clip_model", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("vision", [dict(image_resolution=64, vision_layers=2, vision_width=128, vision_patch_size=16),
                                     dict(image_resolution=64, vision_layers=(1, 2, 1, 1), vision_width=16,
                                          vision_patch_size=None)], ids=["vit", "resnet"])
-def test_openai_torchscript_archive_round_trip(tmp_path, vision):
-    reference = openai_model_module().CLIP(embed_dim=64, context_length=20, vocab_size=300, transformer_width=128,
+def test_openai_torchscript_archive_round_trip(tmp_path, vision, openai_clip_file):
+    reference = openai_clip_file("model.py").CLIP(embed_dim=64, context_length=20, vocab_size=300, transformer_width=128,
                                            transformer_heads=2, transformer_layers=2, **vision).eval()
     randomise(reference)
     # OpenAI's released archives carry these three entries in their state dicts (the public model.py
@@ -163,11 +144,11 @@ RELEASED_PARAMETERS = {"ViT-B/32": 151_277_313, "ViT-L/14": 427_616_513, "RN50":
 
 
 @pytest.mark.parametrize("name", list(OPENAI_CONFIGS))
-def test_released_shapes_build_the_released_architecture(name):
+def test_released_shapes_build_the_released_architecture(name, openai_clip_file):
     # OpenAI's own module, built on the meta device (shapes only), gives the state dict to infer from.
     c = OPENAI_CONFIGS[name]
     with torch.device("meta"):
-        reference = openai_model_module().CLIP(c.embed_dim, c.image_resolution, c.vision_layers, c.vision_width,
+        reference = openai_clip_file("model.py").CLIP(c.embed_dim, c.image_resolution, c.vision_layers, c.vision_width,
                                                c.vision_patch_size, c.context_length, c.vocab_size,
                                                c.transformer_width, c.transformer_heads, c.transformer_layers)
         state = reference.state_dict()

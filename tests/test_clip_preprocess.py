@@ -2,20 +2,13 @@
 without torchvision) and a float64 reference of OpenAI's torchvision recipe, plus image-file errors."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from clip_model import MEAN, STD, Preprocess, load_image
 
 transformers = pytest.importorskip("transformers")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread avoids OpenMP spin-waits that make a shared 2-core machine ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (width, height, mode): landscape, portrait, square, smaller than R, extreme aspect ratios.

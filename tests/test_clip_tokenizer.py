@@ -11,31 +11,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 import clip_model
 from clip_model import BPE_FILENAME, Tokenizer, tokenize, write_merges
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread avoids OpenMP spin-waits that make a shared 2-core machine ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def reference_module():
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.origin:
-        pytest.skip("clip-anytorch is not installed (pip install --no-deps clip-anytorch)")
-    path = Path(spec.origin).parent / "simple_tokenizer.py"
-    module_spec = importlib.util.spec_from_file_location("openai_simple_tokenizer", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+def reference_module(openai_clip_file):
+    return openai_clip_file("simple_tokenizer.py")
 
 
 @pytest.fixture(scope="module")
