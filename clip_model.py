@@ -796,16 +796,24 @@ def bpe(word: str, ranks: dict) -> list:
         best = min(zip(parts, parts[1:]), key=lambda pair: ranks.get(pair, math.inf))
         if best not in ranks:
             break
-        merged, i = [], 0
-        while i < len(parts):
-            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
+        parts = merge_pair(parts, best)
     return parts
+
+
+def merge_pair(symbols, pair: tuple) -> list:
+    """Every left-to-right, non-overlapping occurrence of `pair` in `symbols` joined into one symbol.
+
+    Example: merge_pair(["l", "o", "l", "o"], ("l", "o")) -> ["lo", "lo"].
+    """
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
 
 
 @lru_cache()

@@ -246,20 +246,8 @@ def learn_bpe(texts: list[str], max_merges: int = 4000) -> list[tuple[str, str]]
             break
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
-        counts = {_merge_pair(word, best): n for word, n in counts.items()}
+        counts = {tuple(clip_model.merge_pair(word, best)): n for word, n in counts.items()}
     return merges
-
-
-def _merge_pair(word: tuple, pair: tuple) -> tuple:
-    out, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-            out.append(word[i] + word[i + 1])
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
 
 
 HF_SPECIALS = {"gpt2": ["<|endoftext|>"], "roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]}
