@@ -135,7 +135,19 @@ PRESETS = {
                        "real.setting": "coco/flickr30k", "gan.temperature": 125.0},
     "coco-gcc": {**_PAPER, **_COCO, "real.corpus": "data/gcc.txt", "real.setting": "coco/gcc",
                  "gan.temperature": 175.0},
+    # ZS-IC: nothing in-domain in training. Web images (a Karpathy-format file listing them, all
+    # "train") and the GCC corpus; validation and the test table on COCO's Karpathy split, as the
+    # official code validates its GCC run on COCO; `eval --dataset flickr30k` scores Flickr30k.
+    "zsic": {**_PAPER, "real.split_file": "data/dataset_web.json", "real.image_root": "data/web",
+             "real.corpus": "data/gcc.txt", "real.setting": "web/gcc", "gan.temperature": 175.0,
+             "real.eval_split_file": _COCO["real.split_file"],
+             "real.eval_image_root": _COCO["real.image_root"]},
 }
+
+# `eval --dataset NAME`: score a paper-scale run on this dataset's Karpathy split (ZS-IC).
+EVAL_DATASETS = {name: {"real.eval_split_file": paths["real.split_file"],
+                        "real.eval_image_root": paths["real.image_root"]}
+                 for name, paths in (("coco", _COCO), ("flickr30k", _FLICKR))}
 
 
 def _parse_value(key: str, text: str, kind):
@@ -592,19 +604,24 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> tuple | None:
     return None
 
 
+def _parse_sets(items: list[str] | None) -> dict[str, str]:
+    """--set KEY=VALUE items as a dict of strings (typed later by apply_overrides)."""
+    overrides = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set takes KEY=VALUE, not {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
 def _config_from_args(args) -> Config:
     cfg = Config()
     if args.preset:
         if args.preset not in PRESETS:
             raise ConfigError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
         apply_overrides(cfg, PRESETS[args.preset])
-    overrides = {}
-    for item in args.set or []:
-        if "=" not in item:
-            raise ConfigError(f"--set takes KEY=VALUE, not {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = value.strip()
-    apply_overrides(cfg, overrides)
+    apply_overrides(cfg, _parse_sets(args.set))
     if args.seed is not None:
         cfg.seed = args.seed
     if getattr(args, "reward", None):
@@ -624,6 +641,18 @@ def _run_config(run: str) -> tuple[Config, Path]:
     if not path.is_file():
         raise ConfigError(f"{path} not found; give the run folder of a trained run with --run")
     return config_from_dict(json.loads(path.read_text())), Path(run)
+
+
+def _eval_config(args) -> tuple[Config, Path]:
+    """The run's config with eval's target: --dataset (a preset dataset's split file and images)
+    and --set overrides, e.g. real.eval_split_file / real.eval_image_root for any other split file."""
+    cfg, run_dir = _run_config(args.run)
+    overrides = dict(EVAL_DATASETS[args.dataset]) if args.dataset else {}
+    overrides.update(_parse_sets(args.set))
+    if cfg.data != "real" and any(k.startswith("real.") for k in overrides):
+        raise ConfigError(f"--dataset and real.* settings score paper-scale runs (data=real); "
+                          f"{run_dir} was trained on {cfg.data}")
+    return apply_overrides(cfg, overrides), run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -646,10 +675,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--reward", choices=["cos", "agg", "agg+gan", "gan"])
             p.add_argument("--ablation", action="store_true",
                            help="CLIP-cos, CLIP-agg and CLIP-agg + GAN from one initialisation")
-    p = sub.add_parser("eval", help="metrics of a trained run on a split")
+    p = sub.add_parser("eval", help="metrics of a trained run on a split, of its own dataset or another")
     p.add_argument("--run", default="runs/shapesworld_seed0")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "init"])
+    p.add_argument("--dataset", choices=list(EVAL_DATASETS),
+                   help="score on this dataset's Karpathy split (the presets' paths), e.g. ZS-IC")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field of the run's config, e.g. --set real.eval_split_file=F "
+                        "--set real.eval_image_root=DIR to score on any Karpathy split file")
     p = sub.add_parser("caption", help="caption image files with a trained run")
     p.add_argument("images", nargs="+")
     p.add_argument("--run", default="runs/shapesworld_seed0")
@@ -672,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 train.run_train(cfg, resume=args.resume)
         elif args.command == "eval":
-            cfg, run_dir = _run_config(args.run)
+            cfg, run_dir = _eval_config(args)
             train.run_eval(cfg, run_dir, args.split, args.checkpoint)
         else:
             cfg, run_dir = _run_config(args.run)

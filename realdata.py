@@ -3,16 +3,20 @@
 The paper (CgT-GAN, arXiv:2308.12045, Sec. 4.1) trains on the images of the Karpathy train split of
 MSCOCO or Flickr30k *without* their captions, and on sentences from a corpus: the train split's own
 captions (in-domain, In-UIC), another dataset's captions (Cross-UIC) or a web-crawled corpus such as
-Google Conceptual Captions or ShutterStock (ZS-IC). Validation and test use the split file's
-references. This file turns those inputs into the `data.CaptionData` the method consumes:
+Google Conceptual Captions or ShutterStock. Validation and test use the split file's references,
+or, for zero-shot captioning (ZS-IC: no in-domain images or captions in training), the val/test
+split of another dataset's split file (`eval_split_file`, e.g. COCO's Karpathy test). This file
+turns those inputs into the `data.CaptionData` the method consumes:
 
     cfg = RealDataConfig(split_file="dataset_coco.json", image_root="coco", corpus="in-domain")
     prepare(cfg)                 # CLIP embeddings (fp16 shards, resumable) + CLIP-agg targets
     ds = load_real_data(cfg)     # -> CaptionData, reading only the caches
+    ev = load_eval_data(cfg, "test")  # the models and one split only, for `eval`
 
 Caches live in `cache_dir/<name>/`: `images/<split>-00000.safetensors` ..., `corpus-<source>/...`,
 `agg-<key>.safetensors` and the COCO-format reference files `refs_val.json`, `refs_test.json` that
-evaluate.py reads. Each shard carries a key (data.cache_key) of the CLIP checkpoint and the exact
+evaluate.py reads; the val/test files of an evaluation dataset live in its own folder
+`cache_dir/<eval name>/`, shared by every run evaluated on it. Each shard carries a key (data.cache_key) of the CLIP checkpoint and the exact
 items it embeds, so an interrupted `prepare` resumes at the first missing shard and a cache made
 with another CLIP model or corpus cleaning is detected and rebuilt.
 """
@@ -36,6 +40,7 @@ from data import CaptionData, DataError, EvalSplit
 # The CLIP-agg softmax temperature t the authors used for each setting, "images/corpus".
 AGG_TEMPERATURE = {
     "coco/coco": 100.0,
+    "web/gcc": 175.0,
     "coco/shutterstock": 100.0,
     "flickr30k/flickr30k": 125.0,
     "coco/flickr30k": 125.0,
@@ -67,6 +72,9 @@ class RealDataConfig:
     Cleaning (applied to the corpus): lowercase, strip a final period, collapse spaces, keep
     sentences of min_words..max_words words, drop duplicates (first occurrence kept).
     missing_images: "stop" raises on missing or unreadable images, "skip" warns and drops them.
+    eval_split_file, eval_image_root: when set, validation and test images and references come from
+    this other Karpathy split file (ZS-IC); split_file then supplies only training images, and
+    may list nothing else. eval_name names its cache folder (default: from the file name).
     workers: image-decoding processes (torch DataLoader) while embedding; shard_size: rows per
     cache file (the unit of resumption); image_chunk x corpus_chunk: the CLIP-agg tile.
     """
@@ -75,6 +83,9 @@ class RealDataConfig:
     image_root: str = "coco"
     corpus: str = "in-domain"
     name: str = ""
+    eval_split_file: str = ""
+    eval_image_root: str = ""
+    eval_name: str = ""
     setting: str = "coco/coco"
     agg_temperature: float | None = None
     clip: str = "ViT-L/14"
@@ -107,6 +118,12 @@ class RealDataConfig:
     def dataset_name(self) -> str:
         return self.name or Path(self.split_file).stem.removeprefix("dataset_")
 
+    def eval_dataset_name(self) -> str:
+        """The dataset whose val/test splits are scored: eval_split_file's, else split_file's."""
+        if not self.eval_split_file:
+            return self.dataset_name()
+        return self.eval_name or Path(self.eval_split_file).stem.removeprefix("dataset_")
+
 
 # ----------------------------------------------------------------------------------------------
 # Karpathy split files, corpora and reference files
@@ -120,11 +137,13 @@ class KarpathyImage:
     sentences: list[str]
 
 
-def read_karpathy(split_file: str | Path, image_root: str | Path) -> list[KarpathyImage]:
+def read_karpathy(split_file: str | Path, image_root: str | Path,
+                  option: str = "real.split_file") -> list[KarpathyImage]:
     """Images of a Karpathy split file (dataset_coco.json / dataset_flickr30k.json format).
 
     Ids are COCO ids where present (`cocoid`), otherwise `imgid`; paths are
-    image_root/filepath/filename (filepath is absent for Flickr30k).
+    image_root/filepath/filename (filepath is absent for Flickr30k). `option` is the setting
+    that names the file, quoted in errors.
     """
     split_file = Path(split_file)
     try:
@@ -132,7 +151,8 @@ def read_karpathy(split_file: str | Path, image_root: str | Path) -> list[Karpat
         entries = raw["images"]
     except FileNotFoundError:
         raise DataError(f"split file {split_file} does not exist; download Karpathy's splits "
-                        "(dataset_coco.json / dataset_flickr30k.json) and pass its path") from None
+                        f"(dataset_coco.json / dataset_flickr30k.json) and pass its path as "
+                        f"{option}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"split file {split_file} is not valid JSON ({e}); download it again") from None
     except (KeyError, TypeError):
@@ -155,8 +175,10 @@ def read_karpathy(split_file: str | Path, image_root: str | Path) -> list[Karpat
     return images
 
 
-def check_images(images: list[KarpathyImage], policy: str, source: str) -> list[KarpathyImage]:
-    """Images whose files exist; missing ones are reported and skipped or stop the run (policy)."""
+def check_images(images: list[KarpathyImage], policy: str, source: str,
+                 option: str = "image_root") -> list[KarpathyImage]:
+    """Images whose files exist; missing ones are reported and skipped or stop the run (policy).
+    `option` is the setting that names their folder, quoted in the error."""
     if policy not in ("skip", "stop"):
         raise DataError(f"missing_images must be 'skip' or 'stop', got {policy!r}")
     missing = [im for im in images if not im.path.is_file()]
@@ -165,7 +187,7 @@ def check_images(images: list[KarpathyImage], policy: str, source: str) -> list[
     message = (f"{len(missing)} of {len(images)} images listed in {source} do not exist "
                f"(first: {', '.join(str(im.path) for im in missing[:3])})")
     if policy == "stop":
-        raise DataError(f"{message}; fix image_root or set missing_images='skip'")
+        raise DataError(f"{message}; fix {option} or set missing_images='skip'")
     warn(f"{message}; skipping them")
     gone = {id(im) for im in missing}
     return [im for im in images if id(im) not in gone]
@@ -349,8 +371,58 @@ def _normalised(x: torch.Tensor) -> np.ndarray:
     return (x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).cpu().numpy()  # (b, D)
 
 
+class ClipEncoder:
+    """CLIP embeddings of image files and sentences, batch by batch, for `_fill_shards`.
+
+    The model loads on first use, so `eval` on a split whose shards are all cached never loads it.
+    `images(paths)` and `texts(sentences)` yield (feats (b, D) normalised, valid (b,) bool).
+    """
+
+    def __init__(self, cfg: RealDataConfig):
+        self.cfg, self.device = cfg, _resolve_device(cfg.device)
+        self._loaded = None
+
+    def model(self):
+        """(CLIP model, preprocess, tokenizer), loaded once."""
+        if self._loaded is None:
+            try:
+                model, preprocess = clip_model.load(self.cfg.clip, device=str(self.device))
+                tokenizer = clip_model.Tokenizer(self.cfg.clip_bpe)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise DataError(f"cannot load CLIP: {e}") from None
+            self._loaded = (model.to(self.device).eval(), preprocess, tokenizer)
+        return self._loaded
+
+    def _amp(self):
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
+
+    def images(self, paths: list[str]):
+        model, preprocess, _ = self.model()
+        files = _ImageFiles(paths, preprocess, model.config.image_resolution)
+        loader = torch.utils.data.DataLoader(files, self.cfg.batch_size, collate_fn=list,
+                                             num_workers=self.cfg.workers)
+        for batch in loader:
+            pixels, errors = zip(*batch)
+            bad = [e for e in errors if e]
+            if bad and self.cfg.missing_images == "stop":
+                raise DataError(f"{bad[0]}; or set missing_images='skip'")
+            with torch.no_grad(), self._amp():
+                feats = model.encode_image(torch.stack(pixels).to(self.device))  # (b, D)
+            yield _normalised(feats), np.array([not e for e in errors])
+
+    def texts(self, texts: list[str]):
+        model, _, tokenizer = self.model()
+        for b in range(0, len(texts), self.cfg.batch_size):
+            tokens = clip_model.tokenize(texts[b: b + self.cfg.batch_size], truncate=True,
+                                         context_length=model.config.context_length,
+                                         tokenizer=tokenizer)
+            with torch.no_grad(), self._amp():
+                feats = model.encode_text(tokens.to(self.device))  # (b, D)
+            yield _normalised(feats), np.ones(len(feats), bool)
+
+
 # ----------------------------------------------------------------------------------------------
-# The plan shared by prepare and load_real_data
+# The plan shared by prepare, load_real_data and load_eval_data
 
 
 @dataclass
@@ -363,32 +435,72 @@ class _Plan:
     corpus_plan: tuple
     agg_path: Path
     agg_key: str
+    eval_folder: Path  # where the val/test shards and reference files live
 
 
-def _plan(cfg: RealDataConfig) -> _Plan:
-    images = check_images(read_karpathy(cfg.split_file, cfg.image_root), cfg.missing_images,
-                          cfg.split_file)
-    corpus = read_corpus(cfg, images)
+def _split_images(cfg: RealDataConfig, split_file: str, image_root: str, splits: tuple[str, ...],
+                  option: str) -> dict[str, list[KarpathyImage]]:
+    """split -> images of a split file whose files exist; every split must have some.
+
+    Only the requested splits' files are checked, so scoring on COCO's test split does not need
+    its 113k training images. option: the setting naming split_file ("real.split_file", ...).
+    """
+    images = [im for im in read_karpathy(split_file, image_root, option) if im.split in splits]
+    images = check_images(images, cfg.missing_images, split_file,
+                          option.replace("split_file", "image_root"))
+    by_split = {s: [im for im in images if im.split == s] for s in splits}
+    for s, ims in by_split.items():
+        if not ims:
+            raise DataError(f"split file {split_file} has no {s} images (after skipping missing "
+                            f"ones); give a Karpathy split file with {s} images as {option}")
+    return by_split
+
+
+def _eval_images(cfg: RealDataConfig, splits: tuple[str, ...]) -> dict[str, list[KarpathyImage]]:
+    """The val/test images scored: from eval_split_file when set (ZS-IC), else from split_file."""
+    if not cfg.eval_split_file:
+        return _split_images(cfg, cfg.split_file, cfg.image_root, splits, "real.split_file")
+    if not cfg.eval_image_root:
+        raise DataError(f"real.eval_split_file is {cfg.eval_split_file} but real.eval_image_root "
+                        "is not set; give the folder that holds its images")
+    return _split_images(cfg, cfg.eval_split_file, cfg.eval_image_root, splits,
+                         "real.eval_split_file")
+
+
+def _model_key(cfg: RealDataConfig) -> str:
+    """The cache key of the CLIP checkpoint and vocabulary (file digests, or a released name)."""
     if not Path(cfg.clip).is_file() and cfg.clip not in clip_model.MODEL_URLS:
         raise DataError(f"CLIP checkpoint {cfg.clip} does not exist and is not a released model "
                         f"name ({', '.join(clip_model.MODEL_URLS)})")
     model_id = data.file_digest(cfg.clip) if Path(cfg.clip).is_file() else cfg.clip
     bpe_id = data.file_digest(cfg.clip_bpe) if cfg.clip_bpe else None
-    model_key = data.cache_key(clip=model_id, bpe=bpe_id)
+    return data.cache_key(clip=model_id, bpe=bpe_id)
+
+
+def _image_plans(images: dict[str, list[KarpathyImage]], cfg: RealDataConfig, folder: Path,
+                 model_key: str) -> dict[str, tuple]:
+    return {s: _shard_plan([str(im.path) for im in ims], cfg, folder / "images", s, model_key)
+            for s, ims in images.items()}
+
+
+def _plan(cfg: RealDataConfig) -> _Plan:
+    own = ("train",) if cfg.eval_split_file else ("train", "val", "test")
+    images = _split_images(cfg, cfg.split_file, cfg.image_root, own, "real.split_file")
+    corpus = read_corpus(cfg, images["train"])
+    model_key = _model_key(cfg)
     folder = Path(cfg.cache_dir) / cfg.dataset_name()
-    by_split = {s: [im for im in images if im.split == s] for s in ("train", "val", "test")}
-    for s, ims in by_split.items():
-        if not ims:
-            raise DataError(f"split file {cfg.split_file} has no {s} images (after skipping "
-                            "missing ones)")
-    image_plans = {s: _shard_plan([str(im.path) for im in ims], cfg, folder / "images", s, model_key)
-                   for s, ims in by_split.items()}
+    eval_folder = Path(cfg.cache_dir) / cfg.eval_dataset_name()
+    if cfg.eval_split_file:
+        images.update(_eval_images(cfg, ("val", "test")))
+    image_plans = _image_plans({"train": images["train"]}, cfg, folder, model_key)
+    image_plans.update(_image_plans({s: images[s] for s in ("val", "test")}, cfg, eval_folder,
+                                    model_key))
     source = "indomain" if cfg.corpus == "in-domain" else re.sub(r"\W+", "_", Path(cfg.corpus).stem)
     corpus_plan = _shard_plan(corpus, cfg, folder / f"corpus-{source}", "corpus", model_key)
     agg_key = data.cache_key(images=image_plans["train"][1], corpus=corpus_plan[1],
                              t=cfg.temperature())
-    return _Plan(by_split, corpus, folder, model_key, image_plans, corpus_plan,
-                 folder / f"agg-{agg_key}.safetensors", agg_key)
+    return _Plan(images, corpus, folder, model_key, image_plans, corpus_plan,
+                 folder / f"agg-{agg_key}.safetensors", agg_key, eval_folder)
 
 
 def _rows(plan_part: tuple, dim: int = 0) -> ShardedRows:
@@ -404,63 +516,46 @@ def _readable(cached: dict[str, np.ndarray], images: list[KarpathyImage]) -> tup
     return cached["feats"][valid], [im for im, ok in zip(images, valid) if ok]
 
 
+def _eval_split(cached: dict[str, np.ndarray], images: list[KarpathyImage]) -> EvalSplit:
+    """One val/test split from its cached arrays (float32, normalised) and its references."""
+    x, kept = _readable(cached, images)
+    x = torch.from_numpy(x.astype(np.float32))  # (n, D)
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return EvalSplit([im.id for im in kept], x, {im.id: im.sentences for im in kept})
+
+
 # ----------------------------------------------------------------------------------------------
-# prepare and load_real_data
+# prepare, load_real_data and load_eval_data
 
 
 def prepare(cfg: RealDataConfig) -> dict:
     """Embed every image and corpus sentence with CLIP (fp16 shards, resumable), write the
     reference files, and compute the CLIP-agg targets of the training images. Returns a summary
-    (counts, paths). Safe to rerun: finished shards are reused, stale ones rebuilt."""
+    (counts, paths). Safe to rerun: finished shards are reused, stale ones rebuilt. With
+    eval_split_file set, the val/test images embedded are that dataset's (ZS-IC)."""
     plan = _plan(cfg)
-    plan.folder.mkdir(parents=True, exist_ok=True)
+    for folder in (plan.folder, plan.eval_folder):
+        folder.mkdir(parents=True, exist_ok=True)
     for s in ("val", "test"):
-        write_json(plan.folder / f"refs_{s}.json", coco_references(plan.images[s]))
-    device = _resolve_device(cfg.device)
-    try:
-        model, preprocess = clip_model.load(cfg.clip, device=str(device))
-        tokenizer = clip_model.Tokenizer(cfg.clip_bpe)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DataError(f"cannot load CLIP: {e}") from None
-    model = model.to(device).eval()
-    res, ctx = model.config.image_resolution, model.config.context_length
-    amp = torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
-
-    def encode_images(paths: list[str]):
-        loader = torch.utils.data.DataLoader(_ImageFiles(paths, preprocess, res), cfg.batch_size,
-                                             num_workers=cfg.workers, collate_fn=list)
-        for batch in loader:
-            pixels, errors = zip(*batch)
-            bad = [e for e in errors if e]
-            if bad and cfg.missing_images == "stop":
-                raise DataError(f"{bad[0]}; or set missing_images='skip'")
-            with torch.no_grad(), amp:
-                feats = model.encode_image(torch.stack(pixels).to(device))  # (b, D)
-            yield _normalised(feats), np.array([not e for e in errors])
-
-    def encode_texts(texts: list[str]):
-        for b in range(0, len(texts), cfg.batch_size):
-            tokens = clip_model.tokenize(texts[b: b + cfg.batch_size], context_length=ctx,
-                                         truncate=True, tokenizer=tokenizer)
-            with torch.no_grad(), amp:
-                feats = model.encode_text(tokens.to(device))  # (b, D)
-            yield _normalised(feats), np.ones(len(feats), bool)
-
+        write_json(plan.eval_folder / f"refs_{s}.json", coco_references(plan.images[s]))
+    encoder = ClipEncoder(cfg)
+    model, _, _ = encoder.model()
     for s in ("train", "val", "test"):
-        _fill_shards([str(im.path) for im in plan.images[s]], plan.image_plans[s], encode_images,
+        _fill_shards([str(im.path) for im in plan.images[s]], plan.image_plans[s], encoder.images,
                      cfg, f"images ({s})")
-    _fill_shards(plan.corpus, plan.corpus_plan, encode_texts, cfg, "sentences")
+    _fill_shards(plan.corpus, plan.corpus_plan, encoder.texts, cfg, "sentences")
 
     dim = model.config.embed_dim
     train_feats, train = _readable(_rows(plan.image_plans["train"], dim).load(), plan.images["train"])
     if data.load_arrays(plan.agg_path, plan.agg_key) is None:
         agg = data.clip_agg_targets(train_feats, _rows(plan.corpus_plan, dim), cfg.temperature(),
-                                    cfg.image_chunk, cfg.corpus_chunk, device, cfg.progress)
+                                    cfg.image_chunk, cfg.corpus_chunk, encoder.device, cfg.progress)
         data.save_arrays(plan.agg_path, {"agg": agg.numpy().astype(np.float16)}, plan.agg_key)
-    return {"name": cfg.dataset_name(), "folder": str(plan.folder), "train": len(train),
+    return {"name": cfg.dataset_name(), "folder": str(plan.folder),
+            "eval_dataset": cfg.eval_dataset_name(), "train": len(train),
             "val": len(plan.images["val"]), "test": len(plan.images["test"]),
             "corpus": len(plan.corpus), "dim": dim, "agg_temperature": cfg.temperature(),
-            "references": {s: str(plan.folder / f"refs_{s}.json") for s in ("val", "test")}}
+            "references": {s: str(plan.eval_folder / f"refs_{s}.json") for s in ("val", "test")}}
 
 
 def load_real_data(cfg: RealDataConfig) -> CaptionData:
@@ -470,22 +565,17 @@ def load_real_data(cfg: RealDataConfig) -> CaptionData:
     plan = _plan(cfg)
     paths = {im.id: im.path for ims in plan.images.values() for im in ims}
 
-    def feats(part: tuple, images=None):
+    def cached(part: tuple) -> dict[str, np.ndarray]:
         try:
-            cached = _rows(part).load()
+            return _rows(part).load()
         except DataError as e:
             raise DataError(f"{e}; dataset {cfg.dataset_name()} is not fully prepared: run "
                             "`python cgtgan.py prepare` with the same settings") from None
-        x, kept = _readable(cached, images) if images is not None else (cached["feats"], None)
-        x = torch.from_numpy(x.astype(np.float32))  # (n, D)
-        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12), kept
 
-    train_feats, train = feats(plan.image_plans["train"], plan.images["train"])
-    corpus_feats, _ = feats(plan.corpus_plan)
-    splits = {}
-    for s in ("val", "test"):
-        x, ims = feats(plan.image_plans[s], plan.images[s])
-        splits[s] = EvalSplit([im.id for im in ims], x, {im.id: im.sentences for im in ims})
+    train_x, train = _readable(cached(plan.image_plans["train"]), plan.images["train"])
+    train_feats = torch.from_numpy(train_x.astype(np.float32))  # (N, D)
+    corpus_feats = torch.from_numpy(cached(plan.corpus_plan)["feats"].astype(np.float32))  # (M, D)
+    splits = {s: _eval_split(cached(plan.image_plans[s]), plan.images[s]) for s in ("val", "test")}
     agg = data.load_arrays(plan.agg_path, plan.agg_key)
     if agg is None:
         raise DataError(f"CLIP-agg targets {plan.agg_path} are missing or corrupt; run "
@@ -494,12 +584,45 @@ def load_real_data(cfg: RealDataConfig) -> CaptionData:
         name=cfg.dataset_name(), clip_path=clip_file(cfg.clip),
         clip_bpe_path=Path(cfg.clip_bpe) if cfg.clip_bpe else None,
         gpt2_path=Path(cfg.gpt2), roberta_path=Path(cfg.roberta),
-        train_ids=[im.id for im in train], train_feats=train_feats,
-        corpus=plan.corpus, corpus_feats=corpus_feats, splits=splits,
+        train_ids=[im.id for im in train], train_feats=_unit(train_feats),
+        corpus=plan.corpus, corpus_feats=_unit(corpus_feats), splits=splits,
         image_loader=lambda i: _load_image(paths, i),
         train_agg_targets=torch.from_numpy(agg["agg"].astype(np.float32)),
         agg_temperature=cfg.temperature(),
     ).validate()
+
+
+def load_eval_data(cfg: RealDataConfig, split: str) -> CaptionData:
+    """The models and one split (val or test) of the evaluation dataset, for `cgtgan.py eval`.
+
+    The evaluation dataset is eval_split_file's when set, else split_file's. Images whose
+    embeddings are not cached yet are embedded now with the run's CLIP (atomic fp16 shards in
+    cache_dir/<eval name>/, reused next time), so a run trained on one dataset can be scored on
+    another without `prepare`. No training images, corpus or CLIP-agg targets are read: the
+    CaptionData has none (train_feats and corpus_feats are (0, D)) and is for captioning only.
+    """
+    check_model_dir(cfg.gpt2, "GPT-2")
+    check_model_dir(cfg.roberta, "RoBERTa")
+    images = _eval_images(cfg, (split,))[split]
+    folder = Path(cfg.cache_dir) / cfg.eval_dataset_name()
+    part = _image_plans({split: images}, cfg, folder, _model_key(cfg))[split]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"refs_{split}.json", coco_references(images))
+    _fill_shards([str(im.path) for im in images], part, ClipEncoder(cfg).images, cfg,
+                 f"images ({split})")
+    es = _eval_split(_rows(part).load(), images)
+    empty = torch.zeros(0, es.feats.shape[1])  # (0, D)
+    paths = {im.id: im.path for im in images}
+    return CaptionData(
+        name=cfg.eval_dataset_name(), clip_path=clip_file(cfg.clip),
+        clip_bpe_path=Path(cfg.clip_bpe) if cfg.clip_bpe else None,
+        gpt2_path=Path(cfg.gpt2), roberta_path=Path(cfg.roberta), train_ids=[],
+        train_feats=empty, corpus=[], corpus_feats=empty, splits={split: es},
+        image_loader=lambda i: _load_image(paths, i))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n, D)
 
 
 def clip_file(clip: str) -> Path:

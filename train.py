@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -644,8 +645,11 @@ def format_table(metrics: dict[str, dict], title: str) -> str:
 
 
 def dataset_title(cfg: Config, data) -> str:
-    """The dataset's name for printed tables."""
-    return "ShapesWorld" if cfg.data == "shapesworld" else data.name
+    """The name of the dataset whose val/test splits are scored, for printed tables (for ZS-IC
+    runs, real.eval_split_file's dataset, not the training images')."""
+    if cfg.data == "shapesworld":
+        return "ShapesWorld"
+    return real_config(cfg).eval_dataset_name() if cfg.data == "real" else data.name
 
 
 def run_train(cfg: Config, data=None, resume: bool = False, stop_after: int | None = None,
@@ -825,11 +829,26 @@ def run_init(cfg: Config, data=None, resume: bool = False) -> Path:
 
 
 def run_eval(cfg: Config, run_dir: Path, split: str, checkpoint: str = "best", data=None) -> dict:
+    """Metrics of a checkpoint on a split, printed and written to run_dir/eval-<dataset>-<split>-
+    <checkpoint>.json with the captions. Paper scale reads only that split (realdata.load_eval_data),
+    which is real.eval_split_file's when set: a ZS-IC run is scored on another dataset that way."""
+    if data is None and cfg.data == "real":
+        import realdata
+
+        data = realdata.load_eval_data(real_config(cfg), split)
     data = data if data is not None else load_data(cfg)
     parts = build_parts(cfg, data, with_clip=False)
     load_checkpoint(run_dir / f"{checkpoint}.pt", parts, sections=("gen",))
-    metrics, _ = evaluate_generator(parts, split)
-    print(format_table({f"{run_dir.name} ({checkpoint}.pt)": metrics}, f"{split} split"))
+    metrics, captions = evaluate_generator(parts, split)
+    ids = data.splits[split].ids
+    print(format_table({f"{run_dir.name} ({checkpoint}.pt)": metrics},
+                       f"{dataset_title(cfg, data)} {split} split ({len(ids)} images)"))
+    from data import atomic_write
+
+    name = re.sub(r"\W+", "_", dataset_title(cfg, data))
+    text = json.dumps({"dataset": dataset_title(cfg, data), "split": split, "checkpoint": checkpoint,
+                       "metrics": metrics, "captions": dict(zip(ids, captions))}, indent=2)
+    atomic_write(run_dir / f"eval-{name}-{split}-{checkpoint}.json", lambda tmp: tmp.write_text(text))
     return metrics
 
 

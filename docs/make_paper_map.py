@@ -201,6 +201,16 @@ ROWS = [
          "captions get \".\" appended after checking only the last character (so \" .\" "
          "survives). Ours: one cleaning for every corpus in `realdata.clean_sentences` "
          "(lowercase, no final period)."),
+        ("Zero-shot setting (ZS-IC)",
+         "no in-domain images or captions in training; scored on another dataset's Karpathy test split",
+         [("cgtgan.py", "PRESETS"), ("cgtgan.py", "EVAL_DATASETS"), ("train.py", "run_eval"),
+          ("realdata.py", "load_eval_data")],
+         [("tests/test_paperscale.py", "test_zsic_eval_scores_another_datasets_test_split"),
+          ("tests/test_paperscale.py", "test_eval_bad_target_gives_one_line_errors")], None,
+         "Official: the README documents COCO images with the GCC corpus, validated and tested on "
+         "COCO, and evaluation of a checkpoint on any prepared test file. Ours: the `zsic` preset "
+         "(web images listed as train, GCC corpus, COCO val/test); `eval --dataset` or "
+         "`real.eval_split_file` scores any run on another split, embedding its images on first use."),
     ]),
     ("Beyond the paper: CLIP itself", [
         ("CLIP's contrastive loss",

@@ -5,6 +5,10 @@
   dataset_coco.json                          a Karpathy split file (train, restval, val, test)
   corpus.txt                                 an external corpus, one sentence per line (with the
                                              blank lines, duplicates and odd casing real ones have)
+  flickr30k/*.jpg, dataset_flickr30k.json    a second dataset in Flickr30k's layout (no filepath,
+                                             no cocoid), the target of zero-shot (ZS-IC) evaluation
+  web/*.jpg, dataset_web.json                "web" images listed as train only, without captions:
+                                             ZS-IC training images
   gpt2/, roberta/                            random-weight GPT2LMHeadModel / RobertaModel saved with
                                              save_pretrained, with byte-level BPE tokenizers
                                              trained on the fixture's sentences
@@ -28,6 +32,8 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220),
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128)}
 SPLITS = ["train"] * 6 + ["restval"] * 2 + ["val"] * 2 + ["test"] * 2
+FLICKR_SPLITS = ["train"] * 2 + ["val"] * 2 + ["test"] * 3
+WEB_IMAGES = 4
 
 
 @dataclass
@@ -40,6 +46,10 @@ class PaperFixture:
     roberta: Path
     clip: Path
     clip_bpe: Path
+    flickr_split_file: Path
+    flickr_image_root: Path
+    web_split_file: Path
+    web_image_root: Path
 
     def config(self, **overrides):
         """The RealDataConfig that prepares this fixture (tiny shards and chunks, no progress bars)."""
@@ -74,6 +84,45 @@ def _captions(colour: str, shape: str, background: str) -> list[str]:
             f"There is a {colour} {shape} in the picture.",
             f"A picture of one {colour} {shape}  on {background}.",
             f"The {shape} is {colour} and the background is {background}."]
+
+
+def _flickr_captions(colour: str, shape: str, background: str) -> list[str]:
+    return [f"Someone drew a {colour} {shape} over {background}.",
+            f"A {shape} , {colour} , on a {background} background",
+            f"A simple drawing of a {colour} {shape}."]
+
+
+def _write_flickr(root: Path, rng: random.Random) -> tuple[Path, Path, list[str]]:
+    """dataset_flickr30k.json and flickr30k/: Flickr30k's layout (bare file names) and ids."""
+    image_root = root / "flickr30k"
+    image_root.mkdir(parents=True, exist_ok=True)
+    entries, sentences = [], []
+    for k, split in enumerate(FLICKR_SPLITS):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        background = rng.choice(list(BACKGROUNDS))
+        filename = f"{1000092795 + 17 * k}.jpg"
+        _draw(colour, shape, background, rng).save(image_root / filename)
+        caps = _flickr_captions(colour, shape, background)
+        sentences += caps
+        entries.append({"filename": filename, "imgid": k, "split": split,
+                        "sentences": [{"raw": c, "imgid": k} for c in caps]})
+    split_file = root / "dataset_flickr30k.json"
+    split_file.write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
+    return split_file, image_root, sentences
+
+
+def _write_web(root: Path, rng: random.Random) -> tuple[Path, Path]:
+    """dataset_web.json and web/: uncaptioned training images, as web-crawled ones would be."""
+    image_root = root / "web"
+    image_root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for k in range(WEB_IMAGES):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        _draw(colour, shape, rng.choice(list(BACKGROUNDS)), rng).save(image_root / f"web_{k}.png")
+        entries.append({"filename": f"web_{k}.png", "imgid": k, "split": "train", "sentences": []})
+    split_file = root / "dataset_web.json"
+    split_file.write_text(json.dumps({"images": entries, "dataset": "web"}))
+    return split_file, image_root
 
 
 def _corpus_lines(rng: random.Random) -> list[str]:
@@ -185,6 +234,11 @@ def build_paperscale_fixture(root: str | Path, seed: int = 0, models: bool = Tru
     corpus_lines = _corpus_lines(rng)
     corpus_file.write_text("\n".join(corpus_lines) + "\n")
     sentences += [s for s in corpus_lines if s.strip()]
+    # A separate generator, so that the COCO-format part stays as it was before these were added.
+    other = random.Random(seed + 1)
+    flickr_split_file, flickr_root, flickr_sentences = _write_flickr(root, other)
+    sentences += flickr_sentences
+    web_split_file, web_root = _write_web(root, other)
 
     clip_bpe = root / "clip_bpe.txt"
     clip_model.write_merges(clip_bpe, _clip_merges(sentences))
@@ -193,4 +247,5 @@ def build_paperscale_fixture(root: str | Path, seed: int = 0, models: bool = Tru
     gpt2, roberta = root / "gpt2", root / "roberta"
     if models:
         _save_hf_models(sentences, gpt2, roberta)
-    return PaperFixture(root, split_file, image_root, corpus_file, gpt2, roberta, clip_path, clip_bpe)
+    return PaperFixture(root, split_file, image_root, corpus_file, gpt2, roberta, clip_path, clip_bpe,
+                        flickr_split_file, flickr_root, web_split_file, web_root)

@@ -2,7 +2,8 @@
 
 On the fixture of tests/fixtures.py (a dozen small images, a Karpathy split file, a corpus file,
 random-weight GPT-2 / RoBERTa / CLIP in the released formats): `prepare`, `init`, `train` and
-`eval`, in-domain and with an external corpus file. The presets carry the paper's settings, and a
+`eval`, in-domain, with an external corpus file, and zero-shot (ZS-IC: trained on uncaptioned
+"web" images and a corpus file, scored on the COCO-format and Flickr30k-format test splits). The presets carry the paper's settings, and a
 missing download fails with a one-line message naming it. A slow test builds the real-sized models
 (GPT-2 124M, RoBERTa-base, ViT-L/14 CLIP; random weights) and runs one training step on the CPU.
 """
@@ -129,12 +130,13 @@ def test_cli_external_corpus_file(fx, tmp_path):
 # Presets: the paper's settings, and one-line errors for missing downloads
 
 
-PRESET_SETTINGS = {  # preset: (CLIP-agg temperature, corpus)
-    "coco": (100.0, "in-domain"),
-    "flickr30k": (125.0, "in-domain"),
-    "coco-shutterstock": (100.0, "data/shutterstock.txt"),
-    "coco-flickr30k": (125.0, "data/flickr30k_captions.txt"),
-    "coco-gcc": (175.0, "data/gcc.txt"),
+PRESET_SETTINGS = {  # preset: (CLIP-agg temperature, corpus, training split file, eval split file)
+    "coco": (100.0, "in-domain", "dataset_coco.json", ""),
+    "flickr30k": (125.0, "in-domain", "dataset_flickr30k.json", ""),
+    "coco-shutterstock": (100.0, "data/shutterstock.txt", "dataset_coco.json", ""),
+    "coco-flickr30k": (125.0, "data/flickr30k_captions.txt", "dataset_coco.json", ""),
+    "coco-gcc": (175.0, "data/gcc.txt", "dataset_coco.json", ""),
+    "zsic": (175.0, "data/gcc.txt", "dataset_web.json", "data/dataset_coco.json"),
 }
 
 
@@ -150,7 +152,7 @@ def test_preset_has_the_paper_settings(preset, monkeypatch):
     assert code == 0, err
     cfg = seen[0]
     real = train.real_config(cfg)
-    t, corpus = PRESET_SETTINGS[preset]
+    t, corpus, split_file, eval_split_file = PRESET_SETTINGS[preset]
     assert cfg.data == "real" and real.clip == "ViT-L/14" and real.corpus == corpus
     assert (cfg.gen.prefix_len, cfg.gen.max_len, cfg.gen.end_token) == (10, 20, ".")
     assert (cfg.gan.batch, cfg.gan.k, cfg.gan.lr, cfg.init.lr) == (64, 5, 1e-5, 2e-5)
@@ -159,8 +161,7 @@ def test_preset_has_the_paper_settings(preset, monkeypatch):
     # The temperature of the prepared CLIP-agg targets and of training agree.
     assert real.temperature() == cfg.gan.temperature == t
     assert Path(real.gpt2).name == "gpt2" and Path(real.roberta).name == "roberta-base"
-    dataset = "flickr30k" if preset == "flickr30k" else "coco"
-    assert Path(real.split_file).name == f"dataset_{dataset}.json"
+    assert Path(real.split_file).name == split_file and real.eval_split_file == eval_split_file
 
 
 def test_preset_without_downloads_names_the_split_file(tmp_path):
@@ -204,6 +205,137 @@ def test_missing_model_message_names_the_hub_repository(fx, prepared_cache, tmp_
     options = {**real_options(fx, prepared_cache), f"real.{model}": missing}
     code, _, err = cli(["train", "--preset", "coco"] + sets(options))
     assert code == 2 and f"huggingface-cli download {repo} --local-dir {missing}" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# ZS-IC: train without in-domain data, score on other datasets' test splits through `eval`
+
+
+@pytest.fixture(scope="module")
+def zsic(fx, tmp_path_factory):
+    """The zsic preset on the fixture: web images + corpus file, validated and tested on the
+    COCO-format split; then `eval` on the Flickr30k-format test split, twice (the second reuses
+    the embeddings the first cached)."""
+    root = tmp_path_factory.mktemp("zsic")
+    options = {**real_options(fx, root / "cache"), **TINY, "runs_dir": root / "runs",
+               "real.split_file": fx.web_split_file, "real.image_root": fx.web_image_root,
+               "real.corpus": fx.corpus_file, "real.eval_split_file": fx.split_file,
+               "real.eval_image_root": fx.image_root, "gan.batch": 2, "init.batch": 4}
+    argv = ["--preset", "zsic"] + sets(options)
+    flickr = sets({"real.eval_split_file": fx.flickr_split_file,
+                   "real.eval_image_root": fx.flickr_image_root})
+    run = str(root / "runs" / "zsic")
+    outputs = {"prepare": cli(["prepare"] + argv), "train": cli(["train", "--name", "zsic"] + argv),
+               "eval_coco": cli(["eval", "--run", run]),
+               "eval_flickr": cli(["eval", "--run", run] + flickr)}
+    return root, root / "runs" / "zsic", outputs, flickr
+
+
+def test_zsic_prepare_embeds_the_web_images_and_the_eval_dataset(zsic):
+    root, _, outputs, _ = zsic
+    code, out, err = outputs["prepare"]
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["train"], summary["val"], summary["test"]) == (4, 2, 2)  # web / COCO / COCO
+    assert summary["name"] == "web" and summary["eval_dataset"] == "coco"
+    assert summary["agg_temperature"] == 175.0 and summary["corpus"] == 24
+    assert Path(summary["references"]["test"]) == root / "cache" / "coco" / "refs_test.json"
+    assert list((root / "cache" / "coco" / "images").glob("test-*.safetensors"))
+    assert not list((root / "cache" / "web" / "images").glob("test-*"))
+
+
+def test_zsic_train_tests_on_the_other_dataset(zsic):
+    _, run_dir, outputs, _ = zsic
+    code, out, err = outputs["train"]
+    assert code == 0, err
+    assert "coco test split (2 images)" in out
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["real"]["corpus"].endswith("corpus.txt")
+    assert config["real"]["split_file"].endswith("dataset_web.json")
+    # eval without a target scores the run's own evaluation dataset: the test table's numbers.
+    code, out, err = outputs["eval_coco"]
+    assert code == 0, err
+    row = json.loads((run_dir / "results.json").read_text())["test"]["CgT-GAN (agg+gan)"]
+    saved = json.loads((run_dir / "eval-coco-test-best.json").read_text())
+    assert saved["metrics"]["CIDEr-D"] == pytest.approx(row["CIDEr-D"])
+
+
+def test_zsic_eval_scores_another_datasets_test_split(fx, zsic):
+    root, run_dir, outputs, _ = zsic
+    code, out, err = outputs["eval_flickr"]
+    assert code == 0, err
+    assert "flickr30k test split (3 images)" in out
+    saved = json.loads((run_dir / "eval-flickr30k-test-best.json").read_text())
+    assert saved["dataset"] == "flickr30k" and len(saved["captions"]) == 3
+    assert set(saved["captions"]) == {"4", "5", "6"}  # Flickr30k ids are imgid
+    for key in ("CIDEr-D", "BLEU-4", "ROUGE-L"):
+        assert math.isfinite(saved["metrics"][key])
+    # The Flickr30k test images were embedded on the fly with the run's CLIP, in their own cache.
+    assert list((root / "cache" / "flickr30k" / "images").glob("test-*.safetensors"))
+    refs = json.loads((root / "cache" / "flickr30k" / "refs_test.json").read_text())
+    assert len(refs["images"]) == 3 and len(refs["annotations"]) == 9
+
+
+def test_zsic_eval_reuses_cached_embeddings(fx, zsic, monkeypatch):
+    """A second eval on the same split reads the cache: CLIP is never loaded."""
+    import clip_model
+
+    _, run_dir, outputs, flickr = zsic
+    first = json.loads((run_dir / "eval-flickr30k-test-best.json").read_text())
+    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("CLIP was loaded"))
+    code, _, err = cli(["eval", "--run", str(run_dir)] + flickr)
+    assert code == 0, err
+    again = json.loads((run_dir / "eval-flickr30k-test-best.json").read_text())
+    assert again["metrics"] == first["metrics"] and again["captions"] == first["captions"]
+
+
+def _one_line_error(argv: list[str]) -> str:
+    code, out, err = cli(argv)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_eval_bad_target_gives_one_line_errors(fx, zsic, tmp_path):
+    _, run_dir, _, _ = zsic
+    run = ["eval", "--run", str(run_dir)]
+    missing = tmp_path / "dataset_nope.json"
+    err = _one_line_error(run + sets({"real.eval_split_file": missing,
+                                      "real.eval_image_root": fx.flickr_image_root}))
+    assert f"split file {missing} does not exist" in err and "real.eval_split_file" in err
+    err = _one_line_error(run + sets({"real.eval_split_file": fx.flickr_split_file,
+                                      "real.eval_image_root": tmp_path / "no_images"}))
+    assert "3 of 3 images listed in" in err and str(fx.flickr_split_file) in err
+    assert "fix real.eval_image_root" in err
+    err = _one_line_error(run + sets({"real.eval_split_file": fx.web_split_file,
+                                      "real.eval_image_root": fx.web_image_root}))
+    assert f"split file {fx.web_split_file} has no test images" in err
+    err = _one_line_error(run + sets({"real.eval_split_file": fx.flickr_split_file,
+                                      "real.eval_image_root": ""}))
+    assert "real.eval_image_root is not set" in err
+
+
+def test_eval_dataset_names_the_missing_download(zsic, tmp_path, monkeypatch):
+    """--dataset flickr30k reads the presets' paths; without the download, one line names it."""
+    monkeypatch.chdir(tmp_path)
+    err = _one_line_error(["eval", "--run", str(zsic[1]), "--dataset", "flickr30k"])
+    assert "data/dataset_flickr30k.json does not exist" in err and "Karpathy" in err
+
+
+def test_eval_dataset_refuses_a_shapesworld_run(tmp_path):
+    from dataclasses import asdict
+
+    (tmp_path / "config.json").write_text(json.dumps(asdict(cgtgan.Config())))
+    err = _one_line_error(["eval", "--run", str(tmp_path), "--dataset", "coco"])
+    assert "paper-scale runs (data=real)" in err and "shapesworld" in err
+
+
+def test_zsic_prepare_without_the_eval_split_file(fx, tmp_path):
+    options = {**real_options(fx, tmp_path / "cache"), "real.split_file": fx.web_split_file,
+               "real.image_root": fx.web_image_root, "real.corpus": fx.corpus_file,
+               "real.eval_split_file": tmp_path / "dataset_coco.json",
+               "real.eval_image_root": fx.image_root}
+    err = _one_line_error(["prepare"] + sets(options))
+    assert f"split file {tmp_path / 'dataset_coco.json'} does not exist" in err
 
 
 # ----------------------------------------------------------------------------------------------
