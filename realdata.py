@@ -16,9 +16,10 @@ turns those inputs into the `data.CaptionData` the method consumes:
 Caches live in `cache_dir/<name>/`: `images/<split>-00000.safetensors` ..., `corpus-<source>/...`,
 `agg-<key>.safetensors` and the COCO-format reference files `refs_val.json`, `refs_test.json` that
 evaluate.py reads; the val/test files of an evaluation dataset live in its own folder
-`cache_dir/<eval name>/`, shared by every run evaluated on it. Each shard carries a key (data.cache_key) of the CLIP checkpoint and the exact
-items it embeds, so an interrupted `prepare` resumes at the first missing shard and a cache made
-with another CLIP model or corpus cleaning is detected and rebuilt.
+`cache_dir/<eval name>/`, shared by every run evaluated on it. Each shard carries a key
+(data.cache_key) of the CLIP checkpoint and the exact items it embeds, so an interrupted `prepare`
+resumes at the first missing shard and a cache made with another CLIP model or corpus cleaning is
+detected and rebuilt.
 """
 from __future__ import annotations
 

@@ -2,10 +2,11 @@
 
 On the fixture of tests/fixtures.py (a dozen small images, a Karpathy split file, a corpus file,
 random-weight GPT-2 / RoBERTa / CLIP in the released formats): `prepare`, `init`, `train` and
-`eval`, in-domain, with an external corpus file, and zero-shot (ZS-IC: trained on uncaptioned
-"web" images and a corpus file, scored on the COCO-format and Flickr30k-format test splits). The presets carry the paper's settings, and a
-missing download fails with a one-line message naming it. A slow test builds the real-sized models
-(GPT-2 124M, RoBERTa-base, ViT-L/14 CLIP; random weights) and runs one training step on the CPU.
+`eval`, in-domain, with an external corpus file, and zero-shot (ZS-IC: trained on uncaptioned "web"
+images and a corpus file, scored on the COCO-format and Flickr30k-format test splits). The presets
+carry the paper's settings, and a missing download fails with a one-line message naming it. A slow
+test builds the real-sized models (GPT-2 124M, RoBERTa-base, ViT-L/14 CLIP; random weights) and runs
+one training step on the CPU.
 """
 from __future__ import annotations
 
