@@ -377,9 +377,9 @@ class Discriminator(nn.Module):
 # Building the models: small ones from a tokenizer's vocabulary, or released weights by directory
 
 
-def _from_pretrained(cls, name: str, what: str, download: str):
+def _from_pretrained(cls, name: str, what: str, download: str, **config):
     try:
-        return cls.from_pretrained(name)
+        return cls.from_pretrained(name, **config)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{what} not found at {name!r} ({type(err).__name__}); download it with "
                           f"`huggingface-cli download {download} --local-dir {name}` and pass that "
@@ -412,8 +412,9 @@ def build_generator(cfg: GeneratorConfig, tokenizer, clip_dim: int) -> CaptionGe
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if cfg.pretrained:
-        gpt = _from_pretrained(GPT2LMHeadModel, cfg.pretrained, "GPT-2", "gpt2")
-        gpt.config.resid_pdrop = gpt.config.embd_pdrop = gpt.config.attn_pdrop = cfg.dropout
+        # Dropout set at loading: the modules take p from the config when they are built.
+        drop = {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+        gpt = _from_pretrained(GPT2LMHeadModel, cfg.pretrained, "GPT-2", "gpt2", **drop)
     else:
         gpt = GPT2LMHeadModel(GPT2Config(
             vocab_size=len(tokenizer), n_positions=cfg.prefix_len + cfg.max_len + 4,

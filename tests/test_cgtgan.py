@@ -447,3 +447,12 @@ def test_missing_pretrained_model_is_named(tmp_path, models):
     with pytest.raises(ConfigError, match="RoBERTa not found"):
         build_discriminator(DiscriminatorConfig(pretrained=str(tmp_path / "nope")), gtok)
 
+
+def test_pretrained_generator_takes_the_configured_dropout(tmp_path, models):
+    # Released GPT-2 ships p = 0.1; gen.dropout must reach the modules, not only the config, or
+    # the samples would be drawn with dropout (and by the slower transformers path).
+    _, gtok, _, _ = models
+    tiny_gpt2(vocab_size=len(gtok)).save_pretrained(tmp_path / "gpt2")
+    gen = build_generator(GeneratorConfig(pretrained=str(tmp_path / "gpt2")), gtok, 16).train()
+    assert {m.p for m in gen.gpt.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
+    assert decoding.lean_supported(gen.gpt)
