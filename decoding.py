@@ -31,7 +31,8 @@ def lean_supported(gpt) -> bool:
     """
     cfg = gpt.config
     # The modules' own p, which is what the forward applies (a config edited after loading is not).
-    dropout = gpt.training and any(m.p > 0 for m in gpt.modules() if isinstance(m, torch.nn.Dropout))
+    dropouts = [m.p for m in gpt.modules() if isinstance(m, torch.nn.Dropout)]
+    dropout = gpt.training and max(dropouts, default=0) > 0
     return (cfg.model_type == "gpt2" and not cfg.add_cross_attention
             and not cfg.reorder_and_upcast_attn and not dropout)
 
@@ -59,22 +60,25 @@ class LeanCache:
 
     def __init__(self, gpt, max_new: int):
         self.gpt, self.max_new = gpt, max_new
-        self.cache, self.pos = None, 0
+        self.cache, self.shape, self.pos = None, None, 0
         # gelu_new is GELU's tanh approximation; torch's fused kernel is one op instead of six.
         tanh = gpt.config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
-        self.act = (lambda x: F.gelu(x, approximate="tanh")) if tanh else gpt.transformer.h[0].mlp.act
+        self.act = gpt.transformer.h[0].mlp.act
+        if tanh:
+            self.act = lambda x: F.gelu(x, approximate="tanh")
 
     def start(self, embeds: torch.Tensor) -> torch.Tensor:
         """Prefix embeddings (N, P, E) -> next-token logits (N, V)."""
         tr = self.gpt.transformer
         n, p, e = embeds.shape
         heads = tr.config.n_head
-        self.cache = None
+        # Allocated by the first layer, which knows the keys' dtype (bf16 under autocast).
+        self.cache, self.pos = None, 0
         self.shape = (len(tr.h), 2, n, heads, p + self.max_new, e // heads)  # (L, 2, N, H, S, d)
         return self._forward(embeds + tr.wpe.weight[:p])  # (N, V)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The last drawn tokens (n,) of the rows still running -> their next-token logits (n, V)."""
+        """Last drawn tokens (n,) of the rows still running -> their next-token logits (n, V)."""
         tr = self.gpt.transformer
         return self._forward((tr.wte.weight[tokens] + tr.wpe.weight[self.pos])[:, None])  # (n, V)
 
@@ -92,10 +96,11 @@ class LeanCache:
         return self.gpt.lm_head(self.gpt.transformer.ln_f(x[:, -1]))  # (n, V)
 
     def _attention(self, layer: int, attn, x: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention of x (n, t, E) over the cache and itself; writes its keys and values."""
+        """Causal self-attention of x (n, t, E) over the cache and x; caches x's keys and values."""
         n, t, e = x.shape
         qkv = attn.c_attn(x).view(n, t, 3, attn.num_heads, attn.head_dim)  # (n, t, 3, H, d)
-        q, kv = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1:].permute(2, 0, 3, 1, 4)  # (n, H, t, d), (2, n, H, t, d)
+        q = qkv[:, :, 0].transpose(1, 2)  # (n, H, t, d)
+        kv = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)  # (2, n, H, t, d)
         if self.cache is None:
             self.cache = kv.new_empty(self.shape)  # (L, 2, N, H, S, d)
         end = self.pos + t
@@ -122,7 +127,7 @@ class HFCache:
         return self._read(self.gpt(inputs_embeds=embeds, use_cache=True, logits_to_keep=1))
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The last drawn tokens (n,) of the rows still running -> their next-token logits (n, V)."""
+        """Last drawn tokens (n,) of the rows still running -> their next-token logits (n, V)."""
         return self._read(self.gpt(input_ids=tokens[:, None], use_cache=True,
                                    **{self.cache_kw: self.cache}))
 
