@@ -7,7 +7,8 @@ tells corpus sentences from generated captions and its logit is the naturalness 
 CLIP-cos and CLIP-agg rewards score the caption against the image. Sec. 3.4: self-critical policy
 gradient with the greedy caption as baseline, lambda mixing semantic and naturalness rewards.
 
-This file holds the nouns and equations; train.py holds the loops, the run folder and the stages.
+This file holds the nouns and equations; train.py holds the loops, the run folder and the stages;
+decoding.py holds the GPT-2 KV-cache step behind the decoding methods.
 `python cgtgan.py train` runs the ShapesWorld demo end to end (see `main` at the bottom).
 
 Shape legend: B images, K samples per image, T tokens, P prefix tokens, D CLIP embedding width,
@@ -15,7 +16,6 @@ E GPT-2 width, H RoBERTa width, V vocabulary, M corpus sentences, N sequences (B
 """
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import decoding
 
 # Labels at padding positions; cross-entropy skips them. Never 0: that is GPT-2's token "!".
 IGNORE_INDEX = -1
@@ -230,9 +232,6 @@ class CaptionGenerator(nn.Module):
         super().__init__()
         self.mapping, self.gpt = mapping, gpt
         self.end_id, self.max_len = end_id, max_len
-        # transformers renamed `past_key_values` to `cache` in 5.x; support both.
-        params = inspect.signature(gpt.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         prefix = self.mapping(feats)  # (N, P, E)
@@ -316,34 +315,29 @@ class CaptionGenerator(nn.Module):
 
         `choose(logits (n, V), rows (n,), t) -> (n,)` picks the tokens of the rows still being
         decoded. A row that emits the end token leaves the batch (and its cache), so the model
-        only runs on unfinished captions (generate() keeps computing finished rows). That saves
-        FLOPs for large models; at ShapesWorld's size the per-call overhead dominates instead.
+        only runs on unfinished captions (generate() keeps computing finished rows). The cache is
+        decoding.LeanCache, a lean GPT-2 step over the model's own weights, when it is exact for
+        this model (else transformers' forward and cache): at ShapesWorld's size the per-call
+        overhead of the full forward, not the FLOPs, dominates.
         """
         n = feats.shape[0]
         ids = torch.full((n, self.max_len), self.end_id, dtype=torch.long, device=feats.device)
         mask = torch.zeros(n, self.max_len, device=feats.device)
         rows = torch.arange(n, device=feats.device)  # (n',) rows still being decoded
-        out = self.gpt(inputs_embeds=self.mapping(feats), use_cache=True, logits_to_keep=1)
+        cache = decoding.kv_cache(self.gpt, self.max_len)
+        logits = cache.start(self.mapping(feats))  # (N, V)
         for t in range(self.max_len):
-            token = choose(out.logits[:, -1].float(), rows, t)  # (n',)
+            token = choose(logits.float(), rows, t)  # (n',)
             ids[rows, t], mask[rows, t] = token, 1.0
             keep = token != self.end_id  # (n',)
             if not keep.any():
                 break
-            cache = out.get("cache") or out.get("past_key_values")
             if not keep.all():
-                cache = _select_rows(cache, keep.nonzero().squeeze(1))
-                rows, token = rows[keep], token[keep]
-            out = self.gpt(input_ids=token[:, None], use_cache=True, **{self._cache_kw: cache})
+                index = keep.nonzero().squeeze(1)  # (n'',)
+                cache.keep(index)
+                rows, token = rows[index], token[index]
+            logits = cache.step(token)  # (n', V)
         return ids[:, :t + 1], mask[:, :t + 1]  # (N, T), (N, T)
-
-
-def _select_rows(cache, index: torch.Tensor):
-    """Keep the given batch rows of a KV cache (a transformers Cache, or legacy tuples)."""
-    if hasattr(cache, "batch_select_indices"):
-        cache.batch_select_indices(index)
-        return cache
-    return tuple(tuple(x[index] for x in layer) for layer in cache)
 
 
 def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -396,9 +390,9 @@ class Discriminator(nn.Module):
 # Building the models: small ones from a tokenizer's vocabulary, or released weights by directory
 
 
-def _from_pretrained(cls, name: str, what: str, download: str):
+def _from_pretrained(cls, name: str, what: str, download: str, **config):
     try:
-        return cls.from_pretrained(name)
+        return cls.from_pretrained(name, **config)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{what} not found at {name!r} ({type(err).__name__}); download it with "
                           f"`huggingface-cli download {download} --local-dir {name}` and pass that "
@@ -431,8 +425,9 @@ def build_generator(cfg: GeneratorConfig, tokenizer, clip_dim: int) -> CaptionGe
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if cfg.pretrained:
-        gpt = _from_pretrained(GPT2LMHeadModel, cfg.pretrained, "GPT-2", "gpt2")
-        gpt.config.resid_pdrop = gpt.config.embd_pdrop = gpt.config.attn_pdrop = cfg.dropout
+        # Dropout set at loading: the modules take p from the config when they are built.
+        drop = {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+        gpt = _from_pretrained(GPT2LMHeadModel, cfg.pretrained, "GPT-2", "gpt2", **drop)
     else:
         gpt = GPT2LMHeadModel(GPT2Config(
             vocab_size=len(tokenizer), n_positions=cfg.prefix_len + cfg.max_len + 4,

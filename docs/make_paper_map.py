@@ -55,9 +55,12 @@ ROWS = [
          "captions end at \".\" or after 20 tokens; greedy at test time; K samples in training",
          [("cgtgan.py", "CaptionGenerator.greedy"), ("cgtgan.py", "CaptionGenerator.sample"),
           ("cgtgan.py", "CaptionGenerator.draw"), ("cgtgan.py", "sample_categorical"),
-          ("cgtgan.py", "CaptionGenerator.beam_search")],
+          ("cgtgan.py", "CaptionGenerator.beam_search"), ("decoding.py", "LeanCache")],
          [(T_CG, "test_decoding_stops_at_end_token"),
-          (T_CG, "test_sample_categorical_matches_distribution")], None,
+          (T_CG, "test_sample_categorical_matches_distribution"),
+          (T_CG, "test_lean_cache_logits_equal_full_forward"),
+          (T_CG, "test_greedy_equals_naive_argmax_loop"),
+          (T_CG, "test_draw_with_fixed_uniforms_equals_references")], None,
          "Official: samples are drawn with dropout on (train mode) and the greedy baseline in "
          "eval mode; a caption cut at 20 tokens gets its last token overwritten with \".\". "
          "Ours: dropout 0 by default (`gen.dropout`), a cut caption keeps its tokens; beam "

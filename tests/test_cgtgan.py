@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import cgtgan
+import decoding
 from cgtgan import (IGNORE_INDEX, Config, ConfigError, DiscriminatorConfig, GeneratorConfig,
                     apply_overrides, build_discriminator, build_generator, caption_loss,
                     clip_agg_reward, clip_agg_target, clip_cos_reward, discriminator_loss,
@@ -188,6 +189,123 @@ def test_sample_categorical_matches_distribution():
 
 
 # ----------------------------------------------------------------------------------------------
+# Decoding: the lean KV-cache step equals transformers' GPT-2 forward
+
+
+def tiny_gpt2(**extra):
+    """A random 2-layer GPT-2 with the released model's defaults (gelu_new, dropout 0.1)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(**{"vocab_size": 60, "n_positions": 16, "n_embd": 32,
+                                         "n_layer": 2, "n_head": 4, **extra})).eval()
+
+
+@pytest.mark.parametrize("extra", [{}, {"scale_attn_by_inverse_layer_idx": True,
+                                        "activation_function": "relu", "n_inner": 40}])
+def test_lean_cache_logits_equal_full_forward(extra):
+    # GPT-2 124M's settings (gelu_new, scale_attn_weights) and a variant; rows 1 then 0 finish
+    # early, so the cache drops rows between steps as _decode does.
+    gpt = tiny_gpt2(**extra)
+    embeds = torch.randn(4, 3, 32)  # (N, P, E)
+    lean, hf = decoding.LeanCache(gpt, max_new=6), decoding.HFCache(gpt)
+    with torch.no_grad():
+        logits = lean.start(embeds)  # (N, V)
+        torch.testing.assert_close(logits, hf.start(embeds), atol=1e-5, rtol=1e-5)
+        for t in range(6):
+            # Reference: the full forward over every embedding so far, no cache.
+            torch.testing.assert_close(logits, gpt(inputs_embeds=embeds).logits[:, -1],
+                                       atol=1e-5, rtol=1e-5)
+            token = logits.argmax(-1)  # (n,)
+            if t in (1, 3):
+                rows = torch.tensor([i for i in range(len(token)) if i != 3 - t])  # (n-1,)
+                lean.keep(rows)
+                hf.keep(rows)
+                embeds, token = embeds[rows], token[rows]
+            embeds = torch.cat([embeds, gpt.transformer.wte(token)[:, None]], 1)  # (n, P+t+1, E)
+            logits = lean.step(token)  # (n, V)
+            torch.testing.assert_close(logits, hf.step(token), atol=1e-5, rtol=1e-5)
+    assert logits.shape == (2, 60)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_lean_cache_under_bf16_autocast(device):
+    gpt = tiny_gpt2().to(device)
+    embeds = torch.randn(4, 3, 32, device=device)  # (N, P, E)
+    lean, hf = decoding.LeanCache(gpt, max_new=3), decoding.HFCache(gpt)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        a, b = lean.start(embeds), hf.start(embeds)  # (N, V)
+        for _ in range(3):
+            assert a.dtype == b.dtype == torch.bfloat16 and a.device == embeds.device
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+            a, b = lean.step(a.argmax(-1)), hf.step(a.argmax(-1))
+
+
+def test_lean_cache_refuses_what_it_cannot_reproduce():
+    assert isinstance(decoding.kv_cache(tiny_gpt2(), 4), decoding.LeanCache)
+    assert isinstance(decoding.kv_cache(tiny_gpt2(reorder_and_upcast_attn=True), 4),
+                      decoding.HFCache)
+    dropout = tiny_gpt2(resid_pdrop=0.1)
+    assert decoding.lean_supported(dropout)  # eval mode: dropout is off
+    assert not decoding.lean_supported(dropout.train())
+    no_dropout = tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()
+    assert decoding.lean_supported(no_dropout)  # p = 0: training mode changes nothing
+
+
+def naive_decode(gen, feats: torch.Tensor, uniforms=None, greedy_rows=None) -> torch.Tensor:
+    """Reference decoder: reruns the full forward over prefix + tokens each step, never stops.
+
+    Argmax, or sample_categorical at uniforms (N, T) for rows not in greedy_rows. -> (N, T).
+    """
+    tokens = torch.zeros(len(feats), 0, dtype=torch.long)  # (N, 0)
+    with torch.no_grad():
+        for t in range(gen.max_len):
+            embeds = torch.cat([gen.mapping(feats), gen.gpt.transformer.wte(tokens)], 1)  # (N, P+t, E)
+            logits = gen.gpt(inputs_embeds=embeds).logits[:, -1]  # (N, V)
+            token = logits.argmax(-1)  # (N,)
+            if uniforms is not None:
+                token = torch.where(greedy_rows, token, sample_categorical(logits, uniforms[:, t]))
+            tokens = torch.cat([tokens, token[:, None]], 1)  # (N, t+1)
+    return tokens
+
+
+def cut_at_end(ids: torch.Tensor, end_id: int) -> list[list[int]]:
+    """Token rows (N, T) -> lists that stop after the first end token."""
+    out = []
+    for row in ids.tolist():
+        out.append(row[:row.index(end_id) + 1] if end_id in row else row)
+    return out
+
+
+def test_greedy_equals_naive_argmax_loop(models):
+    gen = models[0]
+    feats = F.normalize(torch.randn(6, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    endless = naive_decode(gen, feats)  # (N, T)
+    gen.end_id = endless[0, 2].item()  # row 0 ends by its third token: ragged finishing
+    ids, mask = gen.greedy(feats)
+    assert [r[:int(m.sum())] for r, m in zip(ids.tolist(), mask)] == cut_at_end(endless, gen.end_id)
+    assert len(set(mask.sum(1).tolist())) > 1
+
+
+def test_draw_with_fixed_uniforms_equals_references(models, monkeypatch):
+    gen = models[0]
+    feats = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(2)), dim=-1)
+    uniforms = torch.rand(8, gen.max_len, generator=torch.Generator().manual_seed(3))  # (N, T)
+    greedy_rows = torch.arange(8) >= 6  # (N,)
+    endless = naive_decode(gen, feats, uniforms, greedy_rows)  # (N, T)
+    gen.end_id = endless[0, 3].item()
+    ids, mask = gen.draw(feats, uniforms=uniforms, greedy_rows=greedy_rows)
+    got = [r[:int(m.sum())] for r, m in zip(ids.tolist(), mask)]
+    assert got == cut_at_end(endless, gen.end_id)
+    assert len(set(mask.sum(1).tolist())) > 1
+    # The old path (transformers' forward and cache) draws the same captions.
+    monkeypatch.setattr(decoding, "lean_supported", lambda gpt: False)
+    hf_ids, hf_mask = gen.draw(feats, uniforms=uniforms, greedy_rows=greedy_rows)
+    assert torch.equal(hf_ids, ids) and torch.equal(hf_mask, mask)
+
+
+# ----------------------------------------------------------------------------------------------
 # Rewards and losses: equations against direct computations
 
 
@@ -328,3 +446,13 @@ def test_missing_pretrained_model_is_named(tmp_path, models):
         build_generator(GeneratorConfig(pretrained=str(tmp_path / "nope")), gtok, 16)
     with pytest.raises(ConfigError, match="RoBERTa not found"):
         build_discriminator(DiscriminatorConfig(pretrained=str(tmp_path / "nope")), gtok)
+
+
+def test_pretrained_generator_takes_the_configured_dropout(tmp_path, models):
+    # Released GPT-2 ships p = 0.1; gen.dropout must reach the modules, not only the config, or
+    # the samples would be drawn with dropout (and by the slower transformers path).
+    _, gtok, _, _ = models
+    tiny_gpt2(vocab_size=len(gtok)).save_pretrained(tmp_path / "gpt2")
+    gen = build_generator(GeneratorConfig(pretrained=str(tmp_path / "gpt2")), gtok, 16).train()
+    assert {m.p for m in gen.gpt.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
+    assert decoding.lean_supported(gen.gpt)
