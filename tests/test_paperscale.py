@@ -340,6 +340,33 @@ def test_zsic_prepare_without_the_eval_split_file(fx, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Data parallel with the released model formats
+
+
+def test_ddp_group_of_one_trains_with_a_released_format_roberta(fx, prepared_cache, tmp_path):
+    """Inside a torch.distributed group (gloo, one process) `train` wraps both models in
+    DistributedDataParallel. A RoBERTa folder holds pooler weights, as roberta-base does; the
+    discriminator must leave the pooler out, or DDP stops at the second step on parameters that
+    never receive a gradient."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                         world_size=1)
+    try:
+        options = {**real_options(fx, prepared_cache), **TINY, "runs_dir": tmp_path / "runs",
+                   "gan.eval_every": 2}
+        code, _, err = cli(["train", "--preset", "coco", "--name", "ddp"] + sets(options))
+    finally:
+        torch.distributed.destroy_process_group()
+    assert code == 0, err
+    records = (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"loss_g"' in r for r in records) == TINY["gan.steps"]
+
+
+# ----------------------------------------------------------------------------------------------
 # bench/bench_paperscale.py on the fixture's tiny models, so that the GPU benchmark cannot rot
 
 
