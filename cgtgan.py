@@ -444,6 +444,10 @@ def build_discriminator(cfg: DiscriminatorConfig, tokenizer) -> Discriminator:
 
     if cfg.pretrained:
         roberta = _from_pretrained(RobertaModel, cfg.pretrained, "RoBERTa", "roberta-base")
+        # The released weights include a pooler, which the head on <s> does not use; dropped (as
+        # add_pooling_layer=False does), or DistributedDataParallel stops at the second step on
+        # parameters that never receive a gradient.
+        roberta.pooler = None
     else:
         roberta = RobertaModel(RobertaConfig(
             vocab_size=len(tokenizer), hidden_size=cfg.hidden, num_hidden_layers=cfg.n_layer,

@@ -16,7 +16,12 @@
                                              (clip_model.save) and a CLIP-format merges file
 
 The paper-scale code paths (realdata.prepare, the CLI's prepare/init/train/eval) run on it
-unchanged: `fixture.config()` gives the RealDataConfig.
+unchanged: `fixture.config()` gives the RealDataConfig. `n_train` adds that many training images
+(a batch of 64 at the paper's size) after the default ones, which it leaves exactly as they are.
+
+Real-sized models with random weights, in the released formats, for the slow test and
+bench/bench_paperscale.py: `save_full_size_models` (GPT-2 124M and RoBERTa-base with tokenizers of
+the released vocabulary sizes) and `save_full_size_clip` (ViT-L/14, fp16 as OpenAI ships it).
 """
 from __future__ import annotations
 
@@ -204,10 +209,12 @@ def save_random_clip(path: Path, bpe_path: Path, seed: int = 0) -> None:
     clip_model.save(clip_model.CLIP(cfg), path)
 
 
-def build_paperscale_fixture(root: str | Path, seed: int = 0, models: bool = True) -> PaperFixture:
+def build_paperscale_fixture(root: str | Path, seed: int = 0, models: bool = True,
+                             n_train: int = 0) -> PaperFixture:
     """Write the fixture under root (see the module docstring) and return its paths.
 
     models=False skips GPT-2/RoBERTa (the slowest part) for tests that only prepare data.
+    n_train > 0 appends that many more train images (COCO ids after the default ones).
     """
     import clip_model
 
@@ -226,6 +233,19 @@ def build_paperscale_fixture(root: str | Path, seed: int = 0, models: bool = Tru
         sentences += caps
         entries.append({"filepath": folder, "filename": filename, "imgid": k, "cocoid": 1000 + k,
                         "split": split, "sentids": list(range(5 * k, 5 * k + 5)),
+                        "sentences": [{"raw": c, "tokens": c.lower().strip(".").split(),
+                                       "imgid": k, "sentid": 5 * k + j} for j, c in enumerate(caps)]})
+    # Extra training images draw from their own generator: the default ones stay as they were.
+    extra = random.Random(seed + 2)
+    for k in range(len(SPLITS), len(SPLITS) + n_train):
+        colour, shape = extra.choice(list(COLOURS)), extra.choice(SHAPES)
+        background = extra.choice(list(BACKGROUNDS))
+        filename = f"COCO_train2014_{k + 1:012d}.jpg"
+        _draw(colour, shape, background, extra).save(image_root / "train2014" / filename, quality=95)
+        caps = _captions(colour, shape, background)
+        sentences += caps
+        entries.append({"filepath": "train2014", "filename": filename, "imgid": k, "cocoid": 1000 + k,
+                        "split": "train", "sentids": list(range(5 * k, 5 * k + 5)),
                         "sentences": [{"raw": c, "tokens": c.lower().strip(".").split(),
                                        "imgid": k, "sentid": 5 * k + j} for j, c in enumerate(caps)]})
     split_file = root / "dataset_coco.json"
@@ -249,3 +269,103 @@ def build_paperscale_fixture(root: str | Path, seed: int = 0, models: bool = Tru
         _save_hf_models(sentences, gpt2, roberta)
     return PaperFixture(root, split_file, image_root, corpus_file, gpt2, roberta, clip_path, clip_bpe,
                         flickr_split_file, flickr_root, web_split_file, web_root)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real-sized models (random weights) in the released formats
+
+
+def full_size_bpe(size: int, head: list[str], tail: list[str], sentences: list[str]):
+    """A byte-level BPE tokenizer of exactly `size` ids, like the released GPT-2 (50257) and
+    RoBERTa (50265) vocabularies: special tokens `head`, the 256 byte symbols, the merges that
+    spell the sentences' words, two-symbol merges to fill, then special tokens `tail`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    import clip_model
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # GPT-2's byte-to-symbol map is CLIP's (both come from OpenAI's byte-level BPE).
+    symbols = list(clip_model.bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(head + symbols)}
+    words = sorted({w for s in sentences for w, _ in byte_level.pre_tokenize_str(s)})
+    pairs = [(w[:i], w[i]) for w in words for i in range(1, len(w))]
+    pairs += [(a, b) for a in symbols for b in symbols]
+    merges = []
+    for a, b in pairs:
+        if len(vocab) == size - len(tail):
+            break
+        if a in vocab and b in vocab and a + b not in vocab:
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+    vocab.update({s: len(vocab) + i for i, s in enumerate(tail)})
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(head + tail)
+    assert tok.get_vocab_size() == size
+    return tok
+
+
+def save_full_size_models(gpt2_dir: Path, roberta_dir: Path, sentences: list[str],
+                          seed: int = 0) -> None:
+    """Random-weight GPT-2 124M (the hub's `gpt2` shapes) and RoBERTa-base, each with a tokenizer
+    of the released vocabulary size, saved with save_pretrained as the hub's folders are."""
+    import torch
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, RobertaConfig,
+                              RobertaModel, RobertaTokenizerFast)
+
+    gpt_tok = GPT2TokenizerFast(tokenizer_object=full_size_bpe(
+        50257, [], ["<|endoftext|>"], sentences), bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    rob_tok = RobertaTokenizerFast(tokenizer_object=full_size_bpe(
+        50265, ["<s>", "<pad>", "</s>", "<unk>"], ["<mask>"], sentences),
+        bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+        pad_token="<pad>", mask_token="<mask>")
+    assert len(gpt_tok) == 50257 and gpt_tok.eos_token_id == 50256
+    assert len(rob_tok) == 50265 and rob_tok.pad_token_id == 1
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(gpt2_dir)  # 124M, the released `gpt2` shapes
+    gpt_tok.save_pretrained(gpt2_dir)
+    RobertaModel(RobertaConfig(vocab_size=len(rob_tok), max_position_embeddings=514,
+                               type_vocab_size=1, pad_token_id=1, bos_token_id=0,
+                               eos_token_id=2)).save_pretrained(roberta_dir)  # roberta-base shapes
+    rob_tok.save_pretrained(roberta_dir)
+
+
+def full_size_clip_merges(sentences: list[str]) -> list[tuple[str, str]]:
+    """As many merges as OpenAI's CLIP uses (48,894: a 49,408-id vocabulary, ViT-L/14's), so that
+    no merges file need be downloaded: those that spell the sentences' words, then pairs of byte
+    symbols to fill."""
+    import clip_model
+
+    merges = _clip_merges(sentences)
+    seen = {a + b for a, b in merges}
+    symbols = list(clip_model.bytes_to_unicode().values())
+    for a in symbols:
+        for b in symbols + [s + "</w>" for s in symbols]:
+            if len(merges) == clip_model.MAX_MERGES:
+                return merges
+            if a + b not in seen:
+                seen.add(a + b)
+                merges.append((a, b))
+    return merges
+
+
+def save_full_size_clip(path: Path, bpe_path: Path | None = None, sentences: list[str] = (),
+                        seed: int = 0, device: str = "cpu") -> None:
+    """A random-weight ViT-L/14 CLIP in fp16, as OpenAI ships it, saved with OpenAI's key names;
+    with bpe_path, also a merges file of OpenAI's size for the sentences (full_size_clip_merges),
+    else the model reads OpenAI's own file (clip_model's default BPE, downloaded once).
+
+    device="cuda" draws the 428M random weights on the GPU, much faster than on a few CPU cores.
+    """
+    import torch
+
+    import clip_model
+
+    if bpe_path is not None:
+        clip_model.write_merges(bpe_path, full_size_clip_merges(list(sentences)))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = clip_model.CLIP(clip_model.OPENAI_CONFIGS["ViT-L/14"]).half()
+    clip_model.save(model.cpu(), path)

@@ -22,7 +22,7 @@ import torch
 import cgtgan
 import realdata
 import train
-from fixtures import build_paperscale_fixture
+from fixtures import build_paperscale_fixture, save_full_size_clip, save_full_size_models
 
 # Tiny training settings: seconds per stage on the fixture.
 TINY = {"init.steps": 3, "init.batch": 4, "gan.steps": 2, "gan.batch": 2, "gan.k": 2,
@@ -340,70 +340,64 @@ def test_zsic_prepare_without_the_eval_split_file(fx, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Data parallel with the released model formats
+
+
+def test_ddp_group_of_one_trains_with_a_released_format_roberta(fx, prepared_cache, tmp_path):
+    """Inside a torch.distributed group (gloo, one process) `train` wraps both models in
+    DistributedDataParallel. A RoBERTa folder holds pooler weights, as roberta-base does; the
+    discriminator must leave the pooler out, or DDP stops at the second step on parameters that
+    never receive a gradient."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                         world_size=1)
+    try:
+        options = {**real_options(fx, prepared_cache), **TINY, "runs_dir": tmp_path / "runs",
+                   "gan.eval_every": 2}
+        code, _, err = cli(["train", "--preset", "coco", "--name", "ddp"] + sets(options))
+    finally:
+        torch.distributed.destroy_process_group()
+    assert code == 0, err
+    records = (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"loss_g"' in r for r in records) == TINY["gan.steps"]
+
+
+# ----------------------------------------------------------------------------------------------
+# bench/bench_paperscale.py on the fixture's tiny models, so that the GPU benchmark cannot rot
+
+
+def test_bench_paperscale_tiny_runs_on_cpu(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_paperscale
+
+    threads = torch.get_num_threads()
+    try:
+        results = bench_paperscale.main(["--tiny", "--device", "cpu", "--threads", "1",
+                                         "--steps", "1", "--repeats", "1", "--workdir",
+                                         str(tmp_path / "work"), "--json", str(tmp_path / "b.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "b.json").read_text()).keys() == results.keys()
+    assert {"init_fp32", "gan_fp32", "sampler_fp32"} <= results.keys()  # bf16: CUDA only
+    assert (results["setup"]["B"], results["setup"]["K"]) == (4, 2)
+    for key in ("init_fp32", "gan_fp32"):
+        assert results[key]["ms"] > 0 and results[key]["peak_gib"] is None
+    gan = results["gan_fp32"]
+    assert all(math.isfinite(gan[k]) for k in ("loss_g", "loss_sem", "loss_nat", "d_loss"))
+    assert results["sampler_fp32"]["speedup"] > 0
+    # The CLI options it writes point the coco preset at the same models and data.
+    args = (tmp_path / "work" / "cli_args.txt").read_text().split()
+    assert args[0] == "--set" and "real.split_file=" in args[1]
+
+
+# ----------------------------------------------------------------------------------------------
 # The real-sized models (random weights): one step of each stage on the CPU
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map of the 256 bytes to printable characters."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    chars, n = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(keep, map(chr, chars)))
-
-
-def _full_size_bpe(size: int, head: list[str], tail: list[str], sentences: list[str]):
-    """A byte-level BPE tokenizer of exactly `size` ids, like the released GPT-2 (50257) and
-    RoBERTa (50265) vocabularies: special tokens `head`, the 256 byte symbols, the merges that
-    spell the sentences' words, two-symbol merges to fill, then special tokens `tail`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    symbols = list(_bytes_to_unicode().values())
-    vocab = {s: i for i, s in enumerate(head + symbols)}
-    words = sorted({w for s in sentences for w, _ in byte_level.pre_tokenize_str(s)})
-    pairs = [(w[:i], w[i]) for w in words for i in range(1, len(w))]
-    pairs += [(a, b) for a in symbols for b in symbols]
-    merges = []
-    for a, b in pairs:
-        if len(vocab) == size - len(tail):
-            break
-        if a in vocab and b in vocab and a + b not in vocab:
-            vocab[a + b] = len(vocab)
-            merges.append((a, b))
-    vocab.update({s: len(vocab) + i for i, s in enumerate(tail)})
-    tok = Tokenizer(models.BPE(vocab, merges))
-    tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(head + tail)
-    assert tok.get_vocab_size() == size
-    return tok
-
-
-def _save_full_size_models(gpt2_dir: Path, roberta_dir: Path, sentences: list[str]) -> None:
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, RobertaConfig,
-                              RobertaModel, RobertaTokenizerFast)
-
-    gpt_tok = GPT2TokenizerFast(tokenizer_object=_full_size_bpe(
-        50257, [], ["<|endoftext|>"], sentences), bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    rob_tok = RobertaTokenizerFast(tokenizer_object=_full_size_bpe(
-        50265, ["<s>", "<pad>", "</s>", "<unk>"], ["<mask>"], sentences),
-        bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
-        pad_token="<pad>", mask_token="<mask>")
-    assert len(gpt_tok) == 50257 and gpt_tok.eos_token_id == 50256
-    assert len(rob_tok) == 50265 and rob_tok.pad_token_id == 1
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(gpt2_dir)  # 124M, the released `gpt2` shapes
-    gpt_tok.save_pretrained(gpt2_dir)
-    RobertaModel(RobertaConfig(vocab_size=len(rob_tok), max_position_embeddings=514,
-                               type_vocab_size=1, pad_token_id=1, bos_token_id=0,
-                               eos_token_id=2)).save_pretrained(roberta_dir)  # roberta-base shapes
-    rob_tok.save_pretrained(roberta_dir)
 
 
 @pytest.mark.slow
@@ -413,8 +407,6 @@ def test_real_sized_models_take_one_step_on_cpu(tmp_path):
     import resource
     import shutil
     import time
-
-    import clip_model
 
     t0 = time.time()
     fx = build_paperscale_fixture(tmp_path / "fx", models=False)
@@ -430,12 +422,9 @@ def test_real_sized_models_take_one_step_on_cpu(tmp_path):
     split_file.write_text(json.dumps({"images": images, "dataset": "coco"}))
     sentences = [s["raw"] for e in images for s in e["sentences"]]
 
-    torch.manual_seed(0)
     clip_path = tmp_path / "ViT-L-14.pt"
-    vit_l = clip_model.CLIP(clip_model.OPENAI_CONFIGS["ViT-L/14"]).half()  # fp16 as released
-    clip_model.save(vit_l, clip_path)
-    del vit_l
-    _save_full_size_models(tmp_path / "gpt2", tmp_path / "roberta-base", sentences)
+    save_full_size_clip(clip_path)
+    save_full_size_models(tmp_path / "gpt2", tmp_path / "roberta-base", sentences)
     built = time.time() - t0
 
     options = {"real.split_file": split_file, "real.image_root": fx.image_root,

@@ -1,0 +1,332 @@
+"""Benchmark of CgT-GAN at the paper's sizes: milliseconds and peak GPU memory per training step.
+
+Models with random weights in the released formats (GPT-2 124M, RoBERTa-base, a ViT-L/14 CLIP in
+fp16; tests/fixtures.py) and a dataset in the real formats (Karpathy split file, COCO image folders,
+in-domain corpus) with enough training images for a batch of 64. With the coco preset's sizes
+(B=64 images, K=5 samples each, captions of at most 20 tokens) it times, through train.py's own
+code:
+
+  text-only init step   caption loss on B corpus sentences at 20 tokens, backward, AdamW step
+                        (the loop body of train.train_init)
+  CgT-GAN step          train.gan_step: sampling B*K captions + B greedy baselines, CLIP scoring,
+                        discriminator step, self-critical backward
+  sampler               CaptionGenerator.draw (and .sample) against transformers'
+                        generate(do_sample=True) on the same GPT-2 and the same B*K prefixes
+
+each in fp32 and, on CUDA, with bf16 autocast (cfg.bf16), with torch.cuda.max_memory_allocated.
+A random generator almost never emits the end token ".", so every caption runs to the 20-token cap
+and its decoded text is gibberish: the worst case for sampling, tokenising and CLIP.
+
+    python bench/bench_paperscale.py                           # CUDA when present, else the CPU
+    python bench/bench_paperscale.py --tiny --device cpu       # the fixture's tiny models: seconds
+    python bench/bench_paperscale.py --workdir /tmp/ps --json out.json
+
+--workdir keeps the models, dataset and caches (reused by a second run) and writes cli_args.txt:
+the `--set` options that point `cgtgan.py train --preset coco` at them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import cgtgan  # noqa: E402
+import realdata  # noqa: E402
+import train  # noqa: E402
+from fixtures import (SPLITS, build_paperscale_fixture, save_full_size_clip,  # noqa: E402
+                      save_full_size_models)
+
+# Training images in the fixture's default split file (Karpathy's restval images train too).
+DEFAULT_TRAIN_IMAGES = sum(split in ("train", "restval") for split in SPLITS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and data on disk, then a Config that points the coco preset at them
+
+
+def build_inputs(root: Path, tiny: bool, batch: int, device: torch.device) -> dict:
+    """Write the dataset and models under root (once: reused when root/inputs.json exists) and
+    return the `--set` options (key -> value) that point the coco preset at them."""
+    marker = root / "inputs.json"
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        if saved["tiny"] == tiny and saved["batch"] >= batch:
+            return saved["options"]
+    n_train = max(0, batch - DEFAULT_TRAIN_IMAGES)
+    fx = build_paperscale_fixture(root / "data", models=tiny, n_train=n_train)
+    if tiny:
+        clip, clip_bpe, gpt2, roberta = fx.clip, fx.clip_bpe, fx.gpt2, fx.roberta
+    else:
+        split = json.loads(fx.split_file.read_text())
+        sentences = [s["raw"] for e in split["images"] for s in e["sentences"]]
+        clip, clip_bpe = root / "ViT-L-14.pt", root / "clip_bpe.txt.gz"
+        gpt2, roberta = root / "gpt2", root / "roberta-base"
+        save_full_size_clip(clip, clip_bpe, sentences,
+                            device="cuda" if device.type == "cuda" else "cpu")
+        save_full_size_models(gpt2, roberta, sentences)
+    options = {"real.split_file": fx.split_file, "real.image_root": fx.image_root,
+               "real.clip": clip, "real.clip_bpe": clip_bpe, "real.gpt2": gpt2,
+               "real.roberta": roberta, "real.cache_dir": root / "cache", "real.workers": 0,
+               "real.progress": False}
+    options = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()}
+    marker.write_text(json.dumps({"tiny": tiny, "batch": batch, "options": options}, indent=2))
+    return options
+
+
+def make_config(options: dict, args) -> cgtgan.Config:
+    """The coco preset with the fixture's paths and this run's device, batch and K."""
+    cfg = cgtgan.apply_overrides(cgtgan.Config(), cgtgan.PRESETS["coco"])
+    return cgtgan.apply_overrides(cfg, {**options, "device": args.device, "threads": args.threads,
+                                        "gan.batch": args.batch, "gan.k": args.k,
+                                        "init.batch": args.batch, "name": "bench"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, steps: int, device: torch.device) -> dict:
+    """Median milliseconds of fn() over `steps` calls after one warm-up call, the last call's
+    result, and the peak GPU memory (GiB) over the timed calls (None on the CPU)."""
+    fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, out = [], None
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"ms": statistics.median(times), "peak_gib": peak, "last": out}
+
+
+def init_step(parts: train.Parts, opt, g: torch.Generator):
+    """One text-only init step as train.train_init takes it, on B sentences at the 20-token cap
+    (random tokens: the longest batch the preset allows). Returns a function of no arguments."""
+    gen, B = parts.gen, parts.cfg.init.batch
+    vocab = len(parts.gen_tok)
+
+    def step() -> float:
+        tokens = torch.randint(vocab, (B, gen.max_len), generator=g)  # (B, T)
+        tokens[:, -1] = gen.end_id
+        feats = parts.data.corpus_feats[torch.randint(len(parts.data.corpus), (B,), generator=g)]
+        tokens, feats = tokens.to(parts.device), feats.to(parts.device)  # (B, T), (B, D)
+        with parts.autocast():
+            loss = cgtgan.caption_loss(parts.gen_train(feats, tokens), tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+    return step
+
+
+def gan_step(parts: train.Parts, opt_g, opt_d, targets: torch.Tensor, g: torch.Generator):
+    """One train.gan_step on B random training images, with both rewards on (lambda ramped)."""
+    cfg, data = parts.cfg.gan, parts.data
+    step_no = cfg.lambda_hold + cfg.lambda_ramp
+
+    def step() -> tuple[dict, dict]:
+        idx = torch.randperm(len(data.train_ids), generator=g)[:cfg.batch]
+        feats, tgt = data.train_feats[idx].to(parts.device), targets[idx].to(parts.device)
+        return train.gan_step(parts, opt_g, opt_d, feats, tgt, step_no, g)
+    return step
+
+
+def precisions(device: torch.device) -> list[bool]:
+    """bf16 settings to time: autocast is CUDA-only in train.Parts, so the CPU times fp32 alone."""
+    return [False, True] if device.type == "cuda" else [False]
+
+
+def time_steps(parts: train.Parts, steps: int) -> dict:
+    """The init and CgT-GAN steps in each precision: ms, peak GiB, losses and the split."""
+    cfg, results = parts.cfg, {}
+    targets = train.agg_targets(parts)  # (N, D)
+    for bf16 in precisions(parts.device):
+        cfg.bf16 = bf16
+        name = "bf16" if bf16 else "fp32"
+        g = torch.Generator().manual_seed(cfg.seed)
+        parts.gen.train()
+        parts.disc.train()
+        opt = torch.optim.AdamW(parts.gen.parameters(), lr=cfg.init.lr,
+                                weight_decay=cfg.init.weight_decay)
+        r = measure(init_step(parts, opt, g), steps, parts.device)
+        results[f"init_{name}"] = {"ms": r["ms"], "peak_gib": r["peak_gib"], "loss": r["last"]}
+        print(step_line(f"init_{name}", results[f"init_{name}"]), flush=True)
+        del opt
+        opt_g = torch.optim.AdamW(parts.gen.parameters(), lr=cfg.gan.lr,
+                                  weight_decay=cfg.gan.weight_decay)
+        opt_d = torch.optim.AdamW(parts.disc.parameters(), lr=cfg.gan.d_lr,
+                                  weight_decay=cfg.gan.weight_decay)
+        r = measure(gan_step(parts, opt_g, opt_d, targets, g), steps, parts.device)
+        losses, stats = r["last"]
+        results[f"gan_{name}"] = {
+            "ms": r["ms"], "peak_gib": r["peak_gib"], **losses,
+            **{k: stats[k] for k in ("ms_sample", "ms_clip", "ms_disc", "ms_backward", "len")},
+            "example": stats["example"]}
+        print(step_line(f"gan_{name}", results[f"gan_{name}"]), flush=True)
+        del opt_g, opt_d
+        if parts.device.type == "cuda":
+            torch.cuda.empty_cache()
+    cfg.bf16 = False
+    return results
+
+
+def time_sampler(parts: train.Parts, repeats: int) -> dict:
+    """Our sampler against transformers' generate(do_sample=True), B*K rows, same prefixes."""
+    gen, cfg, device = parts.gen, parts.cfg, parts.device
+    B, K = cfg.gan.batch, cfg.gan.k
+    feats = parts.data.train_feats[:B].to(device).repeat_interleave(K, 0)  # (B*K, D)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(B * K, cfg.gen.prefix_len, dtype=torch.long, device=device)  # (B*K, P)
+    gen.eval()
+    results = {}
+
+    def ours():
+        with parts.autocast():
+            return gen.draw(feats, g)[1].sum(-1).mean().item()
+
+    def ours_sample():
+        with parts.autocast():
+            logp = gen.sample(feats[::K], K, g)[1]  # (B, K, T) with gradient
+        return logp.sum().item()
+
+    def theirs():
+        with torch.no_grad(), parts.autocast():
+            out = gen.gpt.generate(inputs_embeds=gen.mapping(feats), attention_mask=mask,
+                                   do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                   max_new_tokens=gen.max_len, eos_token_id=gen.end_id,
+                                   pad_token_id=gen.end_id)
+        return out.shape[1]
+
+    for bf16 in precisions(device):
+        cfg.bf16 = bf16
+        name = "bf16" if bf16 else "fp32"
+        a, b, c = (measure(fn, repeats, device) for fn in (ours, theirs, ours_sample))
+        results[f"sampler_{name}"] = {"ours_ms": a["ms"], "ours_len": a["last"],
+                                      "generate_ms": b["ms"], "generate_len": b["last"],
+                                      "speedup": b["ms"] / a["ms"], "sample_ms": c["ms"]}
+        print(sampler_line(name, results[f"sampler_{name}"]), flush=True)
+    cfg.bf16 = False
+    gen.train()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def setup_lines(setup: dict) -> str:
+    return "\n".join([
+        f"{setup['device_name']} | torch {setup['torch']} | transformers {setup['transformers']} | "
+        f"{setup['size']}",
+        f"B={setup['B']} images x K={setup['K']}, max {setup['T']} tokens, GPT-2 "
+        f"{setup['gpt2_params'] / 1e6:.1f}M (V={setup['V']}), RoBERTa "
+        f"{setup['roberta_params'] / 1e6:.1f}M, CLIP D={setup['D']}; {setup['train_images']} "
+        f"train images, {setup['corpus']} corpus sentences",
+        f"build {setup['s_build']:.1f}s, prepare {setup['s_prepare']:.1f}s, load models "
+        f"{setup['s_load']:.1f}s",
+        f"\nper step, median of {setup['steps']} (after 1 warm-up):"])
+
+
+def step_line(key: str, r: dict) -> str:
+    peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} GiB"
+    line = f"  {key:<10} {r['ms']:9.1f} ms  peak {peak:>9}  "
+    if key.startswith("init"):
+        return line + f"loss {r['loss']:.3f}"
+    return line + (f"(sample {r['ms_sample']:.0f}, clip {r['ms_clip']:.0f}, disc {r['ms_disc']:.0f}, "
+                   f"backward {r['ms_backward']:.0f} ms; loss_g {r['loss_g']:.3f}, d_loss "
+                   f"{r['d_loss']:.3f}, length {r['len']:.1f})")
+
+
+def sampler_line(name: str, r: dict) -> str:
+    return (f"  {name}: ours (draw) {r['ours_ms']:.1f} ms (mean length {r['ours_len']:.1f}), "
+            f"generate(do_sample) {r['generate_ms']:.1f} ms (longest {r['generate_len']}), "
+            f"speed-up {r['speedup']:.2f}x; sample (draw + log-probs) {r['sample_ms']:.1f} ms")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the fixture's tiny models and B=4, K=2: the code path in seconds")
+    parser.add_argument("--workdir", help="keep models, data and caches here (default: a temp dir)")
+    parser.add_argument("--batch", type=int, help="B images (default: the preset's 64; tiny 4)")
+    parser.add_argument("--k", type=int, help="K samples per image (default: the preset's 5; tiny 2)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per sampler")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the figures, not per-shard loading bars, go to the log
+    preset = cgtgan.apply_overrides(cgtgan.Config(), cgtgan.PRESETS["coco"])
+    args.batch = args.batch or (4 if args.tiny else preset.gan.batch)
+    args.k = args.k or (2 if args.tiny else preset.gan.k)
+    device = train.pick_device(args.device)
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_ps_"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        options = build_inputs(root, args.tiny, args.batch, device)
+        (root / "cli_args.txt").write_text(
+            " ".join(f"--set {k}={v}" for k, v in options.items()) + "\n")
+        cfg = make_config(options, args)
+        t1 = time.perf_counter()
+        summary = realdata.prepare(train.real_config(cfg))
+        t2 = time.perf_counter()
+        data = train.load_data(cfg)
+        parts = train.build_parts(cfg, data)
+        sync(parts.device)
+        t3 = time.perf_counter()
+        setup = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                 else f"CPU ({torch.get_num_threads()} threads)",
+                 "torch": torch.__version__, "transformers": _version("transformers"),
+                 "size": "tiny models" if args.tiny else "real-sized models, random weights",
+                 "B": args.batch, "K": args.k, "T": cfg.gen.max_len, "V": len(parts.gen_tok),
+                 "D": data.train_feats.shape[1], "train_images": len(data.train_ids),
+                 "corpus": summary["corpus"], "steps": args.steps, "repeats": args.repeats,
+                 "gpt2_params": sum(p.numel() for p in parts.gen.gpt.parameters()),
+                 "roberta_params": sum(p.numel() for p in parts.disc.roberta.parameters()),
+                 "s_build": t1 - t0, "s_prepare": t2 - t1, "s_load": t3 - t2}
+        # Each figure is printed when measured: a failure later keeps the ones before it.
+        print(setup_lines(setup), flush=True)
+        steps = time_steps(parts, args.steps)
+        print(f"\nsampling {args.batch * args.k} captions, median of {args.repeats}:", flush=True)
+        sampler = time_sampler(parts, args.repeats)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    results = {"setup": setup, **steps, **sampler}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+if __name__ == "__main__":
+    main()
