@@ -417,6 +417,14 @@ def config_from_state_dict(state_dict) -> CLIPConfig:
             vision = dict(vision_layers=tuple(_count_blocks(sd, f"visual.layer{i}.") for i in range(1, 5)),
                           vision_width=sd["visual.layer1.0.conv1.weight"].shape[0], vision_patch_size=None,
                           image_resolution=grid * 32)
+        if "input_resolution" in sd:
+            # Stored by OpenAI's checkpoints, and by save() where the shapes do not imply it: a
+            # ResNet's attention pool sees resolution // 32 cells, so 48 px reads back as 32 px.
+            resolution = int(sd["input_resolution"])
+            if resolution // (vision["vision_patch_size"] or 32) != grid:
+                raise ValueError(f"input_resolution {resolution} does not match the image tower's "
+                                 f"{grid}x{grid} grid")
+            vision["image_resolution"] = resolution
         text_width = sd["ln_final.weight"].shape[0]
         heads = {k: int(sd[k]) for k in ("transformer_heads", "vision_heads") if k in sd}
         return CLIPConfig(embed_dim=sd["text_projection"].shape[1], context_length=sd["positional_embedding"].shape[0],
@@ -609,14 +617,16 @@ def download(url: str, target, sha256: str) -> Path:
 def save(model: CLIP, path):
     """Writes the model's state dict (torch.save, or safetensors for a .safetensors path) atomically.
 
-    Head counts that build_model would not infer (one head per 64 channels) are stored as extra keys.
+    Head counts and an image resolution that build_model would not infer (one head per 64
+    channels; a ResNet's resolution from its attention pool's grid) are stored as extra keys.
     """
     path = Path(path)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     cfg, inferred = model.config, config_from_state_dict(state)
-    for key in ("transformer_heads", "vision_heads"):
+    for key, name in (("transformer_heads", "transformer_heads"), ("vision_heads", "vision_heads"),
+                      ("image_resolution", "input_resolution")):
         if getattr(cfg, key) != getattr(inferred, key):
-            state[key] = torch.tensor(getattr(cfg, key))
+            state[name] = torch.tensor(getattr(cfg, key))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)

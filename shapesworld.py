@@ -42,15 +42,15 @@ import clip_model
 import data
 import shapes_grammar as grammar
 
-VERSION = 1  # bump when generation changes, so old caches are rebuilt
+VERSION = 3  # bump when generation changes, so old caches are rebuilt
 ROOT = Path(__file__).resolve().parent
 
 
 @dataclass
 class ShapesWorldConfig:
-    """Sizes and settings of the world. Building the defaults from nothing took about 9 minutes
-    of wall time on our 2-core machine while it was shared with other jobs (load ~10), almost all
-    in CLIP pretraining (500 steps); `python bench/bench_shapes.py` prints the split per step."""
+    """Sizes and settings of the world. Building the defaults from nothing takes about a minute
+    on an idle 2-core machine, most of it CLIP pretraining (750 steps); report.json records each
+    step's time and `python bench/bench_shapes.py` prints the split."""
 
     seed: int = 0
     corpus_style: str = "plain"  # "alt": the cross-domain corpus (another grammar), Sec. 4.4
@@ -63,33 +63,50 @@ class ShapesWorldConfig:
     n_test: int = 600
     n_references: int = 5
     bpe_vocab_size: int = 1000  # GPT-2 / RoBERTa byte-level BPE vocabulary (special tokens included)
-    # The tiny CLIP (a ViT; see clip_model.CLIPConfig) and its pretraining.
-    # A 16-pixel patch is one grid cell: 9 image tokens keep the ViT cheap enough for a wider model
-    # (measured: 2.4x the R@1 of 8-pixel patches at width 64, in less CPU time per step).
+    # The tiny CLIP (see clip_model.CLIPConfig) and its pretraining. Its image tower is CLIP's
+    # ModifiedResNet by default: in the same CPU time, ViTs (16- or 8-pixel patches, up to 1,500
+    # steps) learned no shapes here, only colours, sizes and positions (docs/shapesworld_results.md).
+    clip_image_encoder: str = "resnet"  # "resnet" (ModifiedResNet) or "vit" (VisionTransformer)
     clip_embed_dim: int = 64
-    clip_patch_size: int = 16
-    clip_vision_width: int = 96
-    clip_vision_layers: int = 3
+    clip_vision_width: int = 8  # resnet: stem width (its last stage has 32x); vit: token width
+    clip_vision_layers: int = 1  # resnet: bottleneck blocks in each of its 4 stages; vit: layers
+    clip_patch_size: int = 16  # vit only: a 16-pixel patch is one grid cell
     clip_text_width: int = 64
     clip_text_layers: int = 2
     clip_heads: int = 2
     clip_context_length: int = 32
-    clip_steps: int = 500
+    clip_steps: int = 750
     clip_batch_size: int = 128
     clip_lr: float = 2e-3
     clip_logit_scale: float = 100.0
     clip_scale_ramp: float = 0.5  # share of the steps over which the fixed scale ramps up to it
     clip_learn_logit_scale: bool = False  # True: learn the temperature (hides the modality gap)
+    # Share of each pretraining batch drawn from single-object close-ups captioned "a {colour}
+    # {shape}": among them colour cannot tell images apart, so shape must. Without them the
+    # ResNet learned no shapes in 500 steps either (zero-shot 21% vs 50% with them; chance 17%).
+    clip_closeup_share: float = 0.5
+    n_clip_closeups: int = 12000
     root: str | None = None  # default: $CGTGAN_CACHE or <repo>/cache, then shapesworld/<key>
 
     def __post_init__(self):
         if self.corpus_style not in grammar.STYLES:
             raise ValueError(f"ShapesWorldConfig: corpus_style must be one of {grammar.STYLES}, "
                              f"got {self.corpus_style!r}")
-        if self.image_size % 3 or self.image_size % self.clip_patch_size:
+        if self.clip_image_encoder not in ("resnet", "vit"):
+            raise ValueError(f"ShapesWorldConfig: clip_image_encoder must be resnet or vit, "
+                             f"got {self.clip_image_encoder!r}")
+        vit = self.clip_image_encoder == "vit"
+        if self.image_size % 3 or (vit and self.image_size % self.clip_patch_size):
             raise ValueError(f"ShapesWorldConfig: image_size {self.image_size} must be a multiple "
                              f"of 3 and of clip_patch_size {self.clip_patch_size}")
-        for name in ("n_clip_pairs", "n_clip_heldout", "n_train", "n_corpus", "n_val", "n_test"):
+        if not vit and self.image_size < 32:
+            raise ValueError(f"ShapesWorldConfig: the resnet image encoder downsamples 32x; "
+                             f"image_size {self.image_size} must be at least 32")
+        if not 0 <= self.clip_closeup_share < 1:
+            raise ValueError(f"ShapesWorldConfig: clip_closeup_share must be in [0, 1), "
+                             f"got {self.clip_closeup_share}")
+        for name in ("n_clip_pairs", "n_clip_heldout", "n_clip_closeups", "n_train", "n_corpus",
+                     "n_val", "n_test"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ShapesWorldConfig: {name} must be at least 1")
 
@@ -111,7 +128,7 @@ class ShapesWorldConfig:
 # Which config fields each part depends on (its cache key is their hash).
 WORLD_FIELDS = ("seed", "corpus_style", "image_size", "n_train", "n_corpus", "n_val", "n_test",
                 "n_references")
-CLIP_FIELDS = ("seed", "image_size", "n_clip_pairs", "n_clip_heldout") + tuple(
+CLIP_FIELDS = ("seed", "image_size", "n_clip_pairs", "n_clip_heldout", "n_clip_closeups") + tuple(
     f for f in ShapesWorldConfig.__dataclass_fields__ if f.startswith("clip_"))
 
 # ----------------------------------------------------------------------------------------------
@@ -157,6 +174,14 @@ def clip_pairs(cfg: ShapesWorldConfig) -> tuple[list[grammar.Scene], list[list[s
     rng = _rng(cfg, "clip-text")
     styles = [grammar.STYLES[k % len(grammar.STYLES)] for k in range(CLIP_CAPTIONS)]
     return scenes, [[grammar.describe(s, style, rng) for style in styles] for s in scenes]
+
+
+def closeups(cfg: ShapesWorldConfig, stream: str, n: int) -> tuple[list[grammar.Scene], list[str]]:
+    """n single-object scenes and their caption "a {colour} {shape}": the close-ups that teach the
+    tiny CLIP shapes (stream "clip-closeup") and probe it afterwards (stream "clip-probe")."""
+    rng = _rng(cfg, stream)
+    scenes = [grammar.sample_scene(rng, n=1) for _ in range(n)]
+    return scenes, [f"a {s[0].colour} {s[0].shape}" for s in scenes]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,10 +306,12 @@ def train_hf_tokenizer(corpus: list[str], kind: str, vocab_size: int, directory:
 
 
 def clip_config(cfg: ShapesWorldConfig, vocab_size: int) -> clip_model.CLIPConfig:
+    vit = cfg.clip_image_encoder == "vit"
     return clip_model.CLIPConfig(
         embed_dim=cfg.clip_embed_dim, image_resolution=cfg.image_size,
-        vision_layers=cfg.clip_vision_layers, vision_width=cfg.clip_vision_width,
-        vision_patch_size=cfg.clip_patch_size, context_length=cfg.clip_context_length,
+        vision_layers=cfg.clip_vision_layers if vit else (cfg.clip_vision_layers,) * 4,
+        vision_width=cfg.clip_vision_width, vision_patch_size=cfg.clip_patch_size if vit else None,
+        context_length=cfg.clip_context_length,
         vocab_size=vocab_size, transformer_width=cfg.clip_text_width,
         transformer_heads=cfg.clip_heads, transformer_layers=cfg.clip_text_layers,
         vision_heads=cfg.clip_heads, learn_logit_scale=cfg.clip_learn_logit_scale,
@@ -292,10 +319,14 @@ def clip_config(cfg: ShapesWorldConfig, vocab_size: int) -> clip_model.CLIPConfi
 
 
 def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tensor,
-                  vocab_size: int, progress: bool = True) -> tuple[clip_model.CLIP, list[float]]:
+                  vocab_size: int, progress: bool = True,
+                  closeup: tuple[np.ndarray, torch.Tensor] | None = None
+                  ) -> tuple[clip_model.CLIP, list[float]]:
     """Contrastive pretraining (clip_model.contrastive_loss) on images (N, R, R, 3) uint8 and
     tokens (N, C, L): C captions per image, one drawn at random each time the image is used.
-    AdamW with linear warmup and cosine decay. Returns the model (eval mode) and the losses."""
+    closeup: (images (M, R, R, 3), tokens (M, L)) single-object pairs that fill a
+    cfg.clip_closeup_share of every batch. AdamW with linear warmup and cosine decay.
+    Returns the model (eval mode) and the losses."""
     torch.manual_seed(cfg.seed)
     model = clip_model.CLIP(clip_config(cfg, vocab_size))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -305,6 +336,8 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
         1 + math.cos(math.pi * min(1.0, max(0.0, s - warmup) / max(1, cfg.clip_steps - warmup))))))
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = min(cfg.clip_batch_size, len(images))
+    n_close = round(cfg.clip_closeup_share * batch) if closeup is not None else 0
+    batch -= n_close  # pairs per batch; the close-ups complete it
     order, cursor, losses = torch.randperm(len(images), generator=gen), 0, []
     model.train()
     bar = tqdm(range(cfg.clip_steps), desc="pretrain tiny CLIP", disable=not progress, leave=False)
@@ -317,7 +350,12 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
         idx = order[cursor:cursor + batch]  # (B,)
         cursor += batch
         pick = torch.randint(tokens.shape[1], (batch,), generator=gen)  # (B,)
-        logits, _ = model(to_clip_input(images[idx.numpy()]), tokens[idx, pick])  # (B, B)
+        pixels, texts = images[idx.numpy()], tokens[idx, pick]  # (B, R, R, 3), (B, L)
+        if n_close:
+            near = torch.randint(len(closeup[0]), (n_close,), generator=gen)  # (B',)
+            pixels = np.concatenate([pixels, closeup[0][near.numpy()]])  # (B+B', R, R, 3)
+            texts = torch.cat([texts, closeup[1][near]])  # (B+B', L)
+        logits, _ = model(to_clip_input(pixels), texts)  # (B+B', B+B')
         loss = clip_model.contrastive_loss(logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -412,6 +450,30 @@ def retrieval_and_gap(image_feats: torch.Tensor, text_feats: torch.Tensor,
             "gap_cos": float(torch.nn.functional.cosine_similarity(mean_img, mean_txt, dim=0)),
             "matched_cos": float((image_feats * text_feats).sum(1).mean()),
             "mean_image_norm": float(mean_img.norm()), "mean_text_norm": float(mean_txt.norm())}
+
+
+PROBE_IMAGES = 600  # held-out single-object images of the shape and colour probe
+
+
+def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_model.Tokenizer,
+                              cfg: ShapesWorldConfig) -> dict[str, float]:
+    """Zero-shot reading of one object (stream "clip-probe", never trained on).
+
+    shape_acc: share of images whose best caption among "a {true colour} {shape}" over the six
+    shapes names the true shape (chance 1/6); colour_acc: the same over the eight colours with
+    the true shape (chance 1/8). Example: a red star whose image is closest to "a red circle" among
+    the six red captions counts against shape_acc.
+    """
+    scenes, _ = closeups(cfg, "clip-probe", PROBE_IMAGES)
+    image = encode_images(model, render_all(cfg, "clip-probe", scenes, False))  # (n, D)
+    shapes, colours = list(grammar.SHAPES), list(grammar.COLOURS)
+    text = encode_texts(model, tokenizer, [f"a {c} {s}" for c in colours for s in shapes])
+    sims = (image @ text.T).view(len(scenes), len(colours), len(shapes))  # (n, colour, shape)
+    colour = torch.tensor([colours.index(s[0].colour) for s in scenes])  # (n,)
+    shape = torch.tensor([shapes.index(s[0].shape) for s in scenes])  # (n,)
+    rows = torch.arange(len(scenes))
+    return {"shape_acc": float((sims[rows, colour].argmax(-1) == shape).float().mean()),
+            "colour_acc": float((sims[rows, :, shape].argmax(-1) == colour).float().mean())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,17 +649,22 @@ def _train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_model.Toke
     """Render the pairs, pretrain and save the tiny CLIP; its metrics on the held-out pairs."""
     scenes, captions = pairs
     images = render_all(cfg, "clip", scenes, progress)
+    close_scenes, close_captions = closeups(cfg, "clip-closeup", cfg.n_clip_closeups)
+    closeup = (render_all(cfg, "clip-closeup", close_scenes, progress),
+               clip_tokens(close_captions, tokenizer, cfg.clip_context_length))  # (M, R, R, 3), (M, L)
     unique = sorted({c for caps in captions for c in caps})
     ids = clip_tokens(unique, tokenizer, cfg.clip_context_length)  # (U, L)
     row = {c: i for i, c in enumerate(unique)}
     tokens = ids[torch.tensor([[row[c] for c in caps] for caps in captions])]  # (N, C, L)
     n = cfg.n_clip_pairs
-    model, losses = pretrain_clip(cfg, images[:n], tokens[:n], tokenizer.vocab_size, progress)
+    model, losses = pretrain_clip(cfg, images[:n], tokens[:n], tokenizer.vocab_size, progress,
+                                  closeup if cfg.clip_closeup_share > 0 else None)
     clip_model.save(model, path)
     held = [caps[0] for caps in captions[n:]]  # plain-style captions of the held-out scenes
     metrics = retrieval_and_gap(encode_images(model, images[n:]),
                                 encode_texts(model, tokenizer, held), held)
     metrics["final_loss"] = float(np.mean(losses[-20:]))
+    metrics.update(shape_and_colour_accuracy(model, tokenizer, cfg))
     return {"digest": data.file_digest(path), "metrics": metrics}
 
 

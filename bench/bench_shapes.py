@@ -67,6 +67,8 @@ def main() -> None:
     c = report["clip"]
     print(f"tiny CLIP, image->text on {c['n']} held-out pairs: R@1 {c['r1']:.3f}  R@5 {c['r5']:.3f}"
           f"  (chance R@1 {c['chance_r1']:.4f}, ratio {c['r1'] / c['chance_r1']:.0f}x)")
+    print(f"one object, zero-shot over \"a {{colour}} {{shape}}\": shape {c['shape_acc']:.1%} (chance "
+          f"{1 / 6:.1%}), colour {c['colour_acc']:.1%} (chance {1 / 8:.1%})")
     print(f"modality gap: cos(mean image, mean text) {c['gap_cos']:.3f}; matched-pair cosine "
           f"{c['matched_cos']:.3f}; |mean image| {c['mean_image_norm']:.3f}, "
           f"|mean text| {c['mean_text_norm']:.3f}")

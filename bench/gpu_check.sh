@@ -36,7 +36,7 @@ if [ $DRY = 1 ]; then
   SHAPES_EXTRA=(--set runs_dir="$SHAPES_RUNS" --set world.root="$WORK/world"
                 --set world.n_clip_pairs=300 --set world.n_clip_heldout=60 --set world.n_train=40
                 --set world.n_corpus=150 --set world.n_val=8 --set world.n_test=12
-                --set world.clip_steps=3 --set world.clip_batch_size=32
+                --set world.clip_steps=3 --set world.clip_batch_size=32 --set world.n_clip_closeups=60
                 --set world.clip_vision_layers=1 --set world.clip_text_layers=1
                 --set world.clip_embed_dim=32 --set init.steps=5 --set init.batch=8
                 --set gan.steps=3 --set gan.batch=4 --set gan.k=2 --set gan.eval_every=2)

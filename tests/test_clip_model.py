@@ -99,6 +99,19 @@ def test_save_load_round_trip(tmp_path, cfg, suffix):
             torch.testing.assert_close(a, b)
 
 
+def test_resnet_resolution_the_shapes_do_not_imply_survives_save_and_load(tmp_path):
+    # A ResNet's attention pool sees resolution // 32 cells: 48 px and 32 px have the same shapes.
+    model = CLIP(CLIPConfig(**{**TINY_RESNET, "image_resolution": 48}))
+    save(model, tmp_path / "r48.pt")
+    loaded, preprocess = load(tmp_path / "r48.pt")
+    assert loaded.config.image_resolution == 48 and preprocess.resolution == 48
+    state = torch.load(tmp_path / "r48.pt", weights_only=True)
+    state["input_resolution"] = torch.tensor(96)  # a 3x3 grid, not this checkpoint's 1x1
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="input_resolution 96"):
+        load(tmp_path / "bad.pt")
+
+
 def test_fp16_checkpoint_loads_as_float32_on_cpu(tmp_path):
     model = CLIP(CLIPConfig(**TINY_VIT))
     torch.save({k: v.half() for k, v in model.state_dict().items()}, tmp_path / "half.pt")

@@ -19,7 +19,7 @@ README = (ROOT / "README.md").read_text()
 
 # Sizes that make the first quick-start command finish in seconds; everything else is the default.
 TINY_WORLD = {"n_clip_pairs": 300, "n_clip_heldout": 60, "n_train": 40, "n_corpus": 150,
-              "n_val": 8, "n_test": 12, "clip_steps": 3, "clip_batch_size": 32,
+              "n_val": 8, "n_test": 12, "clip_steps": 3, "clip_batch_size": 32, "n_clip_closeups": 60,
               "clip_vision_layers": 1, "clip_text_layers": 1, "clip_embed_dim": 32}
 TINY_MODEL = {"gen.n_layer": 1, "gen.n_embd": 32, "gen.n_head": 2, "gen.prefix_len": 2,
               "disc.n_layer": 1, "disc.hidden": 32, "disc.n_head": 2, "init.steps": 5,

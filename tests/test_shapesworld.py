@@ -14,8 +14,9 @@ import shapesworld as sw
 
 def tiny(root, **overrides) -> sw.ShapesWorldConfig:
     """A world that builds in a few seconds: tiny splits, a one-layer CLIP trained for 3 steps."""
-    settings = dict(n_clip_pairs=300, n_clip_heldout=60, n_train=40, n_corpus=150, n_val=8,
-                    n_test=12, clip_steps=3, clip_batch_size=32, clip_vision_layers=1,
+    settings = dict(n_clip_pairs=300, n_clip_heldout=60, n_clip_closeups=60, n_train=40,
+                    n_corpus=150, n_val=8, n_test=12, clip_steps=3, clip_batch_size=32,
+                    clip_vision_layers=1,
                     clip_text_layers=1, clip_embed_dim=32, root=str(root))
     settings.update(overrides)
     return sw.ShapesWorldConfig(**settings)
@@ -178,9 +179,10 @@ def test_cached_image_features_equal_the_preprocess_path(world):
 
 
 def test_tiny_clip_pretraining_fits_a_small_set_of_pairs(tmp_path):
-    # Learning signal on a budget of seconds: 32 pairs seen 30 times become retrievable.
-    cfg = tiny(tmp_path, n_clip_pairs=32, n_clip_heldout=1, clip_steps=30, clip_batch_size=32,
-               clip_vision_width=64)
+    # Learning signal on a budget of seconds: 32 pairs seen 60 times become retrievable. (At 30
+    # steps the training loss is already ~0, but the ResNet's BatchNorm running statistics, which
+    # eval mode uses, still lag behind: R@1 1/16.)
+    cfg = tiny(tmp_path, n_clip_pairs=32, n_clip_heldout=1, clip_steps=60, clip_batch_size=32)
     scenes, captions = sw.clip_pairs(cfg)
     plain = [c[0] for c in captions[:32]]
     images = sw.render_all(cfg, "clip", scenes[:32], progress=False)
@@ -196,13 +198,16 @@ def test_tiny_clip_pretraining_fits_a_small_set_of_pairs(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_clip_retrieves_far_better_than_chance(tmp_path):
-    cfg = sw.ShapesWorldConfig(n_clip_pairs=4000, n_clip_heldout=300, n_train=10, n_corpus=10,
-                               n_val=2, n_test=2, clip_steps=150, root=str(tmp_path))
+def test_default_tiny_clip_reads_shapes_and_colours(tmp_path):
+    # The default CLIP settings on fewer pairs. A shape-blind CLIP (the earlier ViT, or the ResNet
+    # without close-ups) scored 14-22% on shapes, chance being 17%.
+    cfg = sw.ShapesWorldConfig(n_clip_pairs=6000, n_clip_heldout=300, n_train=10, n_corpus=10,
+                               n_val=2, n_test=2, root=str(tmp_path))
     sw.build_shapesworld(cfg, progress=False)
     figures = sw.load_report(cfg)["clip"]
     assert figures["r1"] > 10 * figures["chance_r1"]
-    assert figures["matched_cos"] > figures["gap_cos"]  # matched pairs closer than the means
+    assert figures["colour_acc"] > 0.9
+    assert figures["shape_acc"] > 2.5 / len(grammar.SHAPES)
 
 
 def test_stale_or_truncated_caches_are_rebuilt(tmp_path):

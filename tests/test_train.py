@@ -147,7 +147,7 @@ def test_two_process_ddp_matches_one_process(world, tmp_path):
 def test_cli_train_on_a_tiny_shapesworld(tmp_path, capsys):
     """`python cgtgan.py train` end to end through the real CLI and the real ShapesWorld builder."""
     world = {"n_clip_pairs": 300, "n_clip_heldout": 60, "n_train": 40, "n_corpus": 150,
-             "n_val": 8, "n_test": 12, "clip_steps": 3, "clip_batch_size": 32,
+             "n_val": 8, "n_test": 12, "clip_steps": 3, "clip_batch_size": 32, "n_clip_closeups": 60,
              "clip_vision_layers": 1, "clip_text_layers": 1, "clip_embed_dim": 32,
              "root": str(tmp_path / "world")}
     sets = [f"world.{k}={v}" for k, v in world.items()]
