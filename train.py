@@ -3,7 +3,7 @@
 Follows Sec. 3.4 of CgT-GAN (arXiv:2308.12045): text-only initialisation of the generator on the
 corpus, then adversarial self-critical training on unpaired images, one discriminator step per
 generator step, lambda ramping from 0 to 0.5. The equations live in cgtgan.py; this file moves data
-through them, checkpoints, evaluates and draws the figures.
+through them, checkpoints, evaluates; figures.py draws the figures.
 
 Run folder (runs/<name>/): config.json, init.pt (text-only generator), last.pt (full training
 state for --resume), best.pt (best validation CIDEr-D), metrics.jsonl, results.json, samples.png,
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import figures
 from cgtgan import (IGNORE_INDEX, Config, ConfigError, build_discriminator, build_generator,
                     caption_loss, clip_agg_reward, clip_agg_target, clip_cos_reward,
                     discriminator_loss, lambda_schedule, load_tokenizer, naturalness_reward,
@@ -678,9 +679,9 @@ def run_train(cfg: Config, data=None, resume: bool = False, stop_after: int | No
     result = test_table(parts, run_dir, {"retrieval (nearest corpus sentence)": None,
                                          "text-only init": run_dir / "init.pt",
                                          f"CgT-GAN ({cfg.gan.reward})": run_dir / "best.pt"})
-    draw_samples(parts.data, result["captions"][f"CgT-GAN ({cfg.gan.reward})"],
+    figures.draw_samples(parts.data, result["captions"][f"CgT-GAN ({cfg.gan.reward})"],
                  run_dir / "samples.png")
-    draw_curves(log.records(), run_dir / "curves.png")
+    figures.draw_curves(log.records(), run_dir / "curves.png")
     wall = time.time() - t0
     best = torch.load(run_dir / "best.pt", weights_only=True)
     cpu = time.process_time() - cpu0
@@ -723,93 +724,6 @@ def run_ablation(cfg: Config, data=None) -> dict:
                        f"seed {cfg.seed}; x100 except length (words)"))
     print(f"run folder {base}; wall time {(time.time() - t0) / 60:.1f} min")
     return metrics
-
-
-# ----------------------------------------------------------------------------------------------
-# Figures, drawn with Pillow
-
-
-def draw_samples(data, captions: list[str], path: Path, n: int = 8, cell: int = 192) -> None:
-    """samples.png: the first n test images, each with its generated caption and one reference."""
-    from PIL import Image, ImageDraw
-
-    es = data.splits["test"]
-    n = min(n, len(es.ids))
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    text_h = 64
-    sheet = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i in range(n):
-        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
-        sheet.paste(data.image(es.ids[i]).convert("RGB").resize((cell - 8, cell - 8)), (x + 4, y + 4))
-        lines = _wrap("gen: " + captions[i], 30) + _wrap("ref: " + es.references[es.ids[i]][0], 30)
-        for j, line in enumerate(lines[:5]):
-            draw.text((x + 4, y + cell + j * 12), line, fill="black" if j < len(
-                _wrap("gen: " + captions[i], 30)) else "gray")
-    sheet.save(path)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line] if line else lines
-
-
-def draw_curves(records: list[dict], path: Path) -> None:
-    """curves.png: naturalness reward, CLIP reward, discriminator accuracy and val CIDEr-D by step."""
-    from PIL import Image, ImageDraw
-
-    gan = [r for r in records if r["stage"] == "gan"]
-    panels = [("naturalness reward (D logit)", "r_nat"), ("CLIP-cos / CLIP-agg reward", "r_cos", "r_agg"),
-              ("discriminator accuracy", "d_acc"), ("validation CIDEr-D", "val_CIDEr-D")]
-    w, h, pad = 420, 260, 40
-    sheet = Image.new("RGB", (2 * w, 2 * h), "white")
-    draw = ImageDraw.Draw(sheet)
-    colours = ["#1f77b4", "#d62728"]
-    for p, (title, *keys) in enumerate(panels):
-        ox, oy = (p % 2) * w, (p // 2) * h
-        series = [[(r["step"], r[k]) for r in gan if k in r] for k in keys]
-        series = [_smooth(s) if k != "val_CIDEr-D" else s for s, k in zip(series, keys)]
-        draw.text((ox + pad, oy + 8), title + ("  (red: CLIP-agg)" if len(keys) > 1 else ""),
-                  fill="black")
-        box = (ox + pad, oy + 28, ox + w - 16, oy + h - 28)
-        draw.rectangle(box, outline="black")
-        points = [v for s in series for v in s]
-        if not points:
-            draw.text((box[0] + 10, box[1] + 10), "no data", fill="gray")
-            continue
-        x0, x1 = min(v[0] for v in points), max(v[0] for v in points) or 1
-        y0, y1 = min(v[1] for v in points), max(v[1] for v in points)
-        if y1 - y0 < 1e-9:
-            y0, y1 = y0 - 1, y1 + 1
-        to_xy = lambda s, v: (box[0] + (box[2] - box[0]) * (s - x0) / max(1e-9, x1 - x0),
-                              box[3] - (box[3] - box[1]) * (v - y0) / (y1 - y0))
-        for s, colour in zip(series, colours):
-            if len(s) > 1:
-                draw.line([to_xy(*v) for v in s], fill=colour, width=2)
-            elif s:
-                cx, cy = to_xy(*s[0])
-                draw.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=colour)
-        draw.text((box[0] - 36, box[1]), f"{y1:.3g}", fill="black")
-        draw.text((box[0] - 36, box[3] - 10), f"{y0:.3g}", fill="black")
-        draw.text((box[0], box[3] + 4), f"step {x0}", fill="black")
-        draw.text((box[2] - 60, box[3] + 4), f"step {x1}", fill="black")
-    sheet.save(path)
-
-
-def _smooth(series: list[tuple], window: int = 10) -> list[tuple]:
-    """Moving average over the last `window` points (per-step rewards are noisy)."""
-    out = []
-    for i, (step, _) in enumerate(series):
-        chunk = [v for _, v in series[max(0, i - window + 1):i + 1]]
-        out.append((step, sum(chunk) / len(chunk)))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cgtgan
+import figures
 import train
 from test_cgtgan import tiny_config, tiny_world
 
@@ -104,8 +105,8 @@ def test_cli_eval_caption_and_errors(world, trained, monkeypatch, capsys, tmp_pa
 
 
 def test_curves_and_samples_draw_without_data(tmp_path, world):
-    train.draw_curves([], tmp_path / "c.png")
-    train.draw_samples(world, ["a red circle"] * 6, tmp_path / "s.png")
+    figures.draw_curves([], tmp_path / "c.png")
+    figures.draw_samples(world, ["a red circle"] * 6, tmp_path / "s.png")
     assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
 
 
