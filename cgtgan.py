@@ -7,8 +7,8 @@ tells corpus sentences from generated captions and its logit is the naturalness 
 CLIP-cos and CLIP-agg rewards score the caption against the image. Sec. 3.4: self-critical policy
 gradient with the greedy caption as baseline, lambda mixing semantic and naturalness rewards.
 
-This file holds the nouns and equations; train.py holds the loops, the run folder and the stages;
-decoding.py holds the GPT-2 KV-cache step behind the decoding methods.
+This file holds the nouns and equations; train.py holds the loops and the stages; runs.py the run
+folder; decoding.py holds the GPT-2 KV-cache step behind the decoding methods.
 `python cgtgan.py train` runs the ShapesWorld demo end to end (see `main` at the bottom).
 
 Shape legend: B images, K samples per image, T tokens, P prefix tokens, D CLIP embedding width,

@@ -1,13 +1,10 @@
-"""CgT-GAN's training stages, evaluation and run folder (the loops behind `python cgtgan.py`).
+"""CgT-GAN's training stages and evaluation (the loops behind `python cgtgan.py`).
 
 Follows Sec. 3.4 of CgT-GAN (arXiv:2308.12045): text-only initialisation of the generator on the
 corpus, then adversarial self-critical training on unpaired images, one discriminator step per
 generator step, lambda ramping from 0 to 0.5. The equations live in cgtgan.py; this file moves data
-through them, checkpoints, evaluates and draws the figures.
-
-Run folder (runs/<name>/): config.json, init.pt (text-only generator), last.pt (full training
-state for --resume), best.pt (best validation CIDEr-D), metrics.jsonl, results.json, samples.png,
-curves.png. Checkpoints hold only tensors and plain Python values: torch.load(weights_only=True).
+through them and evaluates. What a run leaves on disk (config.json, checkpoints, metrics.jsonl,
+resume) is runs.py; figures.py draws samples.png and curves.png.
 
 Shape legend: B images, K samples per image, T tokens, D CLIP width, M corpus sentences.
 """
@@ -26,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import figures
+import runs
 from cgtgan import (IGNORE_INDEX, Config, ConfigError, build_discriminator, build_generator,
                     caption_loss, clip_agg_reward, clip_agg_target, clip_cos_reward,
                     discriminator_loss, lambda_schedule, load_tokenizer, naturalness_reward,
@@ -34,6 +33,14 @@ from cgtgan import (IGNORE_INDEX, Config, ConfigError, build_discriminator, buil
 
 class TrainingError(RuntimeError):
     """A run that must stop (NaN loss): the message names the step, the term and the checkpoint."""
+
+
+def check_finite(step: int, stage: str, terms: dict, checkpoint: Path) -> None:
+    """Stop with a one-line message when a loss or reward term is NaN or infinite."""
+    for name, value in terms.items():
+        if not math.isfinite(float(value)):
+            raise TrainingError(f"{stage} step {step}: {name} is {value}; stopped, the last good "
+                                f"checkpoint is kept at {checkpoint}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,75 +230,6 @@ def build_parts(cfg: Config, data, with_clip: bool = True) -> Parts:
                  gen_train, disc_train)
 
 
-def shapes_of(parts: Parts) -> dict:
-    """What a checkpoint must agree on beyond the config: CLIP width and vocabularies."""
-    return {"clip_dim": parts.data.train_feats.shape[1], "gpt2_vocab": len(parts.gen_tok),
-            "roberta_vocab": len(parts.disc_tok)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(path: Path, parts: Parts, **state) -> None:
-    """Atomic torch.save of the models plus `state` (plain values and tensors only)."""
-    from data import atomic_write
-
-    if parts.rank != 0:
-        return
-    blob = {"config": asdict(parts.cfg), "shapes": shapes_of(parts),
-            "generator": parts.gen.state_dict(), "discriminator": parts.disc.state_dict(), **state}
-    atomic_write(path, lambda tmp: torch.save(blob, tmp))
-
-
-def load_checkpoint(path: Path, parts: Parts, sections=("gen", "disc")) -> dict:
-    """Load a checkpoint into parts' models after checking it was made for the same models."""
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} not found; train first (python cgtgan.py train)")
-    try:
-        blob = torch.load(path, map_location=parts.device, weights_only=True)
-    except (RuntimeError, OSError, EOFError) as err:
-        raise ConfigError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it "
-                          "and train again") from None
-    mine, theirs = asdict(parts.cfg), blob.get("config", {})
-    for section in sections:
-        for key, value in mine[section].items():
-            if theirs.get(section, {}).get(key) != value:
-                raise ConfigError(f"checkpoint {path} was made with {section}.{key}="
-                                  f"{theirs.get(section, {}).get(key)!r}, but this config has "
-                                  f"{value!r}; use the same setting or another run folder")
-    for key, value in shapes_of(parts).items():
-        if blob.get("shapes", {}).get(key) != value:
-            raise ConfigError(f"checkpoint {path} was made with {key}="
-                              f"{blob.get('shapes', {}).get(key)}, but this data has {value}; "
-                              "use the same dataset or another run folder")
-    parts.gen.load_state_dict(blob["generator"])
-    parts.disc.load_state_dict(blob["discriminator"])
-    return blob
-
-
-def rng_state(g: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "generator": g.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, g: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    g.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_finite(step: int, stage: str, terms: dict, checkpoint: Path) -> None:
-    """Stop with a one-line message when a loss or reward term is NaN or infinite."""
-    for name, value in terms.items():
-        if not math.isfinite(float(value)):
-            raise TrainingError(f"{stage} step {step}: {name} is {value}; stopped, the last good "
-                                f"checkpoint is kept at {checkpoint}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -357,9 +295,9 @@ def train_init(parts: Parts, run_dir: Path, log, stop_after: int | None = None) 
     g = torch.Generator().manual_seed(parts.cfg.seed)
     start = 0
     if (run_dir / "init_last.pt").is_file():
-        blob = load_checkpoint(run_dir / "init_last.pt", parts)
+        blob = runs.load_checkpoint(run_dir / "init_last.pt", parts)
         opt.load_state_dict(blob["opt_g"])
-        set_rng_state(blob["rng"], g)
+        runs.set_rng_state(blob["rng"], g)
         start = blob["step"]
     gen.train()
     bar = tqdm(range(start, cfg.steps), desc="text-only init", initial=start, total=cfg.steps,
@@ -384,12 +322,12 @@ def train_init(parts: Parts, run_dir: Path, log, stop_after: int | None = None) 
         bar.set_postfix(loss=f"{loss.item():.3f}")
         done = step + 1 == cfg.steps
         if done or (step + 1) % 500 == 0 or (stop_after and step + 1 == stop_after):
-            save_checkpoint(run_dir / "init_last.pt", parts, opt_g=opt.state_dict(),
-                            rng=rng_state(g), step=step + 1, stage="init")
+            runs.save_checkpoint(run_dir / "init_last.pt", parts, opt_g=opt.state_dict(),
+                                 rng=runs.rng_state(g), step=step + 1, stage="init")
         if stop_after and step + 1 == stop_after and not done:
             return
     bar.close()
-    save_checkpoint(run_dir / "init.pt", parts, step=cfg.steps, stage="init")
+    runs.save_checkpoint(run_dir / "init.pt", parts, step=cfg.steps, stage="init")
     if parts.rank == 0:
         (run_dir / "init_last.pt").unlink(missing_ok=True)
 
@@ -506,14 +444,14 @@ def train_gan(parts: Parts, run_dir: Path, log, resume: bool = False,
     targets_all = agg_targets(parts)  # (N, D)
     last, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if resume and last.is_file():
-        blob = load_checkpoint(last, parts)
+        blob = runs.load_checkpoint(last, parts)
         opt_g.load_state_dict(blob["opt_g"])
         opt_d.load_state_dict(blob["opt_d"])
-        set_rng_state(blob["rng"], g)
+        runs.set_rng_state(blob["rng"], g)
         start, best = blob["step"], blob["best"]
     else:
         parts.barrier()
-        load_checkpoint(run_dir / "init.pt", parts, sections=("gen",))
+        runs.load_checkpoint(run_dir / "init.pt", parts, sections=("gen",))
         torch.manual_seed(parts.cfg.seed + 2)
         start, best = 0, -1.0
     gen.train()
@@ -526,7 +464,7 @@ def train_gan(parts: Parts, run_dir: Path, log, resume: bool = False,
             log({"stage": "gan", "step": step, **{f"val_{k}": v for k, v in metrics.items()}})
             if metrics["CIDEr-D"] > best:
                 best = metrics["CIDEr-D"]
-                save_checkpoint(best_path, parts, step=step, stage="gan", val=metrics)
+                runs.save_checkpoint(best_path, parts, step=step, stage="gan", val=metrics)
         parts.barrier() if step % cfg.eval_every == 0 else None
         if step == cfg.steps:
             break
@@ -540,8 +478,9 @@ def train_gan(parts: Parts, run_dir: Path, log, resume: bool = False,
                         agg=f"{stats['r_agg']:.1f}", d_acc=f"{stats.get('d_acc', 0):.2f}",
                         lam=f"{stats['lambda']:.2f}")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or step + 1 == stop_after:
-            save_checkpoint(last, parts, opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
-                            rng=rng_state(g), step=step + 1, best=best, stage="gan")
+            runs.save_checkpoint(last, parts, opt_g=opt_g.state_dict(),
+                                 opt_d=opt_d.state_dict(), rng=runs.rng_state(g), step=step + 1,
+                                 best=best, stage="gan")
         if stop_after and step + 1 == stop_after:
             bar.close()
             return
@@ -552,62 +491,9 @@ def train_gan(parts: Parts, run_dir: Path, log, resume: bool = False,
 # Runs: the stages end to end, the results table, the figures
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line (losses, rewards, discriminator accuracy, val scores)."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-
-    def __call__(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def records(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def truncate(self, stage: str, step: int) -> None:
-        """Drop records of `stage` after `step` (what an interrupted run logged past its checkpoint)."""
-        keep = [r for r in self.records() if r["stage"] != stage or r["step"] <= step]
-        text = "".join(json.dumps(r) + "\n" for r in keep)
-        from data import atomic_write
-        atomic_write(self.path, lambda tmp: tmp.write_text(text))
-
-
-def run_dir_for(cfg: Config) -> Path:
-    reward = "" if cfg.gan.reward == "agg+gan" else f"_{cfg.gan.reward}"
-    return Path(cfg.runs_dir) / (cfg.name or f"{cfg.data}{reward}_seed{cfg.seed}")
-
-
-def _write_config(run_dir: Path, cfg: Config, resume: bool) -> None:
-    from cgtgan import config_diff
-    from data import atomic_write
-
-    path = run_dir / "config.json"
-    if resume and path.is_file():
-        diff = config_diff(json.loads(path.read_text()), asdict(cfg))
-        if diff:
-            raise ConfigError(f"--resume: {path} has {diff[0]}={diff[1]!r} but this run has "
-                              f"{diff[2]!r}; resume with the same settings")
-    text = json.dumps(asdict(cfg), indent=2)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def _init_is_current(path: Path, cfg: Config) -> bool:
-    """init.pt can be reused when it was made with the same data, seed, generator and init settings."""
-    if not path.is_file():
-        return False
-    saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
-    now = asdict(cfg)
-    return all(saved.get(k) == now[k] for k in ("data", "seed", "world", "real", "gen", "init"))
-
-
 def ensure_init(parts: Parts, run_dir: Path, log, resume: bool = False) -> None:
     """Run the text-only stage unless run_dir/init.pt already matches this config."""
-    if _init_is_current(run_dir / "init.pt", parts.cfg):
+    if runs.init_is_current(run_dir / "init.pt", parts.cfg):
         if parts.rank == 0:
             print(f"reusing the text-only initialisation in {run_dir / 'init.pt'}")
         return
@@ -628,7 +514,7 @@ def test_table(parts: Parts, run_dir: Path, rows: dict[str, Path | None]) -> dic
             caps = retrieval_captions(parts.data, es.feats)
             out[label] = score_captions(parts.data, "test", es.ids, caps)
         else:
-            load_checkpoint(ckpt, parts, sections=("gen",))
+            runs.load_checkpoint(ckpt, parts, sections=("gen",))
             out[label], caps = evaluate_generator(parts, "test")
         captions[label] = caps
     return {"metrics": out, "captions": captions}
@@ -658,12 +544,12 @@ def run_train(cfg: Config, data=None, resume: bool = False, stop_after: int | No
     t0, cpu0 = time.time(), time.process_time()
     init_distributed(cfg)
     data = data if data is not None else load_data(cfg)
-    run_dir = run_dir or run_dir_for(cfg)
+    run_dir = run_dir or runs.run_dir_for(cfg)
     parts = build_parts(cfg, data)
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=parts.rank == 0)
+    log = runs.MetricsLog(run_dir / "metrics.jsonl", enabled=parts.rank == 0)
     if parts.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(run_dir, cfg, resume)
+        runs.write_config(run_dir, cfg, resume)
         if resume and (run_dir / "last.pt").is_file():
             log.truncate("gan", torch.load(run_dir / "last.pt", weights_only=True)["step"])
         elif not resume:
@@ -678,9 +564,9 @@ def run_train(cfg: Config, data=None, resume: bool = False, stop_after: int | No
     result = test_table(parts, run_dir, {"retrieval (nearest corpus sentence)": None,
                                          "text-only init": run_dir / "init.pt",
                                          f"CgT-GAN ({cfg.gan.reward})": run_dir / "best.pt"})
-    draw_samples(parts.data, result["captions"][f"CgT-GAN ({cfg.gan.reward})"],
+    figures.draw_samples(parts.data, result["captions"][f"CgT-GAN ({cfg.gan.reward})"],
                  run_dir / "samples.png")
-    draw_curves(log.records(), run_dir / "curves.png")
+    figures.draw_curves(log.records(), run_dir / "curves.png")
     wall = time.time() - t0
     best = torch.load(run_dir / "best.pt", weights_only=True)
     cpu = time.process_time() - cpu0
@@ -702,10 +588,10 @@ def run_ablation(cfg: Config, data=None) -> dict:
     import shutil
     t0 = time.time()
     data = data if data is not None else load_data(cfg)
-    base = run_dir_for(cfg).with_name(run_dir_for(cfg).name + "_ablation")
+    base = runs.run_dir_for(cfg).with_name(runs.run_dir_for(cfg).name + "_ablation")
     base.mkdir(parents=True, exist_ok=True)
     parts = build_parts(cfg, data)
-    ensure_init(parts, base, MetricsLog(base / "metrics.jsonl"))
+    ensure_init(parts, base, runs.MetricsLog(base / "metrics.jsonl"))
     rows = {"text-only init": base / "init.pt"}
     for reward in ("cos", "agg", "agg+gan"):
         sub = base / reward
@@ -726,103 +612,16 @@ def run_ablation(cfg: Config, data=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Figures, drawn with Pillow
-
-
-def draw_samples(data, captions: list[str], path: Path, n: int = 8, cell: int = 192) -> None:
-    """samples.png: the first n test images, each with its generated caption and one reference."""
-    from PIL import Image, ImageDraw
-
-    es = data.splits["test"]
-    n = min(n, len(es.ids))
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    text_h = 64
-    sheet = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i in range(n):
-        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
-        sheet.paste(data.image(es.ids[i]).convert("RGB").resize((cell - 8, cell - 8)), (x + 4, y + 4))
-        lines = _wrap("gen: " + captions[i], 30) + _wrap("ref: " + es.references[es.ids[i]][0], 30)
-        for j, line in enumerate(lines[:5]):
-            draw.text((x + 4, y + cell + j * 12), line, fill="black" if j < len(
-                _wrap("gen: " + captions[i], 30)) else "gray")
-    sheet.save(path)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line] if line else lines
-
-
-def draw_curves(records: list[dict], path: Path) -> None:
-    """curves.png: naturalness reward, CLIP reward, discriminator accuracy and val CIDEr-D by step."""
-    from PIL import Image, ImageDraw
-
-    gan = [r for r in records if r["stage"] == "gan"]
-    panels = [("naturalness reward (D logit)", "r_nat"), ("CLIP-cos / CLIP-agg reward", "r_cos", "r_agg"),
-              ("discriminator accuracy", "d_acc"), ("validation CIDEr-D", "val_CIDEr-D")]
-    w, h, pad = 420, 260, 40
-    sheet = Image.new("RGB", (2 * w, 2 * h), "white")
-    draw = ImageDraw.Draw(sheet)
-    colours = ["#1f77b4", "#d62728"]
-    for p, (title, *keys) in enumerate(panels):
-        ox, oy = (p % 2) * w, (p // 2) * h
-        series = [[(r["step"], r[k]) for r in gan if k in r] for k in keys]
-        series = [_smooth(s) if k != "val_CIDEr-D" else s for s, k in zip(series, keys)]
-        draw.text((ox + pad, oy + 8), title + ("  (red: CLIP-agg)" if len(keys) > 1 else ""),
-                  fill="black")
-        box = (ox + pad, oy + 28, ox + w - 16, oy + h - 28)
-        draw.rectangle(box, outline="black")
-        points = [v for s in series for v in s]
-        if not points:
-            draw.text((box[0] + 10, box[1] + 10), "no data", fill="gray")
-            continue
-        x0, x1 = min(v[0] for v in points), max(v[0] for v in points) or 1
-        y0, y1 = min(v[1] for v in points), max(v[1] for v in points)
-        if y1 - y0 < 1e-9:
-            y0, y1 = y0 - 1, y1 + 1
-        to_xy = lambda s, v: (box[0] + (box[2] - box[0]) * (s - x0) / max(1e-9, x1 - x0),
-                              box[3] - (box[3] - box[1]) * (v - y0) / (y1 - y0))
-        for s, colour in zip(series, colours):
-            if len(s) > 1:
-                draw.line([to_xy(*v) for v in s], fill=colour, width=2)
-            elif s:
-                cx, cy = to_xy(*s[0])
-                draw.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=colour)
-        draw.text((box[0] - 36, box[1]), f"{y1:.3g}", fill="black")
-        draw.text((box[0] - 36, box[3] - 10), f"{y0:.3g}", fill="black")
-        draw.text((box[0], box[3] + 4), f"step {x0}", fill="black")
-        draw.text((box[2] - 60, box[3] + 4), f"step {x1}", fill="black")
-    sheet.save(path)
-
-
-def _smooth(series: list[tuple], window: int = 10) -> list[tuple]:
-    """Moving average over the last `window` points (per-step rewards are noisy)."""
-    out = []
-    for i, (step, _) in enumerate(series):
-        chunk = [v for _, v in series[max(0, i - window + 1):i + 1]]
-        out.append((step, sum(chunk) / len(chunk)))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # The other commands: init only, eval, caption
 
 
 def run_init(cfg: Config, data=None, resume: bool = False) -> Path:
     data = data if data is not None else load_data(cfg)
-    run_dir = run_dir_for(cfg)
+    run_dir = runs.run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, cfg, resume)
+    runs.write_config(run_dir, cfg, resume)
     parts = build_parts(cfg, data, with_clip=False)
-    ensure_init(parts, run_dir, MetricsLog(run_dir / "metrics.jsonl"), resume)
+    ensure_init(parts, run_dir, runs.MetricsLog(run_dir / "metrics.jsonl"), resume)
     metrics, _ = evaluate_generator(parts, "val")
     print(format_table({"text-only init": metrics}, "validation split"))
     return run_dir / "init.pt"
@@ -838,7 +637,7 @@ def run_eval(cfg: Config, run_dir: Path, split: str, checkpoint: str = "best", d
         data = realdata.load_eval_data(real_config(cfg), split)
     data = data if data is not None else load_data(cfg)
     parts = build_parts(cfg, data, with_clip=False)
-    load_checkpoint(run_dir / f"{checkpoint}.pt", parts, sections=("gen",))
+    runs.load_checkpoint(run_dir / f"{checkpoint}.pt", parts, sections=("gen",))
     metrics, captions = evaluate_generator(parts, split)
     ids = data.splits[split].ids
     print(format_table({f"{run_dir.name} ({checkpoint}.pt)": metrics},
@@ -862,7 +661,7 @@ def run_caption(cfg: Config, run_dir: Path, images: list[str], data=None) -> lis
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     data = data if data is not None else load_data(cfg)
     parts = build_parts(cfg, data, with_clip=False)
-    load_checkpoint(run_dir / "best.pt", parts, sections=("gen",))
+    runs.load_checkpoint(run_dir / "best.pt", parts, sections=("gen",))
     clip, preprocess = clip_model.load(str(data.clip_path), device=parts.device)
     with torch.no_grad():
         pixels = preprocess([clip_model.load_image(p) for p in images]).to(parts.device)

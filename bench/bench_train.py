@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cgtgan  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def main() -> None:
     init = Path(args.run) / "init.pt"
     which = "random weights"
     if init.is_file():
-        train.load_checkpoint(init, parts, sections=("gen",))
+        runs.load_checkpoint(init, parts, sections=("gen",))
         which = str(init)
     gen, g = parts.gen, torch.Generator().manual_seed(0)
     B, K = cfg.gan.batch, cfg.gan.k

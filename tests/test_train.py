@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import cgtgan
+import figures
+import runs
 import train
 from test_cgtgan import tiny_config, tiny_world
 
@@ -23,7 +25,7 @@ def trained(world, tmp_path_factory):
     """One complete tiny run (init + CgT-GAN + test table + figures)."""
     cfg = tiny_config(runs_dir=str(tmp_path_factory.mktemp("runs")), name="full")
     results = train.run_train(cfg, world)
-    return cfg, train.run_dir_for(cfg), results
+    return cfg, runs.run_dir_for(cfg), results
 
 
 def gan_losses(run_dir):
@@ -73,7 +75,7 @@ def test_checkpoint_from_other_config_is_refused(world, trained):
     other = tiny_config(**{"gen.prefix_len": 3})
     parts = train.build_parts(other, world, with_clip=False)
     with pytest.raises(cgtgan.ConfigError, match="gen.prefix_len=2, but this config has 3"):
-        train.load_checkpoint(run_dir / "best.pt", parts, sections=("gen",))
+        runs.load_checkpoint(run_dir / "best.pt", parts, sections=("gen",))
 
 
 def test_nan_loss_stops_with_step_and_term(world, trained, tmp_path, monkeypatch):
@@ -104,12 +106,12 @@ def test_cli_eval_caption_and_errors(world, trained, monkeypatch, capsys, tmp_pa
 
 
 def test_curves_and_samples_draw_without_data(tmp_path, world):
-    train.draw_curves([], tmp_path / "c.png")
-    train.draw_samples(world, ["a red circle"] * 6, tmp_path / "s.png")
+    figures.draw_curves([], tmp_path / "c.png")
+    figures.draw_samples(world, ["a red circle"] * 6, tmp_path / "s.png")
     assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
 
 
-def _ddp_worker(rank: int, world_dir: str, runs: str, port: int) -> None:
+def _ddp_worker(rank: int, world_dir: str, runs_dir: str, port: int) -> None:
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -118,7 +120,7 @@ def _ddp_worker(rank: int, world_dir: str, runs: str, port: int) -> None:
 
     torch.set_num_threads(1)
     world = tiny_world(Path(world_dir) / f"rank{rank}")
-    train.run_train(tiny_config(runs_dir=runs, name="ddp", **{"gan.batch": 4}), world)
+    train.run_train(tiny_config(runs_dir=runs_dir, name="ddp", **{"gan.batch": 4}), world)
     assert torch.distributed.get_world_size() == 2  # the run really joined the process group
     torch.distributed.destroy_process_group()
 
