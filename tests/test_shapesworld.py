@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+import shapes_clip
 import shapes_grammar as grammar
 import shapesworld as sw
 
@@ -152,10 +153,10 @@ def test_tokenizers_round_trip_every_corpus_sentence(world):
         assert gpt2.decode(gpt2(text).input_ids) == text
         assert roberta.decode(roberta(text).input_ids, skip_special_tokens=True) == text
         assert clip_tok.decode(clip_tok.encode(text)).strip() == text
-    assert torch.equal(sw.clip_tokens(texts, clip_tok, 32),
+    assert torch.equal(shapes_clip.clip_tokens(texts, clip_tok, 32),
                        clip_model.tokenize(texts, 32, truncate=True, tokenizer=clip_tok))
     long = " ".join(["a red circle"] * 20)
-    assert torch.equal(sw.clip_tokens([long], clip_tok, 32),
+    assert torch.equal(shapes_clip.clip_tokens([long], clip_tok, 32),
                        clip_model.tokenize([long], 32, truncate=True, tokenizer=clip_tok))
     # Learned merges make whole corpus words single CLIP tokens.
     assert len(clip_tok.encode("a red circle")) == 3
@@ -183,16 +184,18 @@ def test_tiny_clip_pretraining_fits_a_small_set_of_pairs(tmp_path):
     # steps the training loss is already ~0, but the ResNet's BatchNorm running statistics, which
     # eval mode uses, still lag behind: R@1 1/16.)
     cfg = tiny(tmp_path, n_clip_pairs=32, n_clip_heldout=1, clip_steps=60, clip_batch_size=32)
-    scenes, captions = sw.clip_pairs(cfg)
+    scenes, captions = shapes_clip.clip_pairs(cfg)
     plain = [c[0] for c in captions[:32]]
     images = sw.render_all(cfg, "clip", scenes[:32], progress=False)
     clip_model.write_merges(tmp_path / "bpe.txt", sw.learn_bpe(plain))
     tokenizer = clip_model.Tokenizer(tmp_path / "bpe.txt")
-    tokens = sw.clip_tokens(plain, tokenizer, 32)[:, None]  # (32, 1, L)
-    model, losses = sw.pretrain_clip(cfg, images, tokens, tokenizer.vocab_size, progress=False)
+    tokens = shapes_clip.clip_tokens(plain, tokenizer, 32)[:, None]  # (32, 1, L)
+    model, losses = shapes_clip.pretrain_clip(cfg, images, tokens, tokenizer.vocab_size,
+                                              progress=False)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
-    figures = sw.retrieval_and_gap(sw.encode_images(model, images),
-                                   sw.encode_texts(model, tokenizer, plain), plain)
+    image_feats = shapes_clip.encode_images(model, images)  # (32, D)
+    text_feats = shapes_clip.encode_texts(model, tokenizer, plain)  # (32, D)
+    figures = shapes_clip.retrieval_and_gap(image_feats, text_feats, plain)
     assert figures["r1"] > 10 * figures["chance_r1"]
     assert model.logit_scale.exp().item() == pytest.approx(100.0)
 
@@ -239,7 +242,7 @@ def test_interrupted_build_leaves_nothing_trusted(tmp_path, monkeypatch):
         sw.build_shapesworld(cfg, progress=False)
     assert not (tmp_path / "tokenizers").exists()
     monkeypatch.undo()
-    monkeypatch.setattr(sw, "pretrain_clip", interrupted)
+    monkeypatch.setattr(shapes_clip, "pretrain_clip", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sw.build_shapesworld(cfg, progress=False)
     assert not (tmp_path / "clip.pt").exists() and not (tmp_path / "clip.json").exists()

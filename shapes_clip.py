@@ -1,0 +1,272 @@
+"""The tiny CLIP that stands in for CLIP's web pretraining in ShapesWorld.
+
+CgT-GAN (Yu et al., arXiv:2308.12045) embeds images and sentences with a frozen CLIP (Sec. 3.1)
+and rewards captions with it (Sec. 3.3); that CLIP was pretrained on web image-text pairs the
+method never sees. ShapesWorld (shapesworld.py) stands it in with a tiny clip_model.CLIP
+pretrained here, offline, on its own image-caption pairs: separate scenes (stream "clip"), each
+with captions in both grammars, and single-object close-ups that make it learn shapes. Its logit
+scale ramps up to 100 and stays fixed there, as in the released models, so the modality gap the
+paper is about is there to be closed. This file holds its pretraining pairs and close-ups,
+contrastive pretraining with the logit-scale ramp, encoding of images and captions, the retrieval
+and modality-gap figures, and the zero-shot shape and colour probe; shapesworld.build_shapesworld
+builds and caches it with the rest of the world (`train_clip`).
+
+Shape legend: N images, C captions per image, U distinct captions, M texts or close-ups, n held-out
+or probe images, R image resolution, L CLIP context length, D CLIP width, B pairs and B' close-ups
+per pretraining batch.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import clip_model
+import data
+import shapes_grammar as grammar
+from shapesworld import ShapesWorldConfig, make_scenes, render_all, stream_rng
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining pairs and close-ups
+
+
+CLIP_CAPTIONS = 4  # captions per CLIP pretraining image; one is drawn each time the image is used
+
+
+def clip_pairs(cfg: ShapesWorldConfig) -> tuple[list[grammar.Scene], list[list[str]]]:
+    """Scenes of the CLIP pretraining pairs (training ones, then held-out ones), each with
+    CLIP_CAPTIONS captions alternating between the grammars, so the tiny CLIP reads both corpus
+    styles and sees each image described in several ways (its first caption is plain)."""
+    scenes = make_scenes(cfg, "clip", cfg.n_clip_pairs + cfg.n_clip_heldout)
+    rng = stream_rng(cfg, "clip-text")
+    styles = [grammar.STYLES[k % len(grammar.STYLES)] for k in range(CLIP_CAPTIONS)]
+    return scenes, [[grammar.describe(s, style, rng) for style in styles] for s in scenes]
+
+
+def closeups(cfg: ShapesWorldConfig, stream: str, n: int) -> tuple[list[grammar.Scene], list[str]]:
+    """n single-object scenes and their caption "a {colour} {shape}": the close-ups that teach the
+    tiny CLIP shapes (stream "clip-closeup") and probe it afterwards (stream "clip-probe")."""
+    rng = stream_rng(cfg, stream)
+    scenes = [grammar.sample_scene(rng, n=1) for _ in range(n)]
+    return scenes, [f"a {s[0].colour} {s[0].shape}" for s in scenes]
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding: images and captions to L2-normalised embeddings
+
+
+def to_clip_input(images: np.ndarray) -> torch.Tensor:
+    """(N, R, R, 3) uint8 -> (N, 3, R, R) float32, exactly as clip_model.Preprocess maps a PIL image
+    of size R (same float32 operations, so cached embeddings equal the `caption` path's)."""
+    x = (images.astype(np.float32) / 255.0 - clip_model.MEAN) / clip_model.STD  # (N, R, R, 3)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # (N, 3, R, R)
+
+
+def clip_tokens(texts: list[str], tokenizer: clip_model.Tokenizer, context_length: int) -> torch.Tensor:
+    """clip_model.tokenize(texts, context_length, truncate=True) for clean captions (lowercase
+    words and single spaces, as every ShapesWorld caption is): the same ids (a test checks), but
+    each distinct word is encoded once instead of running ftfy on every caption, which made
+    tokenizing the 100k pretraining captions take longer than rendering their images.
+    texts -> (N, L) long."""
+    out = np.zeros((len(texts), context_length), np.int64)  # (N, L)
+    words: dict[str, list[int]] = {}
+    for row, text in enumerate(texts):
+        ids = [tokenizer.sot_token]
+        for word in text.split():
+            if word not in words:
+                words[word] = tokenizer.encode(word)
+            ids += words[word]
+        ids = ids[:context_length - 1] + [tokenizer.eot_token]
+        out[row, :len(ids)] = ids
+    return torch.from_numpy(out)
+
+
+@torch.no_grad()
+def encode_images(model: clip_model.CLIP, images: np.ndarray, progress: bool = False,
+                  chunk: int = 1000) -> torch.Tensor:
+    """(N, R, R, 3) uint8 -> (N, D) L2-normalised float32 CLIP image embeddings."""
+    out = [model.encode_image(to_clip_input(images[i:i + chunk])) for i in
+           tqdm(range(0, len(images), chunk), desc="encode images", disable=not progress,
+                leave=False)]
+    return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)  # (N, D)
+
+
+@torch.no_grad()
+def encode_texts(model: clip_model.CLIP, tokenizer: clip_model.Tokenizer, texts: list[str],
+                 progress: bool = False, chunk: int = 2000) -> torch.Tensor:
+    """Texts -> (M, D) L2-normalised float32 CLIP text embeddings."""
+    out = []
+    for i in tqdm(range(0, len(texts), chunk), desc="encode texts", disable=not progress,
+                  leave=False):
+        tokens = clip_tokens(texts[i:i + chunk], tokenizer, model.config.context_length)  # (chunk, L)
+        out.append(model.encode_text(tokens))
+    return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)  # (M, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Contrastive pretraining with the logit-scale ramp
+
+
+def clip_config(cfg: ShapesWorldConfig, vocab_size: int) -> clip_model.CLIPConfig:
+    vit = cfg.clip_image_encoder == "vit"
+    return clip_model.CLIPConfig(
+        embed_dim=cfg.clip_embed_dim, image_resolution=cfg.image_size,
+        vision_layers=cfg.clip_vision_layers if vit else (cfg.clip_vision_layers,) * 4,
+        vision_width=cfg.clip_vision_width, vision_patch_size=cfg.clip_patch_size if vit else None,
+        context_length=cfg.clip_context_length,
+        vocab_size=vocab_size, transformer_width=cfg.clip_text_width,
+        transformer_heads=cfg.clip_heads, transformer_layers=cfg.clip_text_layers,
+        vision_heads=cfg.clip_heads, learn_logit_scale=cfg.clip_learn_logit_scale,
+        logit_scale_init=math.log(1 / 0.07 if cfg.clip_learn_logit_scale else cfg.clip_logit_scale))
+
+
+def logit_scale_at(step: int, cfg: ShapesWorldConfig) -> float:
+    """The (not learned) logit scale at a pretraining step: from CLIP's initial 1/0.07 up to
+    cfg.clip_logit_scale (100) geometrically over the first cfg.clip_scale_ramp of the steps, then
+    fixed. From scratch, a scale of 100 at once makes the encoders collapse to constant outputs
+    (random similarities cost more than the signal gains; we measured loss stuck at log B), so
+    the scale ramps up as the released CLIP's learned one did; the saved model's scale is 100.
+    Example: 300 steps, ramp 0.5 -> 14.3 at step 0, 37.8 at step 75, 100 from step 150.
+    """
+    start, end = 1 / 0.07, cfg.clip_logit_scale
+    ramp = max(1, round(cfg.clip_scale_ramp * cfg.clip_steps))
+    return start * (end / start) ** min(1.0, step / ramp)
+
+
+def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tensor,
+                  vocab_size: int, progress: bool = True,
+                  closeup: tuple[np.ndarray, torch.Tensor] | None = None
+                  ) -> tuple[clip_model.CLIP, list[float]]:
+    """Contrastive pretraining (clip_model.contrastive_loss) on images (N, R, R, 3) uint8 and
+    tokens (N, C, L): C captions per image, one drawn at random each time the image is used.
+    closeup: (images (M, R, R, 3), tokens (M, L)) single-object pairs that fill a
+    cfg.clip_closeup_share of every batch. AdamW with linear warmup and cosine decay.
+    Returns the model (eval mode) and the losses."""
+    torch.manual_seed(cfg.seed)
+    model = clip_model.CLIP(clip_config(cfg, vocab_size))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.clip_lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
+    warmup = max(1, cfg.clip_steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
+        1 + math.cos(math.pi * min(1.0, max(0.0, s - warmup) / max(1, cfg.clip_steps - warmup))))))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch = min(cfg.clip_batch_size, len(images))
+    n_close = round(cfg.clip_closeup_share * batch) if closeup is not None else 0
+    batch -= n_close  # pairs per batch; the close-ups complete it
+    order, cursor, losses = torch.randperm(len(images), generator=gen), 0, []
+    model.train()
+    bar = tqdm(range(cfg.clip_steps), desc="pretrain tiny CLIP", disable=not progress, leave=False)
+    for step in bar:
+        if not cfg.clip_learn_logit_scale:
+            with torch.no_grad():
+                model.logit_scale.fill_(math.log(logit_scale_at(step, cfg)))
+        if cursor + batch > len(images):
+            order, cursor = torch.randperm(len(images), generator=gen), 0
+        idx = order[cursor:cursor + batch]  # (B,)
+        cursor += batch
+        pick = torch.randint(tokens.shape[1], (batch,), generator=gen)  # (B,)
+        pixels, texts = images[idx.numpy()], tokens[idx, pick]  # (B, R, R, 3), (B, L)
+        if n_close:
+            near = torch.randint(len(closeup[0]), (n_close,), generator=gen)  # (B',)
+            pixels = np.concatenate([pixels, closeup[0][near.numpy()]])  # (B+B', R, R, 3)
+            texts = torch.cat([texts, closeup[1][near]])  # (B+B', L)
+        logits, _ = model(to_clip_input(pixels), texts)  # (B+B', B+B')
+        loss = clip_model.contrastive_loss(logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        schedule.step()
+        if cfg.clip_learn_logit_scale:
+            with torch.no_grad():  # OpenAI clamps the learned scale at 100
+                model.logit_scale.clamp_(max=math.log(100))
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    if not cfg.clip_learn_logit_scale:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(cfg.clip_logit_scale))
+    return model.eval(), losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieval and modality-gap figures, the shape and colour probe
+
+
+def retrieval_and_gap(image_feats: torch.Tensor, text_feats: torch.Tensor,
+                      captions: list[str]) -> dict[str, float]:
+    """Image->text retrieval of matched pairs, and the modality gap.
+
+    image_feats, text_feats (n, D) normalised, row i a matched pair. R@k: share of images whose
+    top-k texts (cosine) include one identical to their own caption (identical captions of other
+    scenes count, as no retrieval could tell them apart); chance_r1 is that share for a random
+    pick. gap_cos: cosine of the mean image and mean text embeddings; matched_cos: mean cosine of
+    matched pairs.
+    """
+    sims = image_feats @ text_feats.T  # (n, n)
+    top = sims.topk(min(5, len(captions)), dim=1).indices  # (n, 5)
+    same = [[captions[j] == captions[i] for j in row] for i, row in enumerate(top.tolist())]
+    counts: dict[str, int] = {}
+    for c in captions:
+        counts[c] = counts.get(c, 0) + 1
+    mean_img, mean_txt = image_feats.mean(0), text_feats.mean(0)  # (D,)
+    return {"n": len(captions),
+            "r1": float(np.mean([s[0] for s in same])), "r5": float(np.mean([any(s) for s in same])),
+            "chance_r1": float(np.mean([counts[c] / len(captions) for c in captions])),
+            "gap_cos": float(torch.nn.functional.cosine_similarity(mean_img, mean_txt, dim=0)),
+            "matched_cos": float((image_feats * text_feats).sum(1).mean()),
+            "mean_image_norm": float(mean_img.norm()), "mean_text_norm": float(mean_txt.norm())}
+
+
+PROBE_IMAGES = 600  # held-out single-object images of the shape and colour probe
+
+
+def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_model.Tokenizer,
+                              cfg: ShapesWorldConfig) -> dict[str, float]:
+    """Zero-shot reading of one object (stream "clip-probe", never trained on).
+
+    shape_acc: share of images whose best caption among "a {true colour} {shape}" over the six
+    shapes names the true shape (chance 1/6); colour_acc: the same over the eight colours with
+    the true shape (chance 1/8). Example: a red star whose image is closest to "a red circle" among
+    the six red captions counts against shape_acc.
+    """
+    scenes, _ = closeups(cfg, "clip-probe", PROBE_IMAGES)
+    image = encode_images(model, render_all(cfg, "clip-probe", scenes, False))  # (n, D)
+    shapes, colours = list(grammar.SHAPES), list(grammar.COLOURS)
+    text = encode_texts(model, tokenizer, [f"a {c} {s}" for c in colours for s in shapes])
+    sims = (image @ text.T).view(len(scenes), len(colours), len(shapes))  # (n, colour, shape)
+    colour = torch.tensor([colours.index(s[0].colour) for s in scenes])  # (n,)
+    shape = torch.tensor([shapes.index(s[0].shape) for s in scenes])  # (n,)
+    rows = torch.arange(len(scenes))
+    return {"shape_acc": float((sims[rows, colour].argmax(-1) == shape).float().mean()),
+            "colour_acc": float((sims[rows, :, shape].argmax(-1) == colour).float().mean())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrain, save and measure: the step shapesworld.build_shapesworld runs
+
+
+def train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_model.Tokenizer,
+               path: Path, progress: bool) -> dict:
+    """Render the pairs, pretrain and save the tiny CLIP; its metrics on the held-out pairs."""
+    scenes, captions = pairs
+    images = render_all(cfg, "clip", scenes, progress)
+    close_scenes, close_captions = closeups(cfg, "clip-closeup", cfg.n_clip_closeups)
+    closeup = (render_all(cfg, "clip-closeup", close_scenes, progress),
+               clip_tokens(close_captions, tokenizer, cfg.clip_context_length))  # (M, R, R, 3), (M, L)
+    unique = sorted({c for caps in captions for c in caps})
+    ids = clip_tokens(unique, tokenizer, cfg.clip_context_length)  # (U, L)
+    row = {c: i for i, c in enumerate(unique)}
+    tokens = ids[torch.tensor([[row[c] for c in caps] for caps in captions])]  # (N, C, L)
+    n = cfg.n_clip_pairs
+    model, losses = pretrain_clip(cfg, images[:n], tokens[:n], tokenizer.vocab_size, progress,
+                                  closeup if cfg.clip_closeup_share > 0 else None)
+    clip_model.save(model, path)
+    held = [caps[0] for caps in captions[n:]]  # plain-style captions of the held-out scenes
+    metrics = retrieval_and_gap(encode_images(model, images[n:]),
+                                encode_texts(model, tokenizer, held), held)
+    metrics["final_loss"] = float(np.mean(losses[-20:]))
+    metrics.update(shape_and_colour_accuracy(model, tokenizer, cfg))
+    return {"digest": data.file_digest(path), "metrics": metrics}
