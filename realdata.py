@@ -367,9 +367,13 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero). (n, D) -> (n, D)."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def _normalised(x: torch.Tensor) -> np.ndarray:
-    x = x.float()
-    return (x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).cpu().numpy()  # (b, D)
+    return _unit(x.float()).cpu().numpy()  # (b, D)
 
 
 class ClipEncoder:
@@ -520,8 +524,7 @@ def _readable(cached: dict[str, np.ndarray], images: list[KarpathyImage]) -> tup
 def _eval_split(cached: dict[str, np.ndarray], images: list[KarpathyImage]) -> EvalSplit:
     """One val/test split from its cached arrays (float32, normalised) and its references."""
     x, kept = _readable(cached, images)
-    x = torch.from_numpy(x.astype(np.float32))  # (n, D)
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    x = _unit(torch.from_numpy(x.astype(np.float32)))  # (n, D)
     return EvalSplit([im.id for im in kept], x, {im.id: im.sentences for im in kept})
 
 
@@ -620,10 +623,6 @@ def load_eval_data(cfg: RealDataConfig, split: str) -> CaptionData:
         gpt2_path=Path(cfg.gpt2), roberta_path=Path(cfg.roberta), train_ids=[],
         train_feats=empty, corpus=[], corpus_feats=empty, splits={split: es},
         image_loader=lambda i: _load_image(paths, i))
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n, D)
 
 
 def clip_file(clip: str) -> Path:
