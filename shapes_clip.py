@@ -253,16 +253,18 @@ def train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_model.Token
     """Render the pairs, pretrain and save the tiny CLIP; its metrics on the held-out pairs."""
     scenes, captions = pairs
     images = render_all(cfg, "clip", scenes, progress)
-    close_scenes, close_captions = closeups(cfg, "clip-closeup", cfg.n_clip_closeups)
-    closeup = (render_all(cfg, "clip-closeup", close_scenes, progress),
-               clip_tokens(close_captions, tokenizer, cfg.clip_context_length))  # (M, R, R, 3), (M, L)
+    closeup = None
+    if cfg.clip_closeup_share > 0:
+        close_scenes, close_captions = closeups(cfg, "clip-closeup", cfg.n_clip_closeups)
+        closeup = (render_all(cfg, "clip-closeup", close_scenes, progress),  # (M, R, R, 3)
+                   clip_tokens(close_captions, tokenizer, cfg.clip_context_length))  # (M, L)
     unique = sorted({c for caps in captions for c in caps})
     ids = clip_tokens(unique, tokenizer, cfg.clip_context_length)  # (U, L)
     row = {c: i for i, c in enumerate(unique)}
     tokens = ids[torch.tensor([[row[c] for c in caps] for caps in captions])]  # (N, C, L)
     n = cfg.n_clip_pairs
     model, losses = pretrain_clip(cfg, images[:n], tokens[:n], tokenizer.vocab_size, progress,
-                                  closeup if cfg.clip_closeup_share > 0 else None)
+                                  closeup)
     clip_model.save(model, path)
     held = [caps[0] for caps in captions[n:]]  # plain-style captions of the held-out scenes
     metrics = retrieval_and_gap(encode_images(model, images[n:]),
