@@ -209,6 +209,22 @@ def save_random_clip(path: Path, bpe_path: Path, seed: int = 0) -> None:
     clip_model.save(clip_model.CLIP(cfg), path)
 
 
+def _coco_image(image_root: Path, k: int, split: str, rng: random.Random) -> tuple[dict, list[str]]:
+    """Draw image k of a split into COCO's folders; its Karpathy entry and its five captions."""
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    background = rng.choice(list(BACKGROUNDS))
+    folder = "train2014" if split == "train" else "val2014"
+    filename = f"COCO_{folder}_{k + 1:012d}.jpg"
+    (image_root / folder).mkdir(parents=True, exist_ok=True)
+    _draw(colour, shape, background, rng).save(image_root / folder / filename, quality=95)
+    caps = _captions(colour, shape, background)
+    entry = {"filepath": folder, "filename": filename, "imgid": k, "cocoid": 1000 + k,
+             "split": split, "sentids": list(range(5 * k, 5 * k + 5)),
+             "sentences": [{"raw": c, "tokens": c.lower().strip(".").split(), "imgid": k,
+                            "sentid": 5 * k + j} for j, c in enumerate(caps)]}
+    return entry, caps
+
+
 def build_paperscale_fixture(root: str | Path, seed: int = 0, models: bool = True,
                              n_train: int = 0) -> PaperFixture:
     """Write the fixture under root (see the module docstring) and return its paths.
@@ -223,31 +239,15 @@ def build_paperscale_fixture(root: str | Path, seed: int = 0, models: bool = Tru
     image_root = root / "coco"
     entries, sentences = [], []
     for k, split in enumerate(SPLITS):
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        background = rng.choice(list(BACKGROUNDS))
-        folder = "train2014" if split == "train" else "val2014"
-        filename = f"COCO_{folder}_{k + 1:012d}.jpg"
-        (image_root / folder).mkdir(parents=True, exist_ok=True)
-        _draw(colour, shape, background, rng).save(image_root / folder / filename, quality=95)
-        caps = _captions(colour, shape, background)
+        entry, caps = _coco_image(image_root, k, split, rng)
+        entries.append(entry)
         sentences += caps
-        entries.append({"filepath": folder, "filename": filename, "imgid": k, "cocoid": 1000 + k,
-                        "split": split, "sentids": list(range(5 * k, 5 * k + 5)),
-                        "sentences": [{"raw": c, "tokens": c.lower().strip(".").split(),
-                                       "imgid": k, "sentid": 5 * k + j} for j, c in enumerate(caps)]})
     # Extra training images draw from their own generator: the default ones stay as they were.
     extra = random.Random(seed + 2)
     for k in range(len(SPLITS), len(SPLITS) + n_train):
-        colour, shape = extra.choice(list(COLOURS)), extra.choice(SHAPES)
-        background = extra.choice(list(BACKGROUNDS))
-        filename = f"COCO_train2014_{k + 1:012d}.jpg"
-        _draw(colour, shape, background, extra).save(image_root / "train2014" / filename, quality=95)
-        caps = _captions(colour, shape, background)
+        entry, caps = _coco_image(image_root, k, "train", extra)
+        entries.append(entry)
         sentences += caps
-        entries.append({"filepath": "train2014", "filename": filename, "imgid": k, "cocoid": 1000 + k,
-                        "split": "train", "sentids": list(range(5 * k, 5 * k + 5)),
-                        "sentences": [{"raw": c, "tokens": c.lower().strip(".").split(),
-                                       "imgid": k, "sentid": 5 * k + j} for j, c in enumerate(caps)]})
     split_file = root / "dataset_coco.json"
     split_file.write_text(json.dumps({"images": entries, "dataset": "coco"}))
     corpus_file = root / "corpus.txt"
