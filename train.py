@@ -287,6 +287,20 @@ def retrieval_captions(data, feats: torch.Tensor, chunk: int = 8192) -> list[str
 # Stage 1: text-only initialisation
 
 
+def init_step(parts: Parts, opt, feats: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor,
+              step: int, checkpoint: Path) -> float:
+    """One text-only step: caption cross-entropy of tokens (B, T) from feats (B, D) against target
+    (B, T), stopped if not finite (naming step and checkpoint), then AdamW with clipping at 1.0."""
+    with parts.autocast():
+        loss = caption_loss(parts.gen_train(feats, tokens), target)
+    check_finite(step, "init", {"caption_loss": loss.item()}, checkpoint)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parts.gen.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def train_init(parts: Parts, run_dir: Path, log, stop_after: int | None = None) -> None:
     """Train mapping network + GPT-2 to rebuild each corpus sentence from its CLIP text embedding."""
     cfg, data, gen = parts.cfg.init, parts.data, parts.gen
@@ -311,15 +325,10 @@ def train_init(parts: Parts, run_dir: Path, log, stop_after: int | None = None) 
         idx, feats = idx[lo:hi], feats[lo:hi]  # this rank's sentences
         width = int((labels[idx] != IGNORE_INDEX).sum(1).max())
         tokens, target = ids[idx, :width].to(parts.device), labels[idx, :width].to(parts.device)
-        with parts.autocast():
-            loss = caption_loss(parts.gen_train(feats.to(parts.device), tokens), target)
-        check_finite(step + 1, "init", {"caption_loss": loss.item()}, run_dir / "init_last.pt")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
-        opt.step()
-        log(parts.mean({"stage": "init", "step": step + 1, "loss": loss.item()}))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        loss = init_step(parts, opt, feats.to(parts.device), tokens, target, step + 1,
+                         run_dir / "init_last.pt")
+        log(parts.mean({"stage": "init", "step": step + 1, "loss": loss}))
+        bar.set_postfix(loss=f"{loss:.3f}")
         done = step + 1 == cfg.steps
         if done or (step + 1) % 500 == 0 or (stop_after and step + 1 == stop_after):
             runs.save_checkpoint(run_dir / "init_last.pt", parts, opt_g=opt.state_dict(),

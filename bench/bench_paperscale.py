@@ -6,8 +6,8 @@ in-domain corpus) with enough training images for a batch of 64. With the coco p
 (B=64 images, K=5 samples each, captions of at most 20 tokens) it times, through train.py's own
 code:
 
-  text-only init step   caption loss on B corpus sentences at 20 tokens, backward, AdamW step
-                        (the loop body of train.train_init)
+  text-only init step   train.init_step: caption loss on B corpus sentences at 20 tokens,
+                        backward, AdamW step
   CgT-GAN step          train.gan_step: sampling B*K captions + B greedy baselines, CLIP scoring,
                         discriminator step, self-critical backward
   sampler               CaptionGenerator.draw (and .sample) against transformers'
@@ -119,8 +119,8 @@ def measure(fn, steps: int, device: torch.device) -> dict:
 
 
 def init_step(parts: train.Parts, opt, g: torch.Generator):
-    """One text-only init step as train.train_init takes it, on B sentences at the 20-token cap
-    (random tokens: the longest batch the preset allows). Returns a function of no arguments."""
+    """One train.init_step on B sentences at the 20-token cap (random tokens: the longest batch
+    the preset allows). Returns a function of no arguments."""
     gen, B = parts.gen, parts.cfg.init.batch
     vocab = len(parts.gen_tok)
 
@@ -129,13 +129,7 @@ def init_step(parts: train.Parts, opt, g: torch.Generator):
         tokens[:, -1] = gen.end_id
         feats = parts.data.corpus_feats[torch.randint(len(parts.data.corpus), (B,), generator=g)]
         tokens, feats = tokens.to(parts.device), feats.to(parts.device)  # (B, T), (B, D)
-        with parts.autocast():
-            loss = cgtgan.caption_loss(parts.gen_train(feats, tokens), tokens)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
-        opt.step()
-        return loss.item()
+        return train.init_step(parts, opt, feats, tokens, tokens, 0, Path("(benchmark)"))
     return step
 
 
