@@ -11,6 +11,7 @@ Checkpoints hold only tensors and plain Python values: torch.load(weights_only=T
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -57,11 +58,33 @@ def shapes_of(parts: Parts) -> dict:
             "roberta_vocab": len(parts.disc_tok)}
 
 
+def data_fingerprint(data) -> str:
+    """A digest of what the models were trained on: the training images' and corpus sentences'
+    CLIP embeddings (every k-th row, so it costs little at paper scale) and the corpus text.
+    Two worlds, or two CLIPs, with the same widths and vocabularies still differ here; the
+    config alone cannot tell them apart (a code change to the world's defaults keeps it equal)."""
+    h = hashlib.sha256()
+    for x in (data.train_feats, data.corpus_feats):
+        rows = x[::max(1, x.shape[0] // 512)].float().contiguous()  # (<=1024, D)
+        h.update(str(tuple(x.shape)).encode())
+        h.update(rows.cpu().numpy().round(4).tobytes())
+    h.update("\n".join(data.corpus).encode())
+    return h.hexdigest()[:16]
+
+
+def same_data(path: Path, blob: dict, parts: Parts) -> None:
+    """Refuse a training checkpoint made on other data (another world or CLIP)."""
+    if blob.get("data") != parts.data_fingerprint:
+        raise ConfigError(f"checkpoint {path} was trained on other data (its images' or corpus's "
+                          f"CLIP embeddings differ from this dataset's); train again in another "
+                          f"run folder, without --resume")
+
+
 def save_checkpoint(path: Path, parts: Parts, **state) -> None:
     """Atomic torch.save of the models plus `state` (plain values and tensors only)."""
     if parts.rank != 0:
         return
-    blob = {"config": asdict(parts.cfg), "shapes": shapes_of(parts),
+    blob = {"config": asdict(parts.cfg), "shapes": shapes_of(parts), "data": parts.data_fingerprint,
             "generator": parts.gen.state_dict(), "discriminator": parts.disc.state_dict(), **state}
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
@@ -92,13 +115,15 @@ def load_checkpoint(path: Path, parts: Parts, sections=("gen", "disc")) -> dict:
     return blob
 
 
-def init_is_current(path: Path, cfg: Config) -> bool:
-    """init.pt can be reused when it was made with the same data, seed, generator and init settings."""
+def init_is_current(path: Path, parts: Parts) -> bool:
+    """init.pt can be reused when it was made with the same data (config and fingerprint), seed,
+    generator and init settings."""
     if not path.is_file():
         return False
-    saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
-    now = asdict(cfg)
-    return all(saved.get(k) == now[k] for k in ("data", "seed", "world", "real", "gen", "init"))
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    saved, now = blob["config"], asdict(parts.cfg)
+    return (blob.get("data") == parts.data_fingerprint
+            and all(saved.get(k) == now[k] for k in ("data", "seed", "world", "real", "gen", "init")))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ import clip_model
 import data
 import shapes_grammar as grammar
 
-VERSION = 3  # bump when generation changes, so old caches are rebuilt
+VERSION = 4  # bump when generation changes, so old caches are rebuilt
 ROOT = Path(__file__).resolve().parent
 
 
@@ -56,7 +56,11 @@ class ShapesWorldConfig:
 
     seed: int = 0
     corpus_style: str = "plain"  # "alt": the cross-domain corpus (another grammar), Sec. 4.4
-    image_size: int = 48  # R; shapes sit on a 3x3 grid of 16-pixel cells
+    # R; shapes sit on a 3x3 grid of 32-pixel cells. At 96 px the ResNet tower's last stage is a
+    # 3x3 grid too, one position per cell, and the CLIP reads shapes inside crowded scenes; at 48 px
+    # that stage is 1x1 and it read them at chance, so no captioner could name them
+    # (docs/shapesworld_results.md, finding 1).
+    image_size: int = 96
     n_clip_pairs: int = 24000  # image-caption pairs that pretrain the tiny CLIP, and nothing else
     n_clip_heldout: int = 1000  # held-out pairs for CLIP's retrieval and modality-gap figures
     n_train: int = 8000  # unpaired training images
@@ -73,7 +77,7 @@ class ShapesWorldConfig:
     clip_embed_dim: int = 64
     clip_vision_width: int = 8  # resnet: stem width (its last stage has 32x); vit: token width
     clip_vision_layers: int = 1  # resnet: bottleneck blocks in each of its 4 stages; vit: layers
-    clip_patch_size: int = 16  # vit only: a 16-pixel patch is one grid cell
+    clip_patch_size: int = 32  # vit only: a 32-pixel patch is one grid cell
     clip_text_width: int = 64
     clip_text_layers: int = 2
     clip_heads: int = 2

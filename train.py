@@ -10,6 +10,7 @@ Shape legend: B images, K samples per image, T tokens, D CLIP width, M corpus se
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -111,6 +112,11 @@ class Parts:
     world: int = 1
     gen_train: object = None  # the modules that carry gradients: DDP wrappers under torchrun
     disc_train: object = None
+
+    @functools.cached_property
+    def data_fingerprint(self) -> str:
+        """runs.data_fingerprint of this run's data, computed once; stored in every checkpoint."""
+        return runs.data_fingerprint(self.data)
 
     def autocast(self):
         if self.cfg.bf16 and self.device.type == "cuda":
@@ -310,6 +316,7 @@ def train_init(parts: Parts, run_dir: Path, log, stop_after: int | None = None) 
     start = 0
     if (run_dir / "init_last.pt").is_file():
         blob = runs.load_checkpoint(run_dir / "init_last.pt", parts)
+        runs.same_data(run_dir / "init_last.pt", blob, parts)
         opt.load_state_dict(blob["opt_g"])
         runs.set_rng_state(blob["rng"], g)
         start = blob["step"]
@@ -454,6 +461,7 @@ def train_gan(parts: Parts, run_dir: Path, log, resume: bool = False,
     last, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if resume and last.is_file():
         blob = runs.load_checkpoint(last, parts)
+        runs.same_data(last, blob, parts)
         opt_g.load_state_dict(blob["opt_g"])
         opt_d.load_state_dict(blob["opt_d"])
         runs.set_rng_state(blob["rng"], g)
@@ -502,7 +510,7 @@ def train_gan(parts: Parts, run_dir: Path, log, resume: bool = False,
 
 def ensure_init(parts: Parts, run_dir: Path, log, resume: bool = False) -> None:
     """Run the text-only stage unless run_dir/init.pt already matches this config."""
-    if runs.init_is_current(run_dir / "init.pt", parts.cfg):
+    if runs.init_is_current(run_dir / "init.pt", parts):
         if parts.rank == 0:
             print(f"reusing the text-only initialisation in {run_dir / 'init.pt'}")
         return

@@ -69,6 +69,8 @@ def main() -> None:
           f"  (chance R@1 {c['chance_r1']:.4f}, ratio {c['r1'] / c['chance_r1']:.0f}x)")
     print(f"one object, zero-shot over \"a {{colour}} {{shape}}\": shape {c['shape_acc']:.1%} (chance "
           f"{1 / 6:.1%}), colour {c['colour_acc']:.1%} (chance {1 / 8:.1%})")
+    print(f"shape of an object inside a held-out scene (its colour given): {c['scene_shape_acc']:.1%} "
+          f"(chance {1 / 6:.1%})")
     print(f"modality gap: cos(mean image, mean text) {c['gap_cos']:.3f}; matched-pair cosine "
           f"{c['matched_cos']:.3f}; |mean image| {c['mean_image_norm']:.3f}, "
           f"|mean text| {c['mean_text_norm']:.3f}")

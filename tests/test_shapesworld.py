@@ -200,6 +200,30 @@ def test_tiny_clip_pretraining_fits_a_small_set_of_pairs(tmp_path):
     assert model.logit_scale.exp().item() == pytest.approx(100.0)
 
 
+def test_scene_shape_probe_reads_each_object_with_a_colour_of_its_own(world):
+    # Scene "images" made of the probe's own text embeddings: scene k's embedding is the text of
+    # its first object with `named` as the shape, so the probe finds the true shape exactly when
+    # named is it. Objects sharing a colour with another one are left out.
+    cfg, d = world
+    model, _ = clip_model.load(d.clip_path)
+    tokenizer = clip_model.Tokenizer(d.clip_bpe_path)
+    O = grammar.Obj
+    scenes = [(O("star", "red", "small", 0, 0),),
+              (O("circle", "blue", "large", 0, 0), O("square", "pink", "small", 2, 2)),
+              (O("circle", "green", "small", 0, 0), O("star", "green", "large", 1, 1))]
+    named = ["star", "triangle", "circle"]  # true, wrong, true (but scene 3 shares its colour)
+    feats = shapes_clip.encode_texts(model, tokenizer, [f"a {s[0].colour} {n}" for s, n in
+                                                        zip(scenes, named)])  # (3, D)
+    got = shapes_clip.shape_and_colour_accuracy(model, tokenizer, cfg, scenes, feats)
+    # Counted objects: the red star (right), the blue circle (wrong) and the pink square, whose
+    # answer depends on the random CLIP: 1/3 or 2/3, never the green pair.
+    assert got["scene_shape_acc"] in (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    one = shapes_clip.shape_and_colour_accuracy(model, tokenizer, cfg, scenes[:1], feats[:1])
+    assert one["scene_shape_acc"] == 1.0
+    both = shapes_clip.shape_and_colour_accuracy(model, tokenizer, cfg, scenes[1:2], feats[1:2])
+    assert both["scene_shape_acc"] in (0.0, 0.5)
+
+
 @pytest.mark.slow
 def test_default_tiny_clip_reads_shapes_and_colours(tmp_path):
     # The default CLIP settings on fewer pairs. A shape-blind CLIP (the earlier ViT, or the ResNet
@@ -211,6 +235,8 @@ def test_default_tiny_clip_reads_shapes_and_colours(tmp_path):
     assert figures["r1"] > 10 * figures["chance_r1"]
     assert figures["colour_acc"] > 0.9
     assert figures["shape_acc"] > 2.5 / len(grammar.SHAPES)
+    # Inside crowded scenes too: the 48-px default of version 3 read them at chance (25%, 17%).
+    assert figures["scene_shape_acc"] > 2 / len(grammar.SHAPES)
 
 
 def test_stale_or_truncated_caches_are_rebuilt(tmp_path):

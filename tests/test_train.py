@@ -3,7 +3,9 @@ uninterrupted run, bad input gets one-line errors. Tiny models on the synthetic 
 test_cgtgan.py (and a tiny ShapesWorld, marked slow)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -68,6 +70,25 @@ def test_resume_refuses_other_settings(world, trained):
     other.gan.lr = 0.5
     with pytest.raises(cgtgan.ConfigError, match="gan.lr=0.0001 but this run has 0.5"):
         train.run_train(other, world, resume=True)
+
+
+def test_checkpoints_are_tied_to_their_data(world, trained, tmp_path, capsys):
+    # Same config, same widths and vocabularies, other CLIP embeddings (as after a change to the
+    # world's defaults or its CLIP): init.pt is trained again, not reused, and --resume refuses.
+    cfg, run_dir, _ = trained
+    other = dataclasses.replace(world, train_feats=world.train_feats.roll(1, 0),
+                                corpus_feats=world.corpus_feats.roll(1, 0))
+    same = tiny_config(runs_dir=str(tmp_path), name="same")
+    (tmp_path / "same").mkdir()
+    shutil.copyfile(run_dir / "init.pt", tmp_path / "same" / "init.pt")
+    assert runs.init_is_current(tmp_path / "same" / "init.pt", train.build_parts(same, world, False))
+    assert not runs.init_is_current(tmp_path / "same" / "init.pt",
+                                    train.build_parts(same, other, False))
+    with pytest.raises(cgtgan.ConfigError, match="trained on other data"):
+        train.run_train(tiny_config(runs_dir=cfg.runs_dir, name="full"), other, resume=True)
+    capsys.readouterr()
+    train.run_train(same, other, stop_after=1)
+    assert "reusing the text-only initialisation" not in capsys.readouterr().out
 
 
 def test_checkpoint_from_other_config_is_refused(world, trained):
