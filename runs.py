@@ -72,14 +72,6 @@ def data_fingerprint(data) -> str:
     return h.hexdigest()[:16]
 
 
-def same_data(path: Path, blob: dict, parts: Parts) -> None:
-    """Refuse a training checkpoint made on other data (another world or CLIP)."""
-    if blob.get("data") != parts.data_fingerprint:
-        raise ConfigError(f"checkpoint {path} was trained on other data (its images' or corpus's "
-                          f"CLIP embeddings differ from this dataset's); train again in another "
-                          f"run folder, without --resume")
-
-
 def save_checkpoint(path: Path, parts: Parts, **state) -> None:
     """Atomic torch.save of the models plus `state` (plain values and tensors only)."""
     if parts.rank != 0:
@@ -89,8 +81,10 @@ def save_checkpoint(path: Path, parts: Parts, **state) -> None:
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
-def load_checkpoint(path: Path, parts: Parts, sections=("gen", "disc")) -> dict:
-    """Load a checkpoint into parts' models after checking it was made for the same models."""
+def load_checkpoint(path: Path, parts: Parts, sections=("gen", "disc"),
+                    same_data: bool = False) -> dict:
+    """Load a checkpoint into parts' models after checking it was made for the same models, and
+    with same_data (a training state to continue: --resume) on the same data."""
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} not found; train first (python cgtgan.py train)")
     try:
@@ -110,6 +104,10 @@ def load_checkpoint(path: Path, parts: Parts, sections=("gen", "disc")) -> dict:
             raise ConfigError(f"checkpoint {path} was made with {key}="
                               f"{blob.get('shapes', {}).get(key)}, but this data has {value}; "
                               "use the same dataset or another run folder")
+    if same_data and blob.get("data") != parts.data_fingerprint:
+        raise ConfigError(f"checkpoint {path} was trained on other data (its images' or corpus's "
+                          f"CLIP embeddings differ from this dataset's); train again in another "
+                          f"run folder, without --resume")
     parts.gen.load_state_dict(blob["generator"])
     parts.disc.load_state_dict(blob["discriminator"])
     return blob

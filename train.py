@@ -315,8 +315,7 @@ def train_init(parts: Parts, run_dir: Path, log, stop_after: int | None = None) 
     g = torch.Generator().manual_seed(parts.cfg.seed)
     start = 0
     if (run_dir / "init_last.pt").is_file():
-        blob = runs.load_checkpoint(run_dir / "init_last.pt", parts)
-        runs.same_data(run_dir / "init_last.pt", blob, parts)
+        blob = runs.load_checkpoint(run_dir / "init_last.pt", parts, same_data=True)
         opt.load_state_dict(blob["opt_g"])
         runs.set_rng_state(blob["rng"], g)
         start = blob["step"]
@@ -460,8 +459,7 @@ def train_gan(parts: Parts, run_dir: Path, log, resume: bool = False,
     targets_all = agg_targets(parts)  # (N, D)
     last, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if resume and last.is_file():
-        blob = runs.load_checkpoint(last, parts)
-        runs.same_data(last, blob, parts)
+        blob = runs.load_checkpoint(last, parts, same_data=True)
         opt_g.load_state_dict(blob["opt_g"])
         opt_d.load_state_dict(blob["opt_d"])
         runs.set_rng_state(blob["rng"], g)
