@@ -1,4 +1,4 @@
-"""What CgT-GAN trains on: the dataset interface, embedding caches and the CLIP-agg targets.
+"""What CgT-GAN trains on: the dataset interface, embedding caches, files written safely.
 
 CgT-GAN (Yu et al., ACM MM 2023, arXiv:2308.12045) learns to caption from two unpaired
 collections: images (seen only through their frozen CLIP image embeddings, Sec. 3.1) and a text
@@ -8,8 +8,8 @@ the model paths, so ShapesWorld (shapesworld.py) and the paper-scale datasets (r
 the method (cgtgan.py) through one interface.
 
 This file also holds the caches every dataset builder shares (safetensors files keyed by a hash of
-what they depend on, written atomically, never trusted when the key or the bytes disagree) and the
-chunked, numerically stable CLIP-agg target computation used by `prepare`.
+what they depend on, written atomically, never trusted when the key or the bytes disagree), the one
+atomic file write and file digest of the project, and the device a config names.
 
 Shape legend: N training images, M corpus sentences, n evaluation images, D CLIP embedding width.
 """
@@ -262,81 +262,14 @@ def cache_info(path: str | os.PathLike) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# CLIP-agg targets over a whole corpus, in bounded memory (paper Sec. 3.3, Eq. for CLIP-agg)
+# Where tensors live
 
 
-def _rows(x, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    """Rows start:stop of an (R, D) array-like as L2-normalised float32 on device."""
-    part = x[start:stop]
-    part = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.asarray(part))
-    # One float32 copy, normalised in place (never the caller's tensor).
-    part = part.to(device=device, dtype=torch.float32, copy=True)
-    return part.div_(part.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-
-@torch.no_grad()
-def clip_agg_targets(image_feats, corpus_feats, t: float, image_chunk: int = 2048,
-                     corpus_chunk: int = 16384, device: str | torch.device = "cpu",
-                     progress: bool = False) -> torch.Tensor:
-    """CLIP-agg targets for every image over the whole corpus (paper Sec. 3.3):
-
-        agg_i = sum_j softmax_j(t * cos(img_i, s_j)) * s_j      (s_j the normalised corpus rows)
-
-    image_feats (N, D) and corpus_feats (M, D) are anything sliceable by rows (numpy arrays,
-    memory maps, tensors, `ShardedRows`), any float dtype; rows are normalised here. Returns
-    (N, D) float32 on the CPU (not normalised, like the equation).
-
-    The corpus is read once, chunk by chunk (outer loop); for each chunk, the images are visited
-    in chunks (inner loop) and each image's softmax is accumulated online: a running maximum m_i,
-    a running normaliser z_i = sum_j exp(t*cos_ij - m_i) and a running weighted sum a_i, rescaled by
-    exp(m_old - m_new) whenever the maximum grows. No exp ever overflows, and the N x M matrix
-    never exists. Peak memory on `device`, in bytes (float32; bi = image_chunk, bj = corpus_chunk):
-
-        4*N*(D + 2)          running state a, z, m for all images (a becomes the output)
-      + 4*bi*bj              one tile of logits, exponentiated in place
-      + 6*bj*D + 16*bi*D     a corpus chunk (fp16 source + float32 copy), an image chunk and
-                             the (bi, D) temporaries of the weighted sum
-
-    independent of M, plus the image features themselves (2*N*D bytes in fp16, moved to `device`
-    once) and a few tens of MB of BLAS workspace and allocator slack (bench/bench_prepare.py
-    measures the whole). For COCO (N = 113,287, D = 768 for ViT-L/14) with the defaults
-    bi = 2048, bj = 16384: 349 MB + 134 MB + 101 MB = 584 MB (+ 174 MB of fp16 image features),
-    whether the corpus has 3M sentences or 30M.
-
-    Worked example: two images, corpus s_1 = e_1, s_2 = e_2, t = 100, img_1 = e_1:
-    softmax(100, 0) = (1 - 3.7e-44, 3.7e-44), so agg_1 = e_1 (the nearest sentence dominates).
-    """
-    device = torch.device(device)
-    # The images are visited once per corpus chunk: keep them on the device in their own dtype
-    # (no copy on the CPU), and stream the corpus, which may be far larger than memory.
-    if not isinstance(image_feats, torch.Tensor):
-        image_feats = torch.from_numpy(np.ascontiguousarray(image_feats))
-    image_feats = image_feats.to(device)
-    n, d = image_feats.shape
-    m = corpus_feats.shape[0]
-    if corpus_feats.shape[1] != d:
-        raise DataError(f"CLIP-agg: image width {d} != corpus width {corpus_feats.shape[1]}")
-    if m == 0:
-        raise DataError("CLIP-agg: the corpus is empty")
-    run_max = torch.full((n,), float("-inf"), device=device)  # (N,)
-    norm = torch.zeros(n, device=device)  # (N,)
-    agg = torch.zeros(n, d, device=device)  # (N, D)
-    from tqdm import tqdm
-
-    for j0 in tqdm(range(0, m, corpus_chunk), desc="CLIP-agg targets", unit="chunk",
-                   disable=not progress):
-        sents = _rows(corpus_feats, j0, j0 + corpus_chunk, device)  # (bj, D)
-        for i0 in range(0, n, image_chunk):
-            i1 = min(i0 + image_chunk, n)
-            logits = _rows(image_feats, i0, i1, device) @ sents.T  # (bi, bj)
-            logits.mul_(t)
-            new_max = torch.maximum(run_max[i0:i1], logits.max(dim=1).values)  # (bi,)
-            rescale = torch.exp(run_max[i0:i1] - new_max)  # (bi,), 0 on the first chunk
-            weights = logits.sub_(new_max[:, None]).exp_()  # (bi, bj)
-            norm[i0:i1] = norm[i0:i1] * rescale + weights.sum(dim=1)
-            agg[i0:i1] = agg[i0:i1] * rescale[:, None] + weights @ sents  # (bi, D)
-            run_max[i0:i1] = new_max
-            # Free this tile before the next one is allocated, or two would coexist at the peak.
-            del logits, weights
-        del sents
-    return agg.div_(norm[:, None]).cpu()
+def pick_device(name: str) -> torch.device:
+    """A config's device: "auto" is CUDA when present (under torchrun, the GPU of this process's
+    LOCAL_RANK), else the CPU; any other name ("cpu", "cuda:1") is taken as it is."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)

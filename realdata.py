@@ -36,17 +36,9 @@ from PIL import Image
 
 import clip_model
 import data
+from cgtgan import clip_agg_target
+from config import RealDataConfig
 from data import CaptionData, DataError, EvalSplit
-
-# The CLIP-agg softmax temperature t the authors used for each setting, "images/corpus".
-AGG_TEMPERATURE = {
-    "coco/coco": 100.0,
-    "web/gcc": 175.0,
-    "coco/shutterstock": 100.0,
-    "flickr30k/flickr30k": 125.0,
-    "coco/flickr30k": 125.0,
-    "coco/gcc": 175.0,
-}
 
 # Karpathy's "restval" images (COCO val2014 images outside the 5k val/test) are training images.
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -58,72 +50,6 @@ TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 def warn(message: str) -> None:
     """A one-line warning on stderr."""
     print(f"warning: {message}", file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass
-class RealDataConfig:
-    """Where a paper-scale dataset lives and how to prepare it.
-
-    corpus: "in-domain" (the train split's own captions) or a text file, one sentence per line.
-    setting: a key of AGG_TEMPERATURE, used when agg_temperature is None.
-    Cleaning (applied to the corpus): lowercase, strip a final period, collapse spaces, keep
-    sentences of min_words..max_words words, drop duplicates (first occurrence kept).
-    missing_images: "stop" raises on missing or unreadable images, "skip" warns and drops them.
-    eval_split_file, eval_image_root: when set, validation and test images and references come from
-    this other Karpathy split file (ZS-IC); split_file then supplies only training images, and
-    may list nothing else. eval_name names its cache folder (default: from the file name).
-    workers: image-decoding processes (torch DataLoader) while embedding; shard_size: rows per
-    cache file (the unit of resumption); image_chunk x corpus_chunk: the CLIP-agg tile.
-    """
-
-    split_file: str = "dataset_coco.json"
-    image_root: str = "coco"
-    corpus: str = "in-domain"
-    name: str = ""
-    eval_split_file: str = ""
-    eval_image_root: str = ""
-    eval_name: str = ""
-    setting: str = "coco/coco"
-    agg_temperature: float | None = None
-    clip: str = "ViT-L/14"
-    clip_bpe: str | None = None
-    gpt2: str = "gpt2"
-    roberta: str = "roberta-base"
-    min_words: int = 3
-    max_words: int = 20
-    lowercase: bool = True
-    strip_period: bool = True
-    dedupe: bool = True
-    missing_images: str = "stop"
-    batch_size: int = 64
-    shard_size: int = 4096
-    workers: int = 4
-    image_chunk: int = 2048
-    corpus_chunk: int = 16384
-    cache_dir: str = "cache/real"
-    device: str = "auto"
-    progress: bool = True
-
-    def temperature(self) -> float:
-        if self.agg_temperature is not None:
-            return float(self.agg_temperature)
-        if self.setting not in AGG_TEMPERATURE:
-            raise DataError(f"unknown setting {self.setting!r}; use one of {sorted(AGG_TEMPERATURE)} "
-                            "or set agg_temperature")
-        return AGG_TEMPERATURE[self.setting]
-
-    def dataset_name(self) -> str:
-        return self.name or Path(self.split_file).stem.removeprefix("dataset_")
-
-    def eval_dataset_name(self) -> str:
-        """The dataset whose val/test splits are scored: eval_split_file's, else split_file's."""
-        if not self.eval_split_file:
-            return self.dataset_name()
-        return self.eval_name or Path(self.eval_split_file).stem.removeprefix("dataset_")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,12 +287,6 @@ class _ImageFiles(torch.utils.data.Dataset):
             return torch.zeros(3, self.resolution, self.resolution), re.sub(r"\s+", " ", str(e))
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm (zero rows stay zero). (n, D) -> (n, D)."""
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -384,7 +304,7 @@ class ClipEncoder:
     """
 
     def __init__(self, cfg: RealDataConfig):
-        self.cfg, self.device = cfg, _resolve_device(cfg.device)
+        self.cfg, self.device = cfg, data.pick_device(cfg.device)
         self._loaded = None
 
     def model(self):
@@ -552,9 +472,10 @@ def prepare(cfg: RealDataConfig) -> dict:
     dim = model.config.embed_dim
     train_feats, train = _readable(_rows(plan.image_plans["train"], dim).load(), plan.images["train"])
     if data.load_arrays(plan.agg_path, plan.agg_key) is None:
-        agg = data.clip_agg_targets(train_feats, _rows(plan.corpus_plan, dim), cfg.temperature(),
-                                    cfg.image_chunk, cfg.corpus_chunk, encoder.device, cfg.progress)
-        data.save_arrays(plan.agg_path, {"agg": agg.numpy().astype(np.float16)}, plan.agg_key)
+        agg = clip_agg_target(torch.from_numpy(np.asarray(train_feats)).to(encoder.device),
+                              _rows(plan.corpus_plan, dim), cfg.temperature(), cfg.image_chunk,
+                              cfg.corpus_chunk, cfg.progress)  # (N, D)
+        data.save_arrays(plan.agg_path, {"agg": agg.cpu().numpy().astype(np.float16)}, plan.agg_key)
     return {"name": cfg.dataset_name(), "folder": str(plan.folder),
             "eval_dataset": cfg.eval_dataset_name(), "train": len(train),
             "val": len(plan.images["val"]), "test": len(plan.images["test"]),

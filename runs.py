@@ -1,8 +1,11 @@
-"""A run folder: its config, checkpoints written atomically, the metrics log, and resume.
+"""A run: what its stages work with, the folder it leaves, its checkpoints, and resume.
 
-CgT-GAN (arXiv:2308.12045, Sec. 3.4) trains in two stages and selects the checkpoint with the best
-validation CIDEr; this file keeps what those stages leave on disk so that a run can be tested,
-resumed after an interruption, or reused (the text-only initialisation) by another run.
+CgT-GAN (arXiv:2308.12045, Sec. 3.4) trains in two stages, text-only initialisation and then the
+adversarial self-critical stage, and tests the checkpoint with the best validation CIDEr. `Run`
+bundles what both stages use: the config, the data, the generator, the discriminator, their
+tokenizers, CLIP's text tower and this process's place among data-parallel processes, all set up
+once by `build_run` (as nanoGPT's train.py sets up its process group in one block and the loop
+afterwards only asks whether it is the master process).
 
 Run folder (runs/<name>/): config.json, init.pt (text-only generator), init_last.pt and last.pt
 (full training state for --resume: models, optimisers, random state, step), best.pt (best
@@ -11,19 +14,106 @@ Checkpoints hold only tensors and plain Python values: torch.load(weights_only=T
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from dataclasses import asdict
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from cgtgan import Config, ConfigError, config_diff
-from data import atomic_write
+import clip_model
+from cgtgan import (CaptionGenerator, ClipText, Discriminator, build_discriminator,
+                    build_generator, load_tokenizer)
+from config import Config, ConfigError, config_diff
+from data import CaptionData, atomic_write, pick_device
 
-if TYPE_CHECKING:
-    from train import Parts
+# ----------------------------------------------------------------------------------------------
+# What a stage works with
+
+
+@dataclass
+class Run:
+    """The config, data, models and tokenizers of a run, and this process's data-parallel rank.
+
+    `generator` and `discriminator` are the plain modules: data-parallel processes average their
+    gradients explicitly (train.update), so the code that trains is the code that decodes.
+    """
+
+    cfg: Config
+    data: CaptionData
+    device: torch.device
+    generator: CaptionGenerator
+    discriminator: Discriminator
+    gpt2_tokenizer: object  # transformers' GPT-2 tokenizer (the generator's vocabulary)
+    roberta_tokenizer: object  # transformers' RoBERTa tokenizer (the discriminator's)
+    clip_text: ClipText | None  # E_T for the CLIP rewards; None for commands that only decode
+    rank: int = 0  # this process among world_size data-parallel ones (torchrun)
+    world_size: int = 1
+
+    @property
+    def master_process(self) -> bool:
+        """The one process that evaluates, logs and writes files."""
+        return self.rank == 0
+
+    @functools.cached_property
+    def data_fingerprint(self) -> str:
+        """data_fingerprint(self.data), computed once; stored in every checkpoint."""
+        return data_fingerprint(self.data)
+
+    def autocast(self):
+        """bf16 autocast on CUDA when cfg.bf16; otherwise full precision."""
+        if self.cfg.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def barrier(self) -> None:
+        """Wait for every data-parallel process (nothing to wait for in one process)."""
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(cfg: Config) -> None:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1 (NCCL on GPUs, else gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def build_run(cfg: Config, data: CaptionData, with_clip: bool = True) -> Run:
+    """Tokenizers, generator, discriminator and CLIP text tower for this config and dataset.
+
+    A model directory in the data (paper scale) is loaded; a tokenizer-only one (ShapesWorld) means
+    a small model trained from scratch, sized by cfg.gen and cfg.disc.
+    """
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    gpt2_tokenizer = load_tokenizer(cfg.gen.pretrained or data.gpt2_path, "GPT-2")
+    roberta_tokenizer = load_tokenizer(cfg.disc.pretrained or data.roberta_path, "RoBERTa")
+    gen_cfg, disc_cfg = cfg.gen, cfg.disc
+    if not gen_cfg.pretrained and (Path(data.gpt2_path) / "config.json").is_file():
+        gen_cfg = replace(gen_cfg, pretrained=str(data.gpt2_path))
+    if not disc_cfg.pretrained and (Path(data.roberta_path) / "config.json").is_file():
+        disc_cfg = replace(disc_cfg, pretrained=str(data.roberta_path))
+    torch.manual_seed(cfg.seed)
+    generator = build_generator(gen_cfg, gpt2_tokenizer, data.train_feats.shape[1]).to(device)
+    discriminator = build_discriminator(disc_cfg, roberta_tokenizer).to(device)
+    clip_text = None
+    if with_clip:
+        clip, _ = clip_model.load(str(data.clip_path), device=device)
+        bpe = str(data.clip_bpe_path) if data.clip_bpe_path else None
+        clip_text = ClipText(clip, clip_model.Tokenizer(bpe), device)
+    rank, world_size = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return Run(cfg, data, device, generator, discriminator, gpt2_tokenizer, roberta_tokenizer,
+               clip_text, rank, world_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,11 +130,25 @@ def write_config(run_dir: Path, cfg: Config, resume: bool) -> None:
     """config.json, atomically; --resume first checks it is the config the run began with."""
     path = run_dir / "config.json"
     if resume and path.is_file():
-        diff = config_diff(json.loads(path.read_text()), asdict(cfg))
+        diff = config_diff(read_json(path), asdict(cfg))
         if diff:
             raise ConfigError(f"--resume: {path} has {diff[0]}={diff[1]!r} but this run has "
                               f"{diff[2]!r}; resume with the same settings")
-    text = json.dumps(asdict(cfg), indent=2)
+    write_json(path, asdict(cfg))
+
+
+def read_json(path: Path):
+    """A JSON file's content, or a one-line ConfigError naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is unreadable ({type(err).__name__}); delete it or give "
+                          "another run folder") from None
+
+
+def write_json(path: Path, obj) -> None:
+    """obj as indented JSON, written atomically (a crash leaves the old file or the new one)."""
+    text = json.dumps(obj, indent=2)
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
@@ -52,13 +156,13 @@ def write_config(run_dir: Path, cfg: Config, resume: bool) -> None:
 # Checkpoints: written atomically, checked against the config and data on load
 
 
-def shapes_of(parts: Parts) -> dict:
+def shapes_of(run: Run) -> dict:
     """What a checkpoint must agree on beyond the config: CLIP width and vocabularies."""
-    return {"clip_dim": parts.data.train_feats.shape[1], "gpt2_vocab": len(parts.gen_tok),
-            "roberta_vocab": len(parts.disc_tok)}
+    return {"clip_dim": run.data.train_feats.shape[1], "gpt2_vocab": len(run.gpt2_tokenizer),
+            "roberta_vocab": len(run.roberta_tokenizer)}
 
 
-def data_fingerprint(data) -> str:
+def data_fingerprint(data: CaptionData) -> str:
     """A digest of what the models were trained on: the training images' and corpus sentences'
     CLIP embeddings (every k-th row, so it costs little at paper scale) and the corpus text.
     Two worlds, or two CLIPs, with the same widths and vocabularies still differ here; the
@@ -72,73 +176,80 @@ def data_fingerprint(data) -> str:
     return h.hexdigest()[:16]
 
 
-def save_checkpoint(path: Path, parts: Parts, **state) -> None:
-    """Atomic torch.save of the models plus `state` (plain values and tensors only)."""
-    if parts.rank != 0:
+def save_checkpoint(path: Path, run: Run, **state) -> None:
+    """Atomic torch.save of the models plus `state` (plain values and tensors only); master only."""
+    if not run.master_process:
         return
-    blob = {"config": asdict(parts.cfg), "shapes": shapes_of(parts), "data": parts.data_fingerprint,
-            "generator": parts.gen.state_dict(), "discriminator": parts.disc.state_dict(), **state}
-    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+    checkpoint = {"config": asdict(run.cfg), "shapes": shapes_of(run), "data": run.data_fingerprint,
+                  "generator": run.generator.state_dict(),
+                  "discriminator": run.discriminator.state_dict(), **state}
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_checkpoint(path: Path, parts: Parts, sections=("gen", "disc"),
-                    same_data: bool = False) -> dict:
-    """Load a checkpoint into parts' models after checking it was made for the same models, and
-    with same_data (a training state to continue: --resume) on the same data."""
+# Which checkpoint entry holds each section's weights.
+WEIGHTS = {"gen": "generator", "disc": "discriminator"}
+
+
+def load_checkpoint(path: Path, run: Run, sections=("gen", "disc"), same_data: bool = False) -> dict:
+    """Load the sections' weights into run's models after checking that the checkpoint was made
+    for the same models, and with same_data (a training state to continue: --resume) on the same
+    data. Returns the checkpoint."""
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} not found; train first (python cgtgan.py train)")
     try:
-        blob = torch.load(path, map_location=parts.device, weights_only=True)
+        checkpoint = torch.load(path, map_location=run.device, weights_only=True)
     except (RuntimeError, OSError, EOFError) as err:
         raise ConfigError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it "
                           "and train again") from None
-    mine, theirs = asdict(parts.cfg), blob.get("config", {})
+    mine, theirs = asdict(run.cfg), checkpoint.get("config", {})
     for section in sections:
         for key, value in mine[section].items():
             if theirs.get(section, {}).get(key) != value:
                 raise ConfigError(f"checkpoint {path} was made with {section}.{key}="
                                   f"{theirs.get(section, {}).get(key)!r}, but this config has "
                                   f"{value!r}; use the same setting or another run folder")
-    for key, value in shapes_of(parts).items():
-        if blob.get("shapes", {}).get(key) != value:
+    for key, value in shapes_of(run).items():
+        if checkpoint.get("shapes", {}).get(key) != value:
             raise ConfigError(f"checkpoint {path} was made with {key}="
-                              f"{blob.get('shapes', {}).get(key)}, but this data has {value}; "
+                              f"{checkpoint.get('shapes', {}).get(key)}, but this data has {value}; "
                               "use the same dataset or another run folder")
-    if same_data and blob.get("data") != parts.data_fingerprint:
+    if same_data and checkpoint.get("data") != run.data_fingerprint:
         raise ConfigError(f"checkpoint {path} was trained on other data (its images' or corpus's "
                           f"CLIP embeddings differ from this dataset's); train again in another "
                           f"run folder, without --resume")
-    parts.gen.load_state_dict(blob["generator"])
-    parts.disc.load_state_dict(blob["discriminator"])
-    return blob
+    modules = {"gen": run.generator, "disc": run.discriminator}
+    for section in sections:
+        modules[section].load_state_dict(checkpoint[WEIGHTS[section]])
+    return checkpoint
 
 
-def init_is_current(path: Path, parts: Parts) -> bool:
+def init_is_current(path: Path, run: Run) -> bool:
     """init.pt can be reused when it was made with the same data (config and fingerprint), seed,
-    generator and init settings."""
+    models and init settings."""
     if not path.is_file():
         return False
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    saved, now = blob["config"], asdict(parts.cfg)
-    return (blob.get("data") == parts.data_fingerprint
-            and all(saved.get(k) == now[k] for k in ("data", "seed", "world", "real", "gen", "init")))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    saved, now = checkpoint["config"], asdict(run.cfg)
+    world = "world" if run.cfg.data == "shapesworld" else "real"
+    return (checkpoint.get("data") == run.data_fingerprint
+            and all(saved.get(k) == now[k] for k in ("data", "seed", world, "gen", "disc", "init")))
 
 
 # ----------------------------------------------------------------------------------------------
 # Resume: random state and the metrics log
 
 
-def rng_state(g: torch.Generator) -> dict:
-    """The random state a resumed run restores: torch's, the sampling generator's and CUDA's."""
-    state = {"torch": torch.get_rng_state(), "generator": g.get_state()}
+def rng_state(generator: torch.Generator) -> dict:
+    """The random state a resumed run restores: torch's, the batch generator's and CUDA's."""
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict, g: torch.Generator) -> None:
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    g.set_state(state["generator"])
+    generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

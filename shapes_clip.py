@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 import clip_model
 import data
 import shapes_grammar as grammar
-from shapesworld import ShapesWorldConfig, make_scenes, render_all, stream_rng
+from config import ShapesWorldConfig
+from shapesworld import make_scenes, render_all, stream_rng
 
 # ----------------------------------------------------------------------------------------------
 # Pretraining pairs and close-ups

@@ -43,93 +43,27 @@ from tqdm.auto import tqdm
 import clip_model
 import data
 import shapes_grammar as grammar
+from config import ShapesWorldConfig
 
 VERSION = 4  # bump when generation changes, so old caches are rebuilt
 ROOT = Path(__file__).resolve().parent
 
 
-@dataclass
-class ShapesWorldConfig:
-    """Sizes and settings of the world. Building the defaults from nothing takes about a minute
-    on an idle 2-core machine, most of it CLIP pretraining (750 steps); report.json records each
-    step's time and `python bench/bench_shapes.py` prints the split."""
+def world_key(cfg: ShapesWorldConfig, *fields: str) -> str:
+    """Hash of the named config fields (all but root when none are named) and VERSION."""
+    values = asdict(cfg)
+    values.pop("root")
+    if fields:
+        values = {f: values[f] for f in fields}
+    return data.cache_key(version=VERSION, **values)
 
-    seed: int = 0
-    corpus_style: str = "plain"  # "alt": the cross-domain corpus (another grammar), Sec. 4.4
-    # R; shapes sit on a 3x3 grid of 32-pixel cells. At 96 px the ResNet tower's last stage is a
-    # 3x3 grid too, one position per cell, and the CLIP reads shapes inside crowded scenes; at 48 px
-    # that stage is 1x1 and it read them at chance, so no captioner could name them
-    # (docs/shapesworld_results.md, finding 1).
-    image_size: int = 96
-    n_clip_pairs: int = 24000  # image-caption pairs that pretrain the tiny CLIP, and nothing else
-    n_clip_heldout: int = 1000  # held-out pairs for CLIP's retrieval and modality-gap figures
-    n_train: int = 8000  # unpaired training images
-    n_corpus: int = 15000  # unpaired corpus sentences, one per independent scene
-    n_val: int = 300
-    n_test: int = 600
-    n_references: int = 5
-    bpe_vocab_size: int = 1000  # GPT-2 / RoBERTa byte-level BPE vocabulary (special tokens included)
-    # The tiny CLIP (clip_model.CLIPConfig) and its pretraining (shapes_clip.py). Its image tower
-    # is CLIP's ModifiedResNet by default: in the same CPU time, ViTs (16- or 8-pixel patches, up
-    # to 1,500 steps) learned no shapes here, only colours, sizes and positions
-    # (docs/shapesworld_results.md).
-    clip_image_encoder: str = "resnet"  # "resnet" (ModifiedResNet) or "vit" (VisionTransformer)
-    clip_embed_dim: int = 64
-    clip_vision_width: int = 8  # resnet: stem width (its last stage has 32x); vit: token width
-    clip_vision_layers: int = 1  # resnet: bottleneck blocks in each of its 4 stages; vit: layers
-    clip_patch_size: int = 32  # vit only: a 32-pixel patch is one grid cell
-    clip_text_width: int = 64
-    clip_text_layers: int = 2
-    clip_heads: int = 2
-    clip_context_length: int = 32
-    clip_steps: int = 750
-    clip_batch_size: int = 128
-    clip_lr: float = 2e-3
-    clip_logit_scale: float = 100.0
-    clip_scale_ramp: float = 0.5  # share of the steps over which the fixed scale ramps up to it
-    clip_learn_logit_scale: bool = False  # True: learn the temperature (hides the modality gap)
-    # Share of each pretraining batch drawn from single-object close-ups captioned "a {colour}
-    # {shape}": among them colour cannot tell images apart, so shape must. Without them the
-    # ResNet learned no shapes in 500 steps either (zero-shot 21% vs 50% with them; chance 17%).
-    clip_closeup_share: float = 0.5
-    n_clip_closeups: int = 12000
-    root: str | None = None  # default: $CGTGAN_CACHE or <repo>/cache, then shapesworld/<key>
 
-    def __post_init__(self):
-        if self.corpus_style not in grammar.STYLES:
-            raise ValueError(f"ShapesWorldConfig: corpus_style must be one of {grammar.STYLES}, "
-                             f"got {self.corpus_style!r}")
-        if self.clip_image_encoder not in ("resnet", "vit"):
-            raise ValueError(f"ShapesWorldConfig: clip_image_encoder must be resnet or vit, "
-                             f"got {self.clip_image_encoder!r}")
-        vit = self.clip_image_encoder == "vit"
-        if self.image_size % 3 or (vit and self.image_size % self.clip_patch_size):
-            raise ValueError(f"ShapesWorldConfig: image_size {self.image_size} must be a multiple "
-                             f"of 3 and of clip_patch_size {self.clip_patch_size}")
-        if not vit and self.image_size < 32:
-            raise ValueError(f"ShapesWorldConfig: the resnet image encoder downsamples 32x; "
-                             f"image_size {self.image_size} must be at least 32")
-        if not 0 <= self.clip_closeup_share < 1:
-            raise ValueError(f"ShapesWorldConfig: clip_closeup_share must be in [0, 1), "
-                             f"got {self.clip_closeup_share}")
-        for name in ("n_clip_pairs", "n_clip_heldout", "n_clip_closeups", "n_train", "n_corpus",
-                     "n_val", "n_test"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ShapesWorldConfig: {name} must be at least 1")
-
-    def key(self, *fields: str) -> str:
-        """Hash of the named fields (all but root when none are named) and the generator version."""
-        values = asdict(self)
-        values.pop("root")
-        if fields:
-            values = {f: values[f] for f in fields}
-        return data.cache_key(version=VERSION, **values)
-
-    def world_dir(self) -> Path:
-        if self.root is not None:
-            return Path(self.root)
-        base = Path(os.environ.get("CGTGAN_CACHE") or ROOT / "cache")
-        return base / "shapesworld" / self.key()
+def world_dir(cfg: ShapesWorldConfig) -> Path:
+    """cfg.root, or $CGTGAN_CACHE (default <repo>/cache) / shapesworld / <key of the config>."""
+    if cfg.root is not None:
+        return Path(cfg.root)
+    base = Path(os.environ.get("CGTGAN_CACHE") or ROOT / "cache")
+    return base / "shapesworld" / world_key(cfg)
 
 
 # Which config fields each part depends on (its cache key is their hash).
@@ -343,7 +277,7 @@ def _split_of(image_id: str, known: dict) -> tuple[str, int]:
 
 
 def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = True) -> data.CaptionData:
-    """Build (or reuse) the world under cfg.world_dir() and return it as a data.CaptionData.
+    """Build (or reuse) the world under world_dir(cfg) and return it as a data.CaptionData.
 
     Parts whose key matches are loaded; the rest are rebuilt in order: text (scenes, corpus,
     references), images, tokenizers, tiny CLIP, embedding caches. report.json records the time of
@@ -354,7 +288,7 @@ def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = Tru
     import shapes_clip
 
     cfg = cfg or ShapesWorldConfig()
-    root = cfg.world_dir()
+    root = world_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     # Wall-clock and CPU seconds of each step this call ran (CPU time shows the cost on a busy
     # machine, where several processes share the cores).
@@ -370,7 +304,7 @@ def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = Tru
         timings[name] = round(time.perf_counter() - timings[name], 2)
         cpu[name] = round(time.process_time() - cpu[name], 2)
 
-    world_key = cfg.key(*WORLD_FIELDS)
+    world_key = world_key(cfg, *WORLD_FIELDS)
     world = _read_json(root / "world.json", world_key)
     if world is None:
         step("text")
@@ -386,7 +320,7 @@ def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = Tru
         data.save_arrays(root / "images.safetensors", arrays, world_key)
         done("images")
 
-    clip_key = cfg.key(*CLIP_FIELDS)
+    clip_key = world_key(cfg, *CLIP_FIELDS)
     tok_dir, tok_key = root / "tokenizers", data.cache_key(world=world_key, clip=clip_key,
                                                            vocab=cfg.bpe_vocab_size)
     pairs = None
@@ -464,4 +398,4 @@ def _share_in_corpus(world: dict) -> float:
 
 def load_report(cfg: ShapesWorldConfig) -> dict | None:
     """report.json of the last build of this config (timings, CLIP figures), or None."""
-    return _read_json(cfg.world_dir() / "report.json", "report")
+    return _read_json(world_dir(cfg) / "report.json", "report")

@@ -1,0 +1,128 @@
+"""The command line of CgT-GAN: `python cgtgan.py {train,init,prepare,eval,caption} ...`.
+
+CgT-GAN (arXiv:2308.12045): `train` runs the paper's two stages on ShapesWorld (default) or, with a
+`--preset`, at paper scale (Sec. 4.1), and prints the test table. This file only parses: every
+option becomes a typed config field (config.py), and commands.py runs the pipeline. Errors the
+user can fix (a bad setting, a missing file, a NaN loss) end in one line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from config import (EVAL_DATASETS, PRESETS, Config, ConfigError, Reward, apply_overrides,
+                    config_from_dict, parse_sets)
+
+REWARDS = [r.value for r in Reward]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="cgtgan.py", description="CgT-GAN: CLIP-guided Text GAN for image captioning "
+        "(arXiv:2308.12045), on ShapesWorld or at paper scale.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in [("train", "text-only init + CgT-GAN + test table (default: ShapesWorld)"),
+                       ("init", "text-only initialisation only"),
+                       ("prepare", "paper scale: CLIP embeddings and CLIP-agg targets of a dataset")]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--preset", help=f"paper-scale settings: {', '.join(PRESETS)}")
+        p.add_argument("--seed", type=int, help="random seed of the run (default 0)")
+        p.add_argument("--name", help="run folder name under runs/ (default: from data, reward, seed)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set gan.lr=1e-4 (repeatable)")
+        p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+        if name == "train":
+            p.add_argument("--reward", choices=REWARDS, help="the generator's reward (ablation)")
+            p.add_argument("--ablation", action="store_true",
+                           help="CLIP-cos, CLIP-agg and CLIP-agg + GAN from one initialisation")
+    p = sub.add_parser("eval", help="metrics of a trained run on a split, of its own dataset or another")
+    p.add_argument("--run", default="runs/shapesworld_seed0", help="the run folder to score")
+    p.add_argument("--split", default="test", choices=["val", "test"], help="the split to score")
+    p.add_argument("--checkpoint", default="best", choices=["best", "init"],
+                   help="best.pt (CgT-GAN) or init.pt (the text-only initialisation)")
+    p.add_argument("--dataset", choices=list(EVAL_DATASETS),
+                   help="score on this dataset's Karpathy split (the presets' paths), e.g. ZS-IC")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field of the run's config, e.g. --set real.eval_split_file=F "
+                        "--set real.eval_image_root=DIR to score on any Karpathy split file")
+    p = sub.add_parser("caption", help="caption image files with a trained run")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--run", default="runs/shapesworld_seed0", help="the run folder whose best.pt captions")
+    return parser
+
+
+def config_from_args(args) -> Config:
+    """The Config of train/init/prepare: defaults, then --preset, --set, --seed, --reward, --name."""
+    cfg = Config()
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+        apply_overrides(cfg, PRESETS[args.preset])
+    apply_overrides(cfg, parse_sets(args.set))
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if getattr(args, "reward", None):
+        cfg.gan.reward = Reward(args.reward)
+    if args.name:
+        cfg.name = args.name
+    elif args.preset:
+        reward = "" if cfg.gan.reward == Reward.AGG_GAN else f"_{cfg.gan.reward}"
+        cfg.name = f"{args.preset}{reward}_seed{cfg.seed}"
+    return cfg
+
+
+def run_config(run: str) -> tuple[Config, Path]:
+    """The Config a trained run was made with (its config.json), and its folder."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; give the run folder of a trained run with --run")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is unreadable ({type(err).__name__}); train the run again") from None
+    return config_from_dict(saved), Path(run)
+
+
+def eval_config(args) -> tuple[Config, Path]:
+    """The run's config with eval's target: --dataset (a preset dataset's split file and images)
+    and --set overrides, e.g. real.eval_split_file / real.eval_image_root for any other split file."""
+    cfg, run_dir = run_config(args.run)
+    overrides = dict(EVAL_DATASETS[args.dataset]) if args.dataset else {}
+    overrides.update(parse_sets(args.set))
+    if cfg.data != "real" and any(k.startswith("real.") for k in overrides):
+        raise ConfigError(f"--dataset and real.* settings score paper-scale runs (data=real); "
+                          f"{run_dir} was trained on {cfg.data}")
+    return apply_overrides(cfg, overrides), run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run one command, and turn the errors a user can fix into one line (exit code 2)."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # The pipelines import torch and the models: only after parsing, so --help answers at once.
+    import commands
+
+    try:
+        if args.command == "eval":
+            cfg, run_dir = eval_config(args)
+            commands.run_eval(cfg, run_dir, args.split, args.checkpoint)
+        elif args.command == "caption":
+            cfg, run_dir = run_config(args.run)
+            for path, caption in commands.run_caption(cfg, run_dir, args.images):
+                print(f"{path}: {caption}")
+        else:
+            cfg = config_from_args(args)
+            if args.command == "prepare":
+                print(json.dumps(commands.run_prepare(cfg), indent=2))
+            elif args.command == "init":
+                commands.run_init(cfg, resume=args.resume)
+            elif args.ablation:
+                commands.run_ablation(cfg)
+            else:
+                commands.run_train(cfg, resume=args.resume)
+    except (ConfigError, commands.DataError, commands.TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,432 @@
+"""The configuration of a CgT-GAN run: one dataclass per component, the paper's presets, one parser.
+
+CgT-GAN (Yu et al., ACM MM 2023, arXiv:2308.12045) has a generator (Sec. 3.1), a discriminator
+(Sec. 3.2), a text-only initialisation and an adversarial self-critical stage (Sec. 3.4), trained on
+a world of unpaired images and sentences. Each of those gets a dataclass here whose defaults run the
+ShapesWorld demo on a laptop CPU; the paper-scale settings (Sec. 4.1) are named presets of the same
+fields. `apply_overrides` is the one way a value enters a config, from `--set KEY=VALUE`, a preset
+or a run's config.json: every key is checked against its field and parsed to the field's type.
+
+This file imports nothing heavy (no torch), so `python cgtgan.py --help` answers at once, and every
+other module can import it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from enum import Enum
+
+import shapes_grammar
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing problem with a config, a checkpoint or a command-line argument."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The method's components
+
+
+class Reward(str, Enum):
+    """The generator's reward, as in the paper's ablation (Sec. 4.3): which semantic term (Sec. 3.3)
+    and whether the discriminator's naturalness reward (Sec. 3.2) is on."""
+
+    COS = "cos"  # CLIP-cos alone
+    AGG = "agg"  # CLIP-agg alone
+    AGG_GAN = "agg+gan"  # CLIP-agg + the discriminator: CgT-GAN itself
+    GAN = "gan"  # the discriminator alone (a plain text GAN)
+
+    def __str__(self) -> str:
+        return self.value  # "agg+gan" in messages and run names, on every Python version
+
+    @property
+    def semantic(self) -> str | None:
+        """"cos", "agg" or None (no CLIP reward)."""
+        return {"cos": "cos", "agg": "agg", "agg+gan": "agg", "gan": None}[self.value]
+
+    @property
+    def naturalness(self) -> bool:
+        return self in (Reward.AGG_GAN, Reward.GAN)
+
+
+@dataclass
+class GeneratorConfig:
+    prefix_len: int = 5  # P visual prompt tokens (the paper: 10)
+    mapping_hidden: int = 0  # hidden width of the mapping MLP; 0 means P*E/2 as in ClipCap
+    pretrained: str = ""  # GPT-2 directory (or hub name); "" builds the small model below
+    n_layer: int = 2
+    n_embd: int = 96  # E
+    n_head: int = 4
+    dropout: float = 0.0
+    max_len: int = 20  # the paper caps captions at 20 tokens
+    end_token: str = "."  # the paper ends captions at "."
+
+
+@dataclass
+class DiscriminatorConfig:
+    pretrained: str = ""  # RoBERTa directory (or hub name); "" builds the small model below
+    n_layer: int = 2
+    hidden: int = 64  # H
+    n_head: int = 2
+    dropout: float = 0.1
+
+
+@dataclass
+class InitConfig:
+    """Text-only initialisation (Sec. 3.1): reconstruct corpus sentences from their CLIP text embedding."""
+
+    steps: int = 600
+    batch: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    noise: float = 0.0  # std of Gaussian noise on the text embedding (CapDec); off as in the paper
+
+
+@dataclass
+class GANConfig:
+    """Adversarial self-critical training on unpaired images (Sec. 3.4)."""
+
+    steps: int = 300
+    batch: int = 16  # B images per step
+    k: int = 5  # K samples per image (and K real sentences per image for the discriminator)
+    lr: float = 1e-4
+    d_lr: float = 1e-3  # from scratch the discriminator must learn fast to keep captions fluent
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    reward: Reward = Reward.AGG_GAN
+    agg_weight: float = 1.0  # semantic reward = w * CLIP-agg + (1 - w) * CLIP-cos
+    temperature: float = 100.0  # t of the CLIP-agg softmax
+    baseline: str = "greedy"  # greedy | loo (leave-one-out mean of the other samples)
+    lambda_hold: int = 30  # steps with lambda = 0 (naturalness reward only)
+    lambda_ramp: int = 120  # steps of the linear ramp to lambda_final
+    lambda_final: float = 0.5
+    eval_every: int = 100  # validation CIDEr-D every this many steps (best checkpoint kept)
+    eval_images: int = 300  # validation images used (0: all)
+    ckpt_every: int = 50
+
+
+# ----------------------------------------------------------------------------------------------
+# The worlds a run trains on: ShapesWorld (built offline) and the paper-scale datasets
+
+
+@dataclass
+class ShapesWorldConfig:
+    """Sizes and settings of ShapesWorld (shapesworld.py). Building the defaults from nothing takes
+    about two minutes on an idle 2-core machine, most of it CLIP pretraining; report.json records
+    each step's time and `python bench/bench_shapes.py` prints the split."""
+
+    seed: int = 0
+    corpus_style: str = "plain"  # "alt": the cross-domain corpus (another grammar), Sec. 4.4
+    # R; shapes sit on a 3x3 grid of 32-pixel cells. At 96 px the ResNet tower's last stage is a
+    # 3x3 grid too, one position per cell, and the CLIP reads shapes inside crowded scenes; at 48 px
+    # that stage is 1x1 and it read them at chance, so no captioner could name them
+    # (docs/shapesworld_results.md, finding 1).
+    image_size: int = 96
+    n_clip_pairs: int = 24000  # image-caption pairs that pretrain the tiny CLIP, and nothing else
+    n_clip_heldout: int = 1000  # held-out pairs for CLIP's retrieval and modality-gap figures
+    n_train: int = 8000  # unpaired training images
+    n_corpus: int = 15000  # unpaired corpus sentences, one per independent scene
+    n_val: int = 300
+    n_test: int = 600
+    n_references: int = 5
+    bpe_vocab_size: int = 1000  # GPT-2 / RoBERTa byte-level BPE vocabulary (special tokens included)
+    # The tiny CLIP (clip_model.CLIPConfig) and its pretraining (shapes_clip.py). Its image tower
+    # is CLIP's ModifiedResNet by default: in the same CPU time, ViTs (16- or 8-pixel patches, up
+    # to 1,500 steps) learned no shapes here, only colours, sizes and positions
+    # (docs/shapesworld_results.md).
+    clip_image_encoder: str = "resnet"  # "resnet" (ModifiedResNet) or "vit" (VisionTransformer)
+    clip_embed_dim: int = 64
+    clip_vision_width: int = 8  # resnet: stem width (its last stage has 32x); vit: token width
+    clip_vision_layers: int = 1  # resnet: bottleneck blocks in each of its 4 stages; vit: layers
+    clip_patch_size: int = 32  # vit only: a 32-pixel patch is one grid cell
+    clip_text_width: int = 64
+    clip_text_layers: int = 2
+    clip_heads: int = 2
+    clip_context_length: int = 32
+    clip_steps: int = 750
+    clip_batch_size: int = 128
+    clip_lr: float = 2e-3
+    clip_logit_scale: float = 100.0
+    clip_scale_ramp: float = 0.5  # share of the steps over which the fixed scale ramps up to it
+    clip_learn_logit_scale: bool = False  # True: learn the temperature (hides the modality gap)
+    # Share of each pretraining batch drawn from single-object close-ups captioned "a {colour}
+    # {shape}": among them colour cannot tell images apart, so shape must. Without them the
+    # ResNet learned no shapes in 500 steps either (zero-shot 21% vs 50% with them; chance 17%).
+    clip_closeup_share: float = 0.5
+    n_clip_closeups: int = 12000
+    root: str | None = None  # default: $CGTGAN_CACHE or <repo>/cache, then shapesworld/<key>
+
+    def check(self) -> ShapesWorldConfig:
+        """Refuse settings the world cannot be built with (ConfigError naming the field)."""
+        if self.corpus_style not in shapes_grammar.STYLES:
+            raise ConfigError(f"world.corpus_style must be one of {', '.join(shapes_grammar.STYLES)}, "
+                              f"not {self.corpus_style!r}")
+        if self.clip_image_encoder not in ("resnet", "vit"):
+            raise ConfigError(f"world.clip_image_encoder must be resnet or vit, "
+                              f"not {self.clip_image_encoder!r}")
+        vit = self.clip_image_encoder == "vit"
+        if self.image_size % 3 or (vit and self.image_size % self.clip_patch_size):
+            raise ConfigError(f"world.image_size {self.image_size} must be a multiple of 3 and of "
+                              f"world.clip_patch_size {self.clip_patch_size}")
+        if not vit and self.image_size < 32:
+            raise ConfigError(f"world.image_size {self.image_size} must be at least 32: the resnet "
+                              "image encoder downsamples 32x")
+        if not 0 <= self.clip_closeup_share < 1:
+            raise ConfigError(f"world.clip_closeup_share must be in [0, 1), "
+                              f"not {self.clip_closeup_share}")
+        for name in ("n_clip_pairs", "n_clip_heldout", "n_clip_closeups", "n_train", "n_corpus",
+                     "n_val", "n_test"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"world.{name} must be at least 1")
+        return self
+
+
+# The CLIP-agg softmax temperature t the authors used for each setting, "images/corpus".
+AGG_TEMPERATURE = {
+    "coco/coco": 100.0,
+    "web/gcc": 175.0,
+    "coco/shutterstock": 100.0,
+    "flickr30k/flickr30k": 125.0,
+    "coco/flickr30k": 125.0,
+    "coco/gcc": 175.0,
+}
+
+
+@dataclass
+class RealDataConfig:
+    """Where a paper-scale dataset lives and how to prepare it (realdata.py).
+
+    corpus: "in-domain" (the train split's own captions) or a text file, one sentence per line.
+    setting: a key of AGG_TEMPERATURE, used when agg_temperature is None.
+    Cleaning (applied to the corpus): lowercase, strip a final period, collapse spaces, keep
+    sentences of min_words..max_words words, drop duplicates (first occurrence kept).
+    missing_images: "stop" raises on missing or unreadable images, "skip" warns and drops them.
+    eval_split_file, eval_image_root: when set, validation and test images and references come from
+    this other Karpathy split file (ZS-IC); split_file then supplies only training images, and
+    may list nothing else. eval_name names its cache folder (default: from the file name).
+    workers: image-decoding processes (torch DataLoader) while embedding; shard_size: rows per
+    cache file (the unit of resumption); image_chunk x corpus_chunk: the CLIP-agg tile.
+    """
+
+    split_file: str = "dataset_coco.json"
+    image_root: str = "coco"
+    corpus: str = "in-domain"
+    name: str = ""
+    eval_split_file: str = ""
+    eval_image_root: str = ""
+    eval_name: str = ""
+    setting: str = "coco/coco"
+    agg_temperature: float | None = None
+    clip: str = "ViT-L/14"
+    clip_bpe: str | None = None
+    gpt2: str = "gpt2"
+    roberta: str = "roberta-base"
+    min_words: int = 3
+    max_words: int = 20
+    lowercase: bool = True
+    strip_period: bool = True
+    dedupe: bool = True
+    missing_images: str = "stop"
+    batch_size: int = 64
+    shard_size: int = 4096
+    workers: int = 4
+    image_chunk: int = 2048
+    corpus_chunk: int = 16384
+    cache_dir: str = "cache/real"
+    device: str = "auto"
+    progress: bool = True
+
+    def temperature(self) -> float:
+        if self.agg_temperature is not None:
+            return float(self.agg_temperature)
+        if self.setting not in AGG_TEMPERATURE:
+            raise ConfigError(f"unknown setting {self.setting!r}; use one of "
+                              f"{sorted(AGG_TEMPERATURE)} or set agg_temperature")
+        return AGG_TEMPERATURE[self.setting]
+
+    def dataset_name(self) -> str:
+        return self.name or _stem(self.split_file)
+
+    def eval_dataset_name(self) -> str:
+        """The dataset whose val/test splits are scored: eval_split_file's, else split_file's."""
+        if not self.eval_split_file:
+            return self.dataset_name()
+        return self.eval_name or _stem(self.eval_split_file)
+
+
+def _stem(path: str) -> str:
+    """"data/dataset_coco.json" -> "coco"."""
+    return path.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0].removeprefix("dataset_")
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole run
+
+
+@dataclass
+class Config:
+    name: str = ""  # run folder runs/<name>; "" derives one from the data, reward and seed
+    runs_dir: str = "runs"
+    data: str = "shapesworld"  # shapesworld | real (a paper-scale dataset made by `prepare`)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    bf16: bool = False  # bf16 autocast on CUDA
+    # torch CPU threads; 0 keeps torch's default. One thread is fastest for the tiny ShapesWorld
+    # models on a 2-core machine (measured: 2 threads ran an init step several times slower when
+    # other jobs shared the cores). Raise it for larger models on a many-core CPU.
+    threads: int = 1
+    decode: str = "greedy"  # greedy | beam (evaluation only)
+    gen: GeneratorConfig = field(default_factory=GeneratorConfig)
+    disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    world: ShapesWorldConfig = field(default_factory=ShapesWorldConfig)
+    real: RealDataConfig = field(default_factory=RealDataConfig)
+
+
+# The paper's settings (Sec. 4.1): ViT-L/14 features, GPT-2 124M with a prefix of 10, RoBERTa-base,
+# batch 64, K = 5, lr 1e-5 (initialisation 2e-5), 20 tokens; t per corpus as the authors used.
+# Models and data are read from local directories.
+_PAPER = {"data": "real", "real.clip": "ViT-L/14", "real.gpt2": "models/gpt2",
+          "real.roberta": "models/roberta-base", "gen.prefix_len": 10, "gen.dropout": 0.0,
+          "gan.batch": 64, "gan.k": 5, "gan.lr": 1e-5, "gan.d_lr": 1e-5, "init.lr": 2e-5,
+          "init.batch": 64, "init.steps": 30000, "gan.steps": 20000, "gan.eval_every": 1000,
+          "gan.eval_images": 0, "gan.ckpt_every": 500, "gan.lambda_hold": 150,
+          "gan.lambda_ramp": 2350, "gan.weight_decay": 0.05, "init.weight_decay": 0.05}
+_COCO = {"real.split_file": "data/dataset_coco.json", "real.image_root": "data/coco"}
+_FLICKR = {"real.split_file": "data/dataset_flickr30k.json", "real.image_root": "data/flickr30k"}
+PRESETS = {
+    "coco": {**_PAPER, **_COCO, "real.setting": "coco/coco", "gan.temperature": 100.0},
+    "flickr30k": {**_PAPER, **_FLICKR, "real.setting": "flickr30k/flickr30k",
+                  "gan.temperature": 125.0},
+    "coco-shutterstock": {**_PAPER, **_COCO, "real.corpus": "data/shutterstock.txt",
+                          "real.setting": "coco/shutterstock", "gan.temperature": 100.0},
+    "coco-flickr30k": {**_PAPER, **_COCO, "real.corpus": "data/flickr30k_captions.txt",
+                       "real.setting": "coco/flickr30k", "gan.temperature": 125.0},
+    "coco-gcc": {**_PAPER, **_COCO, "real.corpus": "data/gcc.txt", "real.setting": "coco/gcc",
+                 "gan.temperature": 175.0},
+    # ZS-IC: nothing in-domain in training. Web images (a Karpathy-format file listing them, all
+    # "train") and the GCC corpus; validation and the test table on COCO's Karpathy split, as the
+    # official code validates its GCC run on COCO; `eval --dataset flickr30k` scores Flickr30k.
+    "zsic": {**_PAPER, "real.split_file": "data/dataset_web.json", "real.image_root": "data/web",
+             "real.corpus": "data/gcc.txt", "real.setting": "web/gcc", "gan.temperature": 175.0,
+             "real.eval_split_file": _COCO["real.split_file"],
+             "real.eval_image_root": _COCO["real.image_root"]},
+}
+
+# `eval --dataset NAME`: score a paper-scale run on this dataset's Karpathy split (ZS-IC).
+EVAL_DATASETS = {name: {"real.eval_split_file": paths["real.split_file"],
+                        "real.eval_image_root": paths["real.image_root"]}
+                 for name, paths in (("coco", _COCO), ("flickr30k", _FLICKR))}
+
+
+# ----------------------------------------------------------------------------------------------
+# The one parser: dotted keys, typed values
+
+
+# A field's annotation (a string under `from __future__ import annotations`) -> its value type.
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "Reward": Reward}
+
+
+def parse_value(key: str, value, annotation: str):
+    """value (a command-line string, or already typed) as the field's type, or ConfigError.
+
+    Bools only from true/false/1/0/yes/no; `X | None` fields also take "none"; a Reward takes its
+    value ("agg+gan"). Example: parse_value("gan.lr", "1e-4", "float") == 0.0001.
+    """
+    optional = annotation.endswith(" | None")
+    kind = _TYPES[annotation.removesuffix(" | None")]
+    if value is None or (optional and isinstance(value, str) and value.lower() == "none"):
+        if optional:
+            return None
+        raise ConfigError(f"{key} takes {_a(kind)}, not None")
+    if isinstance(value, str) and kind is not str:
+        value = _parse_text(key, value, kind)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is Reward and isinstance(value, str):
+        value = _parse_text(key, value, Reward)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} takes {_a(kind)}, not {value!r}")
+    return value
+
+
+def _parse_text(key: str, text: str, kind):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"{key} takes true or false, not {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if kind is Reward:
+        choices = [r.value for r in Reward]
+        if text not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, not {text!r}")
+        return Reward(text)
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{key} takes {_a(kind)}, not {text!r}") from None
+
+
+def _a(kind) -> str:
+    """"an int", "a float": the article a type's name takes in an error message."""
+    name = kind.__name__
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
+    """Set dotted fields (`gan.lr`, `seed`, `world.n_train`) with type checks; unknown keys refused.
+
+    Values may be strings (from `--set key=value`) or already typed (presets, config.json).
+    """
+    for key, value in overrides.items():
+        *path, name = key.split(".")
+        target = cfg
+        for part in path:
+            target = getattr(target, part, None)
+            if not is_dataclass(target):
+                raise ConfigError(f"unknown config key {key!r}; valid keys: {_valid_keys(cfg)}")
+        annotations = {f.name: f.type for f in fields(target)}
+        if name not in annotations or is_dataclass(getattr(target, name)):
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {_valid_keys(cfg)}")
+        setattr(target, name, parse_value(key, value, annotations[name]))
+    cfg.world.check()
+    return cfg
+
+
+def _valid_keys(cfg: Config) -> str:
+    return ", ".join(sorted(flat_dict(asdict(cfg))))
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict[str, object]:
+    """A nested asdict() form as dotted keys: {"gan": {"lr": 1e-4}} -> {"gan.lr": 1e-4}."""
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_from_dict(d: dict) -> Config:
+    """A Config from its asdict() form (config.json), refusing unknown keys."""
+    return apply_overrides(Config(), flat_dict(d))
+
+
+def config_diff(a: dict, b: dict) -> tuple | None:
+    """The first differing dotted key between two asdict() configs: (key, a_value, b_value) or None."""
+    flat_a, flat_b = flat_dict(a), flat_dict(b)
+    for key in sorted(set(flat_a) | set(flat_b)):
+        if flat_a.get(key) != flat_b.get(key):
+            return key, flat_a.get(key), flat_b.get(key)
+    return None
+
+
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    """--set KEY=VALUE items as a dict of strings (typed by apply_overrides)."""
+    overrides = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set takes KEY=VALUE, not {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value.strip()
+    return overrides
