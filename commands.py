@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ import figures
 import realdata
 import runs
 import train
-from config import Config, ConfigError, RealDataConfig, Reward
+from config import Config, ConfigError, RealDataConfig, Reward, config_dict
 from data import CaptionData, DataError
 from shapesworld import build_shapesworld
 from train import TrainingError
@@ -145,7 +145,7 @@ def run_train(cfg: Config, data: CaptionData | None = None, resume: bool = False
     wall, cpu = time.time() - t0, time.process_time() - cpu0
     best = torch.load(run_dir / "best.pt", weights_only=True)
     results = {"test": result["metrics"], "best_step": best["step"], "wall_s": round(wall, 1),
-               "cpu_s": round(cpu, 1), "config": asdict(cfg)}
+               "cpu_s": round(cpu, 1), "config": config_dict(cfg)}
     runs.write_json(run_dir / "results.json", results)
     if table:
         print(format_table(result["metrics"], f"{dataset_title(cfg, data)} test split "

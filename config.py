@@ -12,6 +12,7 @@ other module can import it.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from enum import Enum
 
@@ -154,6 +155,9 @@ class ShapesWorldConfig:
     clip_closeup_share: float = 0.5
     n_clip_closeups: int = 12000
     root: str | None = None  # default: $CGTGAN_CACHE or <repo>/cache, then shapesworld/<key>
+
+    def __post_init__(self):
+        self.check()
 
     def check(self) -> ShapesWorldConfig:
         """Refuse settings the world cannot be built with (ConfigError naming the field)."""
@@ -405,6 +409,12 @@ def flat_dict(d: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[prefix + key] = value
     return flat
+
+
+def config_dict(cfg: Config) -> dict:
+    """cfg as nested plain values (a Reward becomes its string): what config.json and every
+    checkpoint store, so that torch.load(weights_only=True) reads them back."""
+    return json.loads(json.dumps(asdict(cfg)))
 
 
 def config_from_dict(d: dict) -> Config:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ import torch
 import clip_model
 from cgtgan import (CaptionGenerator, ClipText, Discriminator, build_discriminator,
                     build_generator, load_tokenizer)
-from config import Config, ConfigError, config_diff
+from config import Config, ConfigError, config_dict, config_diff
 from data import CaptionData, atomic_write, pick_device
 
 # ----------------------------------------------------------------------------------------------
@@ -130,11 +130,11 @@ def write_config(run_dir: Path, cfg: Config, resume: bool) -> None:
     """config.json, atomically; --resume first checks it is the config the run began with."""
     path = run_dir / "config.json"
     if resume and path.is_file():
-        diff = config_diff(read_json(path), asdict(cfg))
+        diff = config_diff(read_json(path), config_dict(cfg))
         if diff:
             raise ConfigError(f"--resume: {path} has {diff[0]}={diff[1]!r} but this run has "
                               f"{diff[2]!r}; resume with the same settings")
-    write_json(path, asdict(cfg))
+    write_json(path, config_dict(cfg))
 
 
 def read_json(path: Path):
@@ -180,7 +180,7 @@ def save_checkpoint(path: Path, run: Run, **state) -> None:
     """Atomic torch.save of the models plus `state` (plain values and tensors only); master only."""
     if not run.master_process:
         return
-    checkpoint = {"config": asdict(run.cfg), "shapes": shapes_of(run), "data": run.data_fingerprint,
+    checkpoint = {"config": config_dict(run.cfg), "shapes": shapes_of(run), "data": run.data_fingerprint,
                   "generator": run.generator.state_dict(),
                   "discriminator": run.discriminator.state_dict(), **state}
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
@@ -201,7 +201,7 @@ def load_checkpoint(path: Path, run: Run, sections=("gen", "disc"), same_data: b
     except (RuntimeError, OSError, EOFError) as err:
         raise ConfigError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it "
                           "and train again") from None
-    mine, theirs = asdict(run.cfg), checkpoint.get("config", {})
+    mine, theirs = config_dict(run.cfg), checkpoint.get("config", {})
     for section in sections:
         for key, value in mine[section].items():
             if theirs.get(section, {}).get(key) != value:
@@ -229,7 +229,7 @@ def init_is_current(path: Path, run: Run) -> bool:
     if not path.is_file():
         return False
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    saved, now = checkpoint["config"], asdict(run.cfg)
+    saved, now = checkpoint["config"], config_dict(run.cfg)
     world = "world" if run.cfg.data == "shapesworld" else "real"
     return (checkpoint.get("data") == run.data_fingerprint
             and all(saved.get(k) == now[k] for k in ("data", "seed", world, "gen", "disc", "init")))

@@ -304,24 +304,24 @@ def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = Tru
         timings[name] = round(time.perf_counter() - timings[name], 2)
         cpu[name] = round(time.process_time() - cpu[name], 2)
 
-    world_key = world_key(cfg, *WORLD_FIELDS)
-    world = _read_json(root / "world.json", world_key)
+    scenes_key = world_key(cfg, *WORLD_FIELDS)
+    world = _read_json(root / "world.json", scenes_key)
     if world is None:
         step("text")
-        world = {"key": world_key, **make_world(cfg)}
+        world = {"key": scenes_key, **make_world(cfg)}
         _write_json(root / "world.json", world)
         done("text")
     scenes = {k: [grammar.scene_from_json(s) for s in v] for k, v in world["scenes"].items()}
 
-    arrays = data.load_arrays(root / "images.safetensors", world_key)
+    arrays = data.load_arrays(root / "images.safetensors", scenes_key)
     if arrays is None:
         step("images")
         arrays = {split: render_all(cfg, split, scenes[split], progress) for split in scenes}
-        data.save_arrays(root / "images.safetensors", arrays, world_key)
+        data.save_arrays(root / "images.safetensors", arrays, scenes_key)
         done("images")
 
     clip_key = world_key(cfg, *CLIP_FIELDS)
-    tok_dir, tok_key = root / "tokenizers", data.cache_key(world=world_key, clip=clip_key,
+    tok_dir, tok_key = root / "tokenizers", data.cache_key(world=scenes_key, clip=clip_key,
                                                            vocab=cfg.bpe_vocab_size)
     pairs = None
     if not _tokenizers_ok(tok_dir, tok_key):
@@ -345,7 +345,7 @@ def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = Tru
         done("clip")
     model, _ = clip_model.load(clip_path)
 
-    feats_key = data.cache_key(world=world_key, clip=record["digest"])
+    feats_key = data.cache_key(world=scenes_key, clip=record["digest"])
     feats = data.load_arrays(root / "feats.safetensors", feats_key)
     if feats is None:
         step("embeddings")

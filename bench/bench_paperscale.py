@@ -10,7 +10,7 @@ code:
                         backward, AdamW step
   CgT-GAN step          train.gan_step: sampling B*K captions + B greedy baselines, CLIP scoring,
                         discriminator step, self-critical backward
-  sampler               CaptionGenerator.draw (and .sample) against transformers'
+  sampler               CaptionGenerator._decode (the token loop of .sample) and .sample against transformers'
                         generate(do_sample=True) on the same GPT-2 and the same B*K prefixes
 
 each in fp32 and, on CUDA, with bf16 autocast (cfg.bf16), with torch.cuda.max_memory_allocated.
@@ -42,6 +42,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import cgtgan  # noqa: E402
+import commands  # noqa: E402
+import config  # noqa: E402
+import runs  # noqa: E402
+import data  # noqa: E402
 import realdata  # noqa: E402
 import train  # noqa: E402
 from fixtures import (SPLITS, build_paperscale_fixture, save_full_size_clip,  # noqa: E402
@@ -84,10 +88,10 @@ def build_inputs(root: Path, tiny: bool, batch: int, device: torch.device) -> di
     return options
 
 
-def make_config(options: dict, args) -> cgtgan.Config:
+def make_config(options: dict, args) -> config.Config:
     """The coco preset with the fixture's paths and this run's device, batch and K."""
-    cfg = cgtgan.apply_overrides(cgtgan.Config(), cgtgan.PRESETS["coco"])
-    return cgtgan.apply_overrides(cfg, {**options, "device": args.device, "threads": args.threads,
+    cfg = config.apply_overrides(config.Config(), config.PRESETS["coco"])
+    return config.apply_overrides(cfg, {**options, "device": args.device, "threads": args.threads,
                                         "gan.batch": args.batch, "gan.k": args.k,
                                         "init.batch": args.batch, "name": "bench"})
 
@@ -118,39 +122,37 @@ def measure(fn, steps: int, device: torch.device) -> dict:
     return {"ms": statistics.median(times), "peak_gib": peak, "last": out}
 
 
-def init_step(parts: train.Parts, opt, g: torch.Generator):
+def init_step(parts: runs.Run, opt, g: torch.Generator):
     """One train.init_step on B sentences at the 20-token cap (random tokens: the longest batch
     the preset allows). Returns a function of no arguments."""
-    gen, B = parts.gen, parts.cfg.init.batch
-    vocab = len(parts.gen_tok)
+    gen, B = parts.generator, parts.cfg.init.batch
+    vocab = len(parts.gpt2_tokenizer)
 
     def step() -> float:
         tokens = torch.randint(vocab, (B, gen.max_len), generator=g)  # (B, T)
         tokens[:, -1] = gen.end_id
         feats = parts.data.corpus_feats[torch.randint(len(parts.data.corpus), (B,), generator=g)]
         tokens, feats = tokens.to(parts.device), feats.to(parts.device)  # (B, T), (B, D)
-        return train.init_step(parts, opt, feats, tokens, tokens, 0, Path("(benchmark)"))
+        return train.init_step(parts, opt, feats, tokens, tokens)
     return step
 
 
-def gan_step(parts: train.Parts, opt_g, opt_d, targets: torch.Tensor, g: torch.Generator):
+def gan_step(parts: runs.Run, opt_g, opt_d, targets: torch.Tensor, g: torch.Generator):
     """One train.gan_step on B random training images, with both rewards on (lambda ramped)."""
     cfg, data = parts.cfg.gan, parts.data
     step_no = cfg.lambda_hold + cfg.lambda_ramp
 
-    def step() -> tuple[dict, dict]:
-        idx = torch.randperm(len(data.train_ids), generator=g)[:cfg.batch]
-        feats, tgt = data.train_feats[idx].to(parts.device), targets[idx].to(parts.device)
-        return train.gan_step(parts, opt_g, opt_d, feats, tgt, step_no, g)
+    def step() -> dict:
+        return train.gan_step(parts, opt_g, opt_d, train.draw_batch(parts, targets, g), step_no)
     return step
 
 
 def precisions(device: torch.device) -> list[bool]:
-    """bf16 settings to time: autocast is CUDA-only in train.Parts, so the CPU times fp32 alone."""
+    """bf16 settings to time: autocast is CUDA-only in runs.Run, so the CPU times fp32 alone."""
     return [False, True] if device.type == "cuda" else [False]
 
 
-def time_steps(parts: train.Parts, steps: int) -> dict:
+def time_steps(parts: runs.Run, steps: int) -> dict:
     """The init and CgT-GAN steps in each precision: ms, peak GiB, losses and the split."""
     cfg, results = parts.cfg, {}
     targets = train.agg_targets(parts)  # (N, D)
@@ -158,24 +160,23 @@ def time_steps(parts: train.Parts, steps: int) -> dict:
         cfg.bf16 = bf16
         name = "bf16" if bf16 else "fp32"
         g = torch.Generator().manual_seed(cfg.seed)
-        parts.gen.train()
-        parts.disc.train()
-        opt = torch.optim.AdamW(parts.gen.parameters(), lr=cfg.init.lr,
+        parts.generator.train()
+        parts.discriminator.train()
+        opt = torch.optim.AdamW(parts.generator.parameters(), lr=cfg.init.lr,
                                 weight_decay=cfg.init.weight_decay)
         r = measure(init_step(parts, opt, g), steps, parts.device)
         results[f"init_{name}"] = {"ms": r["ms"], "peak_gib": r["peak_gib"], "loss": r["last"]}
         print(step_line(f"init_{name}", results[f"init_{name}"]), flush=True)
         del opt
-        opt_g = torch.optim.AdamW(parts.gen.parameters(), lr=cfg.gan.lr,
+        opt_g = torch.optim.AdamW(parts.generator.parameters(), lr=cfg.gan.lr,
                                   weight_decay=cfg.gan.weight_decay)
-        opt_d = torch.optim.AdamW(parts.disc.parameters(), lr=cfg.gan.d_lr,
+        opt_d = torch.optim.AdamW(parts.discriminator.parameters(), lr=cfg.gan.d_lr,
                                   weight_decay=cfg.gan.weight_decay)
         r = measure(gan_step(parts, opt_g, opt_d, targets, g), steps, parts.device)
-        losses, stats = r["last"]
+        stats = r["last"]
         results[f"gan_{name}"] = {
-            "ms": r["ms"], "peak_gib": r["peak_gib"], **losses,
-            **{k: stats[k] for k in ("ms_sample", "ms_clip", "ms_disc", "ms_backward", "len")},
-            "example": stats["example"]}
+            "ms": r["ms"], "peak_gib": r["peak_gib"],
+            **{k: stats[k] for k in ("loss_g", "loss_sem", "loss_nat", "d_loss", "len", "example")}}
         print(step_line(f"gan_{name}", results[f"gan_{name}"]), flush=True)
         del opt_g, opt_d
         if parts.device.type == "cuda":
@@ -184,9 +185,9 @@ def time_steps(parts: train.Parts, steps: int) -> dict:
     return results
 
 
-def time_sampler(parts: train.Parts, repeats: int) -> dict:
+def time_sampler(parts: runs.Run, repeats: int) -> dict:
     """Our sampler against transformers' generate(do_sample=True), B*K rows, same prefixes."""
-    gen, cfg, device = parts.gen, parts.cfg, parts.device
+    gen, cfg, device = parts.generator, parts.cfg, parts.device
     B, K = cfg.gan.batch, cfg.gan.k
     feats = parts.data.train_feats[:B].to(device).repeat_interleave(K, 0)  # (B*K, D)
     g = torch.Generator().manual_seed(0)
@@ -196,11 +197,11 @@ def time_sampler(parts: train.Parts, repeats: int) -> dict:
 
     def ours():
         with parts.autocast():
-            return gen.draw(feats, g)[1].sum(-1).mean().item()
+            return gen._decode(feats, torch.rand(len(feats), gen.max_len, generator=g))[1].sum(-1).mean().item()
 
     def ours_sample():
         with parts.autocast():
-            logp = gen.sample(feats[::K], K, g)[1]  # (B, K, T) with gradient
+            logp = gen.sample(feats[::K], K, generator=g)[1]  # (B, K, T) with gradient
         return logp.sum().item()
 
     def theirs():
@@ -246,15 +247,14 @@ def step_line(key: str, r: dict) -> str:
     line = f"  {key:<10} {r['ms']:9.1f} ms  peak {peak:>9}  "
     if key.startswith("init"):
         return line + f"loss {r['loss']:.3f}"
-    return line + (f"(sample {r['ms_sample']:.0f}, clip {r['ms_clip']:.0f}, disc {r['ms_disc']:.0f}, "
-                   f"backward {r['ms_backward']:.0f} ms; loss_g {r['loss_g']:.3f}, d_loss "
-                   f"{r['d_loss']:.3f}, length {r['len']:.1f})")
+    return line + (f"(loss_g {r['loss_g']:.3f}, d_loss {r['d_loss']:.3f}, "
+                   f"length {r['len']:.1f})")
 
 
 def sampler_line(name: str, r: dict) -> str:
-    return (f"  {name}: ours (draw) {r['ours_ms']:.1f} ms (mean length {r['ours_len']:.1f}), "
+    return (f"  {name}: ours (token loop) {r['ours_ms']:.1f} ms (mean length {r['ours_len']:.1f}), "
             f"generate(do_sample) {r['generate_ms']:.1f} ms (longest {r['generate_len']}), "
-            f"speed-up {r['speedup']:.2f}x; sample (draw + log-probs) {r['sample_ms']:.1f} ms")
+            f"speed-up {r['speedup']:.2f}x; sample (tokens + log-probs) {r['sample_ms']:.1f} ms")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -273,10 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the figures, not per-shard loading bars, go to the log
-    preset = cgtgan.apply_overrides(cgtgan.Config(), cgtgan.PRESETS["coco"])
+    preset = config.apply_overrides(config.Config(), config.PRESETS["coco"])
     args.batch = args.batch or (4 if args.tiny else preset.gan.batch)
     args.k = args.k or (2 if args.tiny else preset.gan.k)
-    device = train.pick_device(args.device)
+    device = data.pick_device(args.device)
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_ps_"))
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -286,21 +286,21 @@ def main(argv: list[str] | None = None) -> dict:
             " ".join(f"--set {k}={v}" for k, v in options.items()) + "\n")
         cfg = make_config(options, args)
         t1 = time.perf_counter()
-        summary = realdata.prepare(train.real_config(cfg))
+        summary = realdata.prepare(commands.real_config(cfg))
         t2 = time.perf_counter()
-        data = train.load_data(cfg)
-        parts = train.build_parts(cfg, data)
+        dataset = commands.load_data(cfg)
+        parts = runs.build_run(cfg, dataset)
         sync(parts.device)
         t3 = time.perf_counter()
         setup = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
                  else f"CPU ({torch.get_num_threads()} threads)",
                  "torch": torch.__version__, "transformers": _version("transformers"),
                  "size": "tiny models" if args.tiny else "real-sized models, random weights",
-                 "B": args.batch, "K": args.k, "T": cfg.gen.max_len, "V": len(parts.gen_tok),
-                 "D": data.train_feats.shape[1], "train_images": len(data.train_ids),
+                 "B": args.batch, "K": args.k, "T": cfg.gen.max_len, "V": len(parts.gpt2_tokenizer),
+                 "D": dataset.train_feats.shape[1], "train_images": len(dataset.train_ids),
                  "corpus": summary["corpus"], "steps": args.steps, "repeats": args.repeats,
-                 "gpt2_params": sum(p.numel() for p in parts.gen.gpt.parameters()),
-                 "roberta_params": sum(p.numel() for p in parts.disc.roberta.parameters()),
+                 "gpt2_params": sum(p.numel() for p in parts.generator.gpt.parameters()),
+                 "roberta_params": sum(p.numel() for p in parts.discriminator.roberta.parameters()),
                  "s_build": t1 - t0, "s_prepare": t2 - t1, "s_load": t3 - t2}
         # Each figure is printed when measured: a failure later keeps the ones before it.
         print(setup_lines(setup), flush=True)

@@ -22,6 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cgtgan  # noqa: E402
+import commands  # noqa: E402
+import config  # noqa: E402
+import data  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 
@@ -45,35 +48,39 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = cgtgan.Config()
-    data = train.load_data(cfg)
-    parts = train.build_parts(cfg, data)
+    cfg = config.Config()
+    data = commands.load_data(cfg)
+    parts = runs.build_run(cfg, data)
     init = Path(args.run) / "init.pt"
     which = "random weights"
     if init.is_file():
         runs.load_checkpoint(init, parts, sections=("gen",))
         which = str(init)
-    gen, g = parts.gen, torch.Generator().manual_seed(0)
+    gen, g = parts.generator, torch.Generator().manual_seed(0)
     B, K = cfg.gan.batch, cfg.gan.k
     print(f"ShapesWorld default: B={B} images x K={K} samples, GPT-2 {cfg.gen.n_layer} layers x "
-          f"{cfg.gen.n_embd}, V={len(parts.gen_tok)}, generator: {which}, "
+          f"{cfg.gen.n_embd}, V={len(parts.gpt2_tokenizer)}, generator: {which}, "
           f"torch threads {torch.get_num_threads()}")
 
-    # One full self-critical step and its split, as train_gan runs it.
+    # One full self-critical step as train_gan runs it, and its decoding parts on the same batch.
     opt_g = torch.optim.AdamW(gen.parameters(), lr=cfg.gan.lr)
-    opt_d = torch.optim.AdamW(parts.disc.parameters(), lr=cfg.gan.d_lr)
+    opt_d = torch.optim.AdamW(parts.discriminator.parameters(), lr=cfg.gan.d_lr)
     targets = train.agg_targets(parts)
     rows = []
     for step in range(args.steps + 2):
-        idx = torch.randperm(len(data.train_ids), generator=g)[:B]
+        batch = train.draw_batch(parts, targets, g)
         t0 = time.perf_counter()
-        _, stats = train.gan_step(parts, opt_g, opt_d, data.train_feats[idx], targets[idx],
-                                  cfg.gan.lambda_hold + cfg.gan.lambda_ramp, g)
-        stats["ms_total"] = 1000 * (time.perf_counter() - t0)
+        stats = train.gan_step(parts, opt_g, opt_d, batch, cfg.gan.lambda_hold + cfg.gan.lambda_ramp)
+        t1 = time.perf_counter()
+        gen.sample(batch.feats, K, batch.uniforms)
+        t2 = time.perf_counter()
+        gen.greedy(batch.feats)
+        t3 = time.perf_counter()
+        stats.update(ms_total=1000 * (t1 - t0), ms_sample=1000 * (t2 - t1), ms_greedy=1000 * (t3 - t2))
         if step >= 2:  # warm-up steps excluded
             rows.append(stats)
     print(f"\nself-critical step (median of {args.steps}):")
-    for key in ("ms_total", "ms_sample", "ms_clip", "ms_disc", "ms_backward"):
+    for key in ("ms_total", "ms_sample", "ms_greedy"):
         print(f"  {key[3:]:>9}: {statistics.median(r[key] for r in rows):8.1f} ms")
     print(f"  mean caption length {statistics.mean(r['len'] for r in rows):.1f} tokens")
 
@@ -83,7 +90,7 @@ def main() -> None:
 
     def ours():
         with torch.no_grad():
-            gen.draw(feats, g)
+            gen._decode(feats, torch.rand(len(feats), gen.max_len, generator=g))  # tokens only
 
     def theirs():
         with torch.no_grad():
@@ -110,7 +117,7 @@ def main() -> None:
 
     def ours_big():
         with torch.no_grad():
-            gen_big.draw(feats, g)
+            gen_big._decode(feats, torch.rand(len(feats), gen_big.max_len, generator=g))
 
     def theirs_big():
         with torch.no_grad():

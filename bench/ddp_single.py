@@ -3,7 +3,7 @@ the CPU).
 
 train.py joins a process group only when torchrun starts several processes (WORLD_SIZE > 1), so
 `torchrun --nproc_per_node 1 cgtgan.py train` runs without one. This wrapper joins a group of one
-first; train.build_parts then wraps the generator and discriminator in DistributedDataParallel,
+first; runs.build_run then wraps the generator and discriminator in DistributedDataParallel,
 and one GPU runs the data-parallel path of a multi-GPU run (DDP wrappers, NCCL all-reduce of the
 gradients, barriers).
 
@@ -21,6 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cgtgan  # noqa: E402
+import cli  # noqa: E402
+import runs  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
 
 
@@ -28,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"),
                        ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
-    device = train.pick_device("auto")
+    device = data.pick_device("auto")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        code = cgtgan.main(argv)
+        code = cli.main(argv)
         print(f"process group: {torch.distributed.get_backend()}, "
               f"{torch.distributed.get_world_size()} process(es), exit code {code}")
     finally:

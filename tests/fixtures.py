@@ -58,7 +58,7 @@ class PaperFixture:
 
     def config(self, **overrides):
         """The RealDataConfig that prepares this fixture (tiny shards and chunks, no progress bars)."""
-        from realdata import RealDataConfig
+        from config import RealDataConfig
 
         fields = dict(split_file=str(self.split_file), image_root=str(self.image_root),
                       corpus="in-domain", name="coco", clip=str(self.clip),

@@ -6,6 +6,7 @@ whose embeddings stand in for the image and text features.
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -13,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cgtgan
+import config
 import decoding
-from cgtgan import (IGNORE_INDEX, Config, ConfigError, DiscriminatorConfig, GeneratorConfig,
-                    apply_overrides, build_discriminator, build_generator, caption_loss,
+from cgtgan import (IGNORE_INDEX, build_discriminator, build_generator, caption_loss,
                     clip_agg_reward, clip_agg_target, clip_cos_reward, discriminator_loss,
-                    lambda_schedule, naturalness_reward, sample_categorical, scst_loss,
-                    semantic_reward)
+                    encode_sentences, lambda_schedule, naturalness_reward, sample_categorical,
+                    scst_loss, semantic_reward)
+from config import Config, ConfigError, DiscriminatorConfig, GeneratorConfig, apply_overrides
 
 COLOURS = ["red", "blue", "green", "yellow"]
 SHAPES = ["circle", "square", "star"]
@@ -288,21 +289,25 @@ def test_greedy_equals_naive_argmax_loop(models):
     assert len(set(mask.sum(1).tolist())) > 1
 
 
-def test_draw_with_fixed_uniforms_equals_references(models, monkeypatch):
+def test_sample_with_fixed_uniforms_equals_references(models, monkeypatch):
     gen = models[0]
-    feats = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(2)), dim=-1)
-    uniforms = torch.rand(8, gen.max_len, generator=torch.Generator().manual_seed(3))  # (N, T)
-    greedy_rows = torch.arange(8) >= 6  # (N,)
-    endless = naive_decode(gen, feats, uniforms, greedy_rows)  # (N, T)
+    feats = F.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(2)), dim=-1)
+    uniforms = torch.rand(4, 2, gen.max_len, generator=torch.Generator().manual_seed(3))  # (B, K, T)
+    endless = naive_decode(gen, feats.repeat_interleave(2, 0), uniforms.flatten(0, 1),
+                           torch.zeros(8, dtype=torch.bool))  # (B*K, T)
     gen.end_id = endless[0, 3].item()
-    ids, mask = gen.draw(feats, uniforms=uniforms, greedy_rows=greedy_rows)
-    got = [r[:int(m.sum())] for r, m in zip(ids.tolist(), mask)]
+    ids, logp, mask = gen.sample(feats, 2, uniforms)  # (B, K, T)
+    got = [r[:int(m.sum())] for r, m in zip(ids.flatten(0, 1).tolist(), mask.flatten(0, 1))]
     assert got == cut_at_end(endless, gen.end_id)
-    assert len(set(mask.sum(1).tolist())) > 1
-    # The old path (transformers' forward and cache) draws the same captions.
+    assert len(set(mask.flatten(0, 1).sum(1).tolist())) > 1
+    # The same numbers give the same captions through transformers' forward and cache.
     monkeypatch.setattr(decoding, "lean_supported", lambda gpt: False)
-    hf_ids, hf_mask = gen.draw(feats, uniforms=uniforms, greedy_rows=greedy_rows)
+    hf_ids, _, hf_mask = gen.sample(feats, 2, uniforms)
     assert torch.equal(hf_ids, ids) and torch.equal(hf_mask, mask)
+    # A caption depends on its own numbers alone: the first image's samples, drawn on their own,
+    # are the same as in the batch (so a data-parallel shard reproduces one process).
+    one_ids, _, one_mask = gen.sample(feats[:1], 2, uniforms[:1])
+    assert torch.equal(one_ids, ids[:1, :, :one_ids.shape[2]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +319,7 @@ def test_clip_agg_target_equals_float64_direct():
     img = F.normalize(torch.randn(5, 24), dim=-1)
     corpus = F.normalize(torch.randn(1000, 24), dim=-1)
     for t in (1.0, 100.0, 175.0):
-        got = clip_agg_target(img, corpus, t, chunk=97)
+        got = clip_agg_target(img, corpus, t, image_chunk=2, corpus_chunk=97)
         w = (t * img.double() @ corpus.double().T).softmax(-1)  # (B, M)
         torch.testing.assert_close(got.double(), w @ corpus.double(), atol=1e-5, rtol=1e-4)
 
@@ -398,8 +403,6 @@ def test_discriminator_loss_falls_when_overfitting(models):
 
 
 def test_text_only_init_learns(world, models):
-    from train import encode_sentences
-
     gen, gtok, _, _ = models
     ids, labels = encode_sentences(gtok, world.corpus[:8], gen.end_id, gen.max_len)
     assert (labels[:, 0] != IGNORE_INDEX).all() and ids.shape == labels.shape
@@ -420,24 +423,33 @@ def test_text_only_init_learns(world, models):
 
 def test_overrides_are_checked():
     cfg = apply_overrides(Config(), {"gan.lr": "3e-4", "gan.steps": "7", "bf16": "true",
-                                     "world.n_train": "10"})
+                                     "world.n_train": "10", "gan.reward": "agg",
+                                     "real.agg_temperature": "none"})
     assert cfg.gan.lr == 3e-4 and cfg.gan.steps == 7 and cfg.bf16 is True
-    assert cfg.world == {"n_train": "10"}
+    assert cfg.world.n_train == 10 and cfg.gan.reward == config.Reward.AGG
+    assert cfg.real.agg_temperature is None
+    with pytest.raises(ConfigError, match="world.n_train takes an int"):
+        apply_overrides(Config(), {"world.n_train": "ten"})
+    with pytest.raises(ConfigError, match="gan.reward must be one of cos, agg, agg\\+gan, gan"):
+        apply_overrides(Config(), {"gan.reward": "clip"})
+    with pytest.raises(ConfigError, match="world.corpus_style must be one of"):
+        apply_overrides(Config(), {"world.corpus_style": "bogus"})
     with pytest.raises(ConfigError, match="unknown config key 'gan.nope'"):
         apply_overrides(Config(), {"gan.nope": "1"})
-    with pytest.raises(ConfigError, match="gan.steps takes a int"):
+    with pytest.raises(ConfigError, match="gan.steps takes an int"):
         apply_overrides(Config(), {"gan.steps": "1.5"})
     with pytest.raises(ConfigError, match="bf16 takes true or false"):
         apply_overrides(Config(), {"bf16": "maybe"})
     from dataclasses import asdict
-    assert cgtgan.config_from_dict(asdict(cfg)) == cfg
+    assert config.config_from_dict(asdict(cfg)) == cfg
+    assert config.config_from_dict(json.loads(json.dumps(asdict(cfg)))) == cfg
 
 
 def test_presets_apply():
-    for name, preset in cgtgan.PRESETS.items():
+    for name, preset in config.PRESETS.items():
         cfg = apply_overrides(Config(), preset)
         assert cfg.gen.prefix_len == 10 and cfg.gan.k == 5 and cfg.gan.batch == 64
-    assert apply_overrides(Config(), cgtgan.PRESETS["coco-gcc"]).gan.temperature == 175.0
+    assert apply_overrides(Config(), config.PRESETS["coco-gcc"]).gan.temperature == 175.0
 
 
 def test_missing_pretrained_model_is_named(tmp_path, models):

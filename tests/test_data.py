@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import data
+from cgtgan import clip_agg_target
 from data import CaptionData, DataError, EvalSplit
 
 
@@ -140,7 +141,7 @@ def test_clip_agg_targets_equal_direct_float64(dtype, image_chunk, corpus_chunk)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((37, 16)).astype(dtype)
     corpus = rng.standard_normal((101, 16)).astype(dtype)
-    out = data.clip_agg_targets(images, corpus, 100.0, image_chunk, corpus_chunk)
+    out = clip_agg_target(images, corpus, 100.0, image_chunk, corpus_chunk)
     assert out.shape == (37, 16) and out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), _agg_float64(images, corpus, 100.0), atol=1e-5)
 
@@ -149,16 +150,16 @@ def test_clip_agg_targets_stable_at_high_temperature_and_accept_tensors():
     # t = 1e4 puts logits near 1e4: a naive exp overflows float32, the online softmax does not.
     rng = np.random.default_rng(1)
     images, corpus = rng.standard_normal((6, 8)), rng.standard_normal((50, 8))
-    out = data.clip_agg_targets(torch.from_numpy(images), torch.from_numpy(corpus), 1e4, 4, 8)
+    out = clip_agg_target(torch.from_numpy(images), torch.from_numpy(corpus), 1e4, 4, 8)
     assert torch.isfinite(out).all()
     np.testing.assert_allclose(out.numpy(), _agg_float64(images, corpus, 1e4), atol=1e-4)
 
 
 def test_clip_agg_targets_worked_example_and_bad_input():
     corpus = np.eye(2, dtype=np.float32)
-    out = data.clip_agg_targets(np.array([[1.0, 0.0], [1.0, 1.0]], np.float32), corpus, 100.0)
+    out = clip_agg_target(np.array([[1.0, 0.0], [1.0, 1.0]], np.float32), corpus, 100.0)
     np.testing.assert_allclose(out.numpy(), [[1.0, 0.0], [0.5, 0.5]], atol=1e-6)
-    with pytest.raises(DataError, match="width"):
-        data.clip_agg_targets(np.ones((2, 3)), np.ones((2, 4)), 100.0)
-    with pytest.raises(DataError, match="empty"):
-        data.clip_agg_targets(np.ones((2, 3)), np.ones((0, 3)), 100.0)
+    with pytest.raises(ValueError, match="3 wide"):
+        clip_agg_target(np.ones((2, 3)), np.ones((2, 4)), 100.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        clip_agg_target(np.ones((2, 3)), np.ones((0, 3)), 100.0)

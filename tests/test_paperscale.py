@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import cgtgan
+import cli as cgtgan_cli
+import commands
+import config
+import data
 import realdata
 import train
 from fixtures import build_paperscale_fixture, save_full_size_clip, save_full_size_models
@@ -30,10 +33,10 @@ TINY = {"init.steps": 3, "init.batch": 4, "gan.steps": 2, "gan.batch": 2, "gan.k
 
 
 def cli(argv: list[str]) -> tuple[int, str, str]:
-    """cgtgan.main in-process: (exit code, stdout, stderr)."""
+    """cli.main in-process: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = cgtgan.main(argv)
+        code = cgtgan_cli.main(argv)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -116,14 +119,14 @@ def test_cli_external_corpus_file(fx, tmp_path):
     code, out, err = cli(["prepare"] + sets(options))
     assert code == 0, err
     corpus = realdata.clean_sentences(fx.corpus_file.read_text().splitlines(),
-                                      realdata.RealDataConfig())
+                                      config.RealDataConfig())
     assert json.loads(out)["corpus"] == len(corpus) == 24  # blanks, "Ok." and duplicates dropped
     assert (tmp_path / "cache" / "coco" / "corpus-corpus").is_dir()
     code, out, err = cli(["train", "--name", "gcc"] + sets(options))
     assert code == 0, err
     run_dir = tmp_path / "runs" / "gcc"
-    cfg = cgtgan.config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    assert train.load_data(cfg).corpus == corpus
+    cfg = config.config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    assert commands.load_data(cfg).corpus == corpus
     assert (run_dir / "best.pt").is_file() and (run_dir / "results.json").is_file()
 
 
@@ -142,17 +145,17 @@ PRESET_SETTINGS = {  # preset: (CLIP-agg temperature, corpus, training split fil
 
 
 def test_every_preset_is_tested():
-    assert set(PRESET_SETTINGS) == set(cgtgan.PRESETS)
+    assert set(PRESET_SETTINGS) == set(config.PRESETS)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_SETTINGS))
 def test_preset_has_the_paper_settings(preset, monkeypatch):
     seen = []
-    monkeypatch.setattr(train, "run_train", lambda cfg, resume=False: seen.append(cfg))
+    monkeypatch.setattr(commands, "run_train", lambda cfg, resume=False: seen.append(cfg))
     code, _, err = cli(["train", "--preset", preset])
     assert code == 0, err
     cfg = seen[0]
-    real = train.real_config(cfg)
+    real = commands.real_config(cfg)
     t, corpus, split_file, eval_split_file = PRESET_SETTINGS[preset]
     assert cfg.data == "real" and real.clip == "ViT-L/14" and real.corpus == corpus
     assert (cfg.gen.prefix_len, cfg.gen.max_len, cfg.gen.end_token) == (10, 20, ".")
@@ -325,7 +328,7 @@ def test_eval_dataset_names_the_missing_download(zsic, tmp_path, monkeypatch):
 def test_eval_dataset_refuses_a_shapesworld_run(tmp_path):
     from dataclasses import asdict
 
-    (tmp_path / "config.json").write_text(json.dumps(asdict(cgtgan.Config())))
+    (tmp_path / "config.json").write_text(json.dumps(asdict(config.Config())))
     err = _one_line_error(["eval", "--run", str(tmp_path), "--dataset", "coco"])
     assert "paper-scale runs (data=real)" in err and "shapesworld" in err
 

@@ -75,27 +75,24 @@ def test_first_command_runs_and_writes_what_the_readme_shows(tmp_path):
 
 
 def test_every_cgtgan_command_in_the_readme_is_accepted(monkeypatch, capsys):
-    import cgtgan
-    import realdata
-    import train
-    from shapesworld import ShapesWorldConfig
+    import cli
+    import commands as pipelines
 
     seen = []
 
     def capture(cfg, *args, **kwargs):
-        train._dataclass_with(ShapesWorldConfig, cfg.world, "world")
         seen.append(cfg)
         return {}
 
     for name in ("run_train", "run_init", "run_ablation", "run_eval", "run_caption"):
-        monkeypatch.setattr(train, name, capture)
-    monkeypatch.setattr(realdata, "prepare", lambda cfg: {"dry run": True})
+        monkeypatch.setattr(pipelines, name, capture)
+    monkeypatch.setattr(pipelines, "run_prepare", lambda cfg: {"dry run": True})
     commands = [c for c in bash_lines("python cgtgan.py")
                 if not c.split()[2:3] in (["eval"], ["caption"])]
     assert len(commands) >= 5
     for command in commands:
         argv = shlex.split(command)[2:]
-        assert cgtgan.main(argv) == 0, (f"README: `{command}` is refused by the CLI: "
+        assert cli.main(argv) == 0, (f"README: `{command}` is refused by the CLI: "
                                         f"{capsys.readouterr().err.strip()}")
 
 

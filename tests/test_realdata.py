@@ -10,9 +10,10 @@ import clip_model
 import data
 import evaluate
 import realdata
+from config import ConfigError, RealDataConfig
 from data import DataError
 from fixtures import build_paperscale_fixture, save_random_clip
-from realdata import RealDataConfig
+
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_temperature_table():
     assert RealDataConfig(setting="coco/gcc").temperature() == 175.0
     assert RealDataConfig(setting="flickr30k/flickr30k").temperature() == 125.0
     assert RealDataConfig(setting="coco/gcc", agg_temperature=90).temperature() == 90.0
-    with pytest.raises(DataError, match="unknown setting"):
+    with pytest.raises(ConfigError, match="unknown setting"):
         RealDataConfig(setting="coco/laion").temperature()
 
 

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 import cgtgan
+import cli
+import commands
+import config
 import figures
 import runs
 import train
@@ -26,7 +29,7 @@ def world(tmp_path_factory):
 def trained(world, tmp_path_factory):
     """One complete tiny run (init + CgT-GAN + test table + figures)."""
     cfg = tiny_config(runs_dir=str(tmp_path_factory.mktemp("runs")), name="full")
-    results = train.run_train(cfg, world)
+    results = commands.run_train(cfg, world)
     return cfg, runs.run_dir_for(cfg), results
 
 
@@ -57,9 +60,9 @@ def test_end_to_end_writes_every_output(trained):
 def test_resume_gives_the_same_losses(world, trained, tmp_path):
     cfg, full_dir, _ = trained
     part = tiny_config(runs_dir=str(tmp_path), name="part")
-    train.run_train(part, world, stop_after=2)
+    commands.run_train(part, world, stop_after=2)
     assert not (tmp_path / "part" / "results.json").exists()
-    train.run_train(part, world, resume=True)
+    commands.run_train(part, world, resume=True)
     torch.testing.assert_close(torch.tensor(gan_losses(tmp_path / "part")),
                                torch.tensor(gan_losses(full_dir)), atol=1e-5, rtol=1e-5)
 
@@ -68,8 +71,8 @@ def test_resume_refuses_other_settings(world, trained):
     cfg, run_dir, _ = trained
     other = tiny_config(runs_dir=cfg.runs_dir, name="full")
     other.gan.lr = 0.5
-    with pytest.raises(cgtgan.ConfigError, match="gan.lr=0.0001 but this run has 0.5"):
-        train.run_train(other, world, resume=True)
+    with pytest.raises(config.ConfigError, match="gan.lr=0.0001 but this run has 0.5"):
+        commands.run_train(other, world, resume=True)
 
 
 def test_checkpoints_are_tied_to_their_data(world, trained, tmp_path, capsys):
@@ -81,48 +84,48 @@ def test_checkpoints_are_tied_to_their_data(world, trained, tmp_path, capsys):
     same = tiny_config(runs_dir=str(tmp_path), name="same")
     (tmp_path / "same").mkdir()
     shutil.copyfile(run_dir / "init.pt", tmp_path / "same" / "init.pt")
-    assert runs.init_is_current(tmp_path / "same" / "init.pt", train.build_parts(same, world, False))
+    assert runs.init_is_current(tmp_path / "same" / "init.pt", runs.build_run(same, world, False))
     assert not runs.init_is_current(tmp_path / "same" / "init.pt",
-                                    train.build_parts(same, other, False))
-    with pytest.raises(cgtgan.ConfigError, match="trained on other data"):
-        train.run_train(tiny_config(runs_dir=cfg.runs_dir, name="full"), other, resume=True)
+                                    runs.build_run(same, other, False))
+    with pytest.raises(config.ConfigError, match="trained on other data"):
+        commands.run_train(tiny_config(runs_dir=cfg.runs_dir, name="full"), other, resume=True)
     capsys.readouterr()
-    train.run_train(same, other, stop_after=1)
+    commands.run_train(same, other, stop_after=1)
     assert "reusing the text-only initialisation" not in capsys.readouterr().out
 
 
 def test_checkpoint_from_other_config_is_refused(world, trained):
     cfg, run_dir, _ = trained
     other = tiny_config(**{"gen.prefix_len": 3})
-    parts = train.build_parts(other, world, with_clip=False)
-    with pytest.raises(cgtgan.ConfigError, match="gen.prefix_len=2, but this config has 3"):
+    parts = runs.build_run(other, world, with_clip=False)
+    with pytest.raises(config.ConfigError, match="gen.prefix_len=2, but this config has 3"):
         runs.load_checkpoint(run_dir / "best.pt", parts, sections=("gen",))
 
 
 def test_nan_loss_stops_with_step_and_term(world, trained, tmp_path, monkeypatch):
     cfg = tiny_config(runs_dir=str(tmp_path), name="nan")
-    train.run_train(cfg, world, stop_after=2)
+    commands.run_train(cfg, world, stop_after=2)
     good = (tmp_path / "nan" / "last.pt").read_bytes()
     monkeypatch.setattr(train, "clip_cos_reward", lambda v, c: torch.full(c.shape[:2], float("nan")))
     with pytest.raises(train.TrainingError, match=r"CgT-GAN step 3: loss_g is nan; stopped"):
-        train.run_train(cfg, world, resume=True)
+        commands.run_train(cfg, world, resume=True)
     assert (tmp_path / "nan" / "last.pt").read_bytes() == good
 
 
 def test_cli_eval_caption_and_errors(world, trained, monkeypatch, capsys, tmp_path):
     cfg, run_dir, _ = trained
-    monkeypatch.setattr(train, "load_data", lambda cfg: world)
-    assert cgtgan.main(["eval", "--run", str(run_dir), "--split", "test"]) == 0
+    monkeypatch.setattr(commands, "load_data", lambda cfg: world)
+    assert cli.main(["eval", "--run", str(run_dir), "--split", "test"]) == 0
     assert "CIDEr-D" in capsys.readouterr().out
     image = tmp_path / "img.png"
     world.image("img0").save(image)
-    assert cgtgan.main(["caption", str(image), "--run", str(run_dir)]) == 0
+    assert cli.main(["caption", str(image), "--run", str(run_dir)]) == 0
     assert capsys.readouterr().out.startswith(f"{image}: ")
-    assert cgtgan.main(["caption", str(tmp_path / "missing.png"), "--run", str(run_dir)]) == 2
+    assert cli.main(["caption", str(tmp_path / "missing.png"), "--run", str(run_dir)]) == 2
     assert "missing.png not found" in capsys.readouterr().err
-    assert cgtgan.main(["train", "--set", "gan.nope=1"]) == 2
+    assert cli.main(["train", "--set", "gan.nope=1"]) == 2
     assert "unknown config key 'gan.nope'" in capsys.readouterr().err
-    assert cgtgan.main(["eval", "--run", str(tmp_path / "norun")]) == 2
+    assert cli.main(["eval", "--run", str(tmp_path / "norun")]) == 2
     assert "config.json not found" in capsys.readouterr().err
 
 
@@ -141,7 +144,7 @@ def _ddp_worker(rank: int, world_dir: str, runs_dir: str, port: int) -> None:
 
     torch.set_num_threads(1)
     world = tiny_world(Path(world_dir) / f"rank{rank}")
-    train.run_train(tiny_config(runs_dir=runs_dir, name="ddp", **{"gan.batch": 4}), world)
+    commands.run_train(tiny_config(runs_dir=runs_dir, name="ddp", **{"gan.batch": 4}), world)
     assert torch.distributed.get_world_size() == 2  # the run really joined the process group
     torch.distributed.destroy_process_group()
 
@@ -156,7 +159,7 @@ def test_two_process_ddp_matches_one_process(world, tmp_path):
     import torch.multiprocessing as mp
 
     single = tiny_config(runs_dir=str(tmp_path), name="single", **{"gan.batch": 4})
-    train.run_train(single, world)
+    commands.run_train(single, world)
     (tmp_path / "ddp").mkdir()
     shutil.copyfile(tmp_path / "single" / "init.pt", tmp_path / "ddp" / "init.pt")
     with socket.socket() as s:
@@ -180,15 +183,15 @@ def test_cli_train_on_a_tiny_shapesworld(tmp_path, capsys):
             "runs_dir": str(tmp_path / "runs")}
     sets += [f"{k}={v}" for k, v in tiny.items()]
     argv = ["train", "--seed", "1"] + [a for s in sets for a in ("--set", s)]
-    assert cgtgan.main(argv) == 0
+    assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "retrieval (nearest corpus sentence)" in out and "CgT-GAN (agg+gan)" in out
     run_dir = tmp_path / "runs" / "shapesworld_seed1"
     for name in ("config.json", "init.pt", "last.pt", "best.pt", "metrics.jsonl", "results.json",
                  "samples.png", "curves.png"):
         assert (run_dir / name).is_file(), name
-    assert cgtgan.main(["eval", "--run", str(run_dir), "--split", "val"]) == 0
-    assert cgtgan.main(argv[:1] + ["--set", "world.nope=1"]) == 2
+    assert cli.main(["eval", "--run", str(run_dir), "--split", "val"]) == 0
+    assert cli.main(argv[:1] + ["--set", "world.nope=1"]) == 2
     assert "unknown config key 'world.nope'" in capsys.readouterr().err
 
 
