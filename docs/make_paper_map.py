@@ -189,7 +189,7 @@ ROWS = [
         ("CIDEr-D",
          "10 * mean_n mean_refs clipped-cos(tf-idf_n(c), tf-idf_n(r)) * exp(-(l_c - l_r)^2 / (2 * 6^2))",
          [("evaluate.py", "cider_d"), ("evaluate.py", "cider_d_image"), ("evaluate.py", "tfidf_vector"),
-          ("evaluate.py", "ngrams")],
+          ("evaluate.py", "idf_by_df"), ("evaluate.py", "ngrams")],
          [(T_EV, "test_parity_random_1000_images"), (T_EV, "test_docstring_examples"),
           (T_EX, "test_tfidf_vector_gives_evaluate_cider_d")], "tfidf_vector",
          "Same as the toolkit: document frequencies come from the evaluated images' references."),

@@ -106,6 +106,7 @@ def test_docstring_examples():
                                                             {("a", "dog"): 2, ("dog", "a"): 1}]
     log2 = math.log(2)
     df = {("a",): 2, ("dog",): 1, ("a", "dog"): 1, ("dog", "a"): 1}
+    assert evaluate.idf_by_df(2) == pytest.approx((log2, log2, 0.0))
     got = evaluate.tfidf_vector(evaluate.ngrams("a dog a dog".split(), 2), df, 2)
     want = [{("a",): 0.0, ("dog",): 2 * log2}, {("a", "dog"): 2 * log2, ("dog", "a"): log2}]
     assert len(got) == 2 and all(g == pytest.approx(w) for g, w in zip(got, want))
