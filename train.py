@@ -58,7 +58,7 @@ class ClipText:
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        from clip_model import tokenize
+        from clip_tokenizer import tokenize
 
         todo = sorted({t for t in texts if t not in self.cache})
         if todo:
@@ -228,10 +228,11 @@ def build_parts(cfg: Config, data, with_clip: bool = True) -> Parts:
     clip_text = None
     if with_clip:
         import clip_model
+        import clip_tokenizer
 
         clip, _ = clip_model.load(str(data.clip_path), device=device)
         bpe = str(data.clip_bpe_path) if data.clip_bpe_path else None
-        clip_text = ClipText(clip, clip_model.Tokenizer(bpe), device)
+        clip_text = ClipText(clip, clip_tokenizer.Tokenizer(bpe), device)
     return Parts(cfg, data, device, gen, gen_tok, disc, disc_tok, clip_text, rank, world,
                  gen_train, disc_train)
 
