@@ -1,4 +1,4 @@
-"""CLIP, written out: the model, its BPE tokenizer, its image preprocessing, and checkpoint loading.
+"""CLIP, written out: the model, its image preprocessing, and checkpoint loading.
 
 CgT-GAN (arXiv:2308.12045, Sec. 3) keeps a CLIP model frozen and uses it twice: the image embedding
 is the caption generator's input, and the text embedding of each generated caption is compared with
@@ -6,34 +6,27 @@ the image (CLIP-cos reward) or with an aggregated corpus embedding (CLIP-agg rew
 CLIP, as OpenAI released it (Radford et al. 2021; github.com/openai/CLIP): parameter names match
 OpenAI's checkpoints, so their released weights load with strict key checking, and the
 hyperparameters are read off a state dict's shapes. A small `CLIPConfig` builds tiny CLIPs from
-scratch (ShapesWorld trains one with `contrastive_loss`).
+scratch (ShapesWorld trains one with `contrastive_loss`). CLIP's BPE tokenizer, which turns captions
+into the token ids `encode_text` reads, is clip_tokenizer.py.
 
 Shape legend: B images, N texts, L context length (tokens), S sequence length inside a transformer,
 W transformer width, H heads, R image resolution, D joint embedding width.
 
 Sections: building blocks; vision towers; the CLIP model and its loss; checkpoint files and
-downloads; the BPE tokenizer; image preprocessing.
+downloads; image preprocessing.
 """
-import gzip
-import hashlib
-import html
-import importlib.util
 import math
 import os
 import pickle
 import re
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-import ftfy
 import numpy as np
-import regex
 import safetensors
 import safetensors.torch
 import torch
@@ -41,6 +34,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 from tqdm import tqdm
+
+from data import atomic_write, file_sha256
 
 # ---------------------------------------------------------------------------------------------------
 # Building blocks shared by the text transformer and the vision transformer
@@ -491,7 +486,8 @@ class _ArchiveUnpickler(pickle.Unpickler):
             return self.classes[qualname]
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
-        allowed = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        allowed = {("torch._utils", "_rebuild_tensor_v2"):
+                   lambda storage, offset, size, stride, *args: storage.as_strided(size, stride, offset),
                    ("torch._utils", "_rebuild_parameter"): lambda data, *args: data,
                    ("collections", "OrderedDict"): OrderedDict}
         if (module, name) not in allowed:
@@ -504,10 +500,6 @@ class _ArchiveUnpickler(pickle.Unpickler):
             data = bytearray(self.archive.read(f"{self.root}/data/{key}"))
             self.storages[key] = torch.frombuffer(data, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
         return self.storages[key]
-
-
-def _rebuild_tensor(storage, offset, size, stride, *args):
-    return storage.as_strided(size, stride, offset)
 
 
 def _script_state_names(archive: zipfile.ZipFile, root: str) -> dict:
@@ -576,41 +568,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CGTGAN_CACHE") or Path.home() / ".cache" / "cgtgan")
 
 
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(url: str, target, sha256: str) -> Path:
     """Fetches url into target (progress bar, checksum, atomic rename) unless a good copy is there."""
     target = Path(target)
-    if target.is_file() and _sha256(target) == sha256:
+    if target.is_file() and file_sha256(target) == sha256:
         return target
     hint = f"put a copy at {target} (or set CGTGAN_CACHE to a directory holding it)"
     if os.environ.get("CGTGAN_OFFLINE") or os.environ.get("HF_HUB_OFFLINE"):
         raise FileNotFoundError(f"{target} is missing and downloads are off (offline); {hint}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".part", dir=target.parent)
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as source:
+
+    # The checksum is checked before the rename, so a bad download never takes target's place.
+    def fetch_checked(tmp: Path):
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=30) as source:
             total = int(source.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
                 for block in iter(lambda: source.read(1 << 20), b""):
                     out.write(block)
-                    digest.update(block)
                     bar.update(len(block))
+        if file_sha256(tmp) != sha256:
+            raise RuntimeError(f"download of {url} failed its SHA-256 check (truncated or corrupt; deleted "
+                               f"it): try again, or {hint}")
+
+    try:
+        atomic_write(target, fetch_checked)
     except (urllib.error.URLError, OSError) as e:
-        os.unlink(tmp)
         raise FileNotFoundError(f"could not download {url} ({getattr(e, 'reason', e)}); {hint}") from None
-    if digest.hexdigest() != sha256:
-        os.unlink(tmp)
-        raise RuntimeError(f"download of {url} failed its SHA-256 check (truncated or corrupt; deleted it): "
-                           f"try again, or {hint}")
-    os.replace(tmp, target)
     return target
 
 
@@ -627,18 +609,8 @@ def save(model: CLIP, path):
                       ("image_resolution", "input_resolution")):
         if getattr(cfg, key) != getattr(inferred, key):
             state[name] = torch.tensor(getattr(cfg, key))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            safetensors.torch.save_file(state, tmp)
-        else:
-            torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write = safetensors.torch.save_file if path.suffix == ".safetensors" else torch.save
+    atomic_write(path, lambda tmp: write(state, str(tmp)))
 
 
 def load(name_or_path, device="cpu", cache_dir=None):
@@ -664,192 +636,6 @@ def load(name_or_path, device="cpu", cache_dir=None):
     dtype = torch.float32 if device.type == "cpu" else state["text_projection"].dtype
     model = model.to(device=device, dtype=dtype).eval()
     return model, Preprocess(model.config.image_resolution)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The BPE tokenizer (OpenAI's simple_tokenizer.py, rewritten): bytes -> unicode symbols -> merges
-
-BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
-BPE_URL = f"https://github.com/openai/CLIP/raw/main/clip/{BPE_FILENAME}"
-BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
-# OpenAI's vocabulary is 49152 ids: 512 byte symbols, 48894 merges, 2 special tokens. The standard
-# merges file holds more merges than that; only the first 48894 are used.
-MAX_MERGES = 49152 - 256 - 2
-SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-# CLIP's pre-tokenizer: special tokens, English contractions, letter runs, single digits, symbol runs.
-_WORDS = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
-                       r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
-
-
-@lru_cache()
-def bytes_to_unicode() -> dict:
-    """A reversible map from the 256 byte values to printable unicode characters.
-
-    Printable Latin-1 bytes map to themselves; the other 68 (controls, space, ...) map to
-    chr(256), chr(257), ... in byte order, so BPE never sees whitespace or control characters.
-    Example: b" " (32) -> "Ġ" (chr(256 + 32)), b"a" -> "a".
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-def clean_text(text: str) -> str:
-    """ftfy repair, HTML unescaped twice (captions scraped from the web are often double-escaped),
-    runs of whitespace collapsed to one space, lowercased."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return regex.sub(r"\s+", " ", text).strip().lower()
-
-
-def read_merges(path) -> list:
-    """The merges of a CLIP-format BPE file (.txt or .txt.gz): one header line, then "a b" lines."""
-    path = Path(path)
-    try:
-        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-        lines = raw.decode("utf-8").split("\n")[1:]
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read BPE merges ({e}); expected a CLIP merges .txt or .txt.gz") from None
-    merges = []
-    for number, line in enumerate(lines[:MAX_MERGES], start=2):
-        if not line.strip():
-            continue
-        pair = tuple(line.split())
-        if len(pair) != 2:
-            raise ValueError(f"{path}:{number}: a merge line needs two symbols, got {line[:40]!r}")
-        merges.append(pair)
-    return merges
-
-
-def write_merges(path, merges):
-    """Writes merges [(a, b), ...] in CLIP's format (gzip when path ends in .gz), atomically."""
-    path = Path(path)
-    data = ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
-    os.replace(tmp, path)
-
-
-def find_bpe(bpe_path=None, cache_dir=None) -> Path:
-    """The standard merges file: bpe_path if given, else the cache directory, else a copy inside an
-    installed open_clip_torch or clip-anytorch (found without importing them), else a download."""
-    if bpe_path is not None:
-        if not Path(bpe_path).is_file():
-            raise FileNotFoundError(f"{bpe_path}: no such BPE merges file")
-        return Path(bpe_path)
-    cached = Path(cache_dir or default_cache_dir()) / BPE_FILENAME
-    if cached.is_file():
-        return cached
-    for package in ("open_clip", "clip"):
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.origin:
-            candidate = Path(spec.origin).parent / BPE_FILENAME
-            if candidate.is_file():
-                return candidate
-    return download(BPE_URL, cached, BPE_SHA256)
-
-
-class Tokenizer:
-    """CLIP's byte-level BPE. Vocabulary: 256 byte symbols, the same 256 ending a word ("</w>"),
-    one symbol per merge, then <|startoftext|> and <|endoftext|> (so the end token has the largest id).
-
-    Example (standard file): "a photo of a dog" -> [320, 1125, 539, 320, 1929].
-    """
-
-    def __init__(self, bpe_path=None, cache_dir=None):
-        merges = read_merges(find_bpe(bpe_path, cache_dir))
-        self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        symbols = list(self.byte_encoder.values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
-        self.encoder = {s: i for i, s in enumerate(vocab)}
-        self.decoder = {i: s for s, i in self.encoder.items()}
-        self.ranks = {m: i for i, m in enumerate(merges)}
-        self.cache = {SOT: [SOT], EOT: [EOT]}
-        self.sot_token, self.eot_token = self.encoder[SOT], self.encoder[EOT]
-        self.vocab_size = len(vocab)
-
-    def encode(self, text: str) -> list:
-        """Text -> BPE ids, without start and end tokens."""
-        ids = []
-        for word in _WORDS.findall(clean_text(text)):
-            symbols = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-            ids.extend(self.encoder[s] for s in self.bpe(symbols))
-        return ids
-
-    def decode(self, ids) -> str:
-        """BPE ids -> text; word ends become spaces."""
-        text = "".join(self.decoder[int(i)] for i in ids)
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
-
-    def bpe(self, word: str) -> list:
-        """bpe(word, self.ranks), remembered per word."""
-        if word not in self.cache:
-            self.cache[word] = bpe(word, self.ranks)
-        return self.cache[word]
-
-
-def bpe(word: str, ranks: dict) -> list:
-    """The BPE merge loop on one word: merge the lowest-ranked adjacent pair, everywhere it occurs
-    left to right, until no adjacent pair is ranked. The last symbol carries the word end "</w>".
-
-    Example: "low" starts as ["l", "o", "w</w>"]; with ranks {("l", "o"): 0, ("lo", "w</w>"): 1}
-    it becomes ["lo", "w</w>"], then ["low</w>"].
-    """
-    parts = [*word[:-1], word[-1] + "</w>"]
-    while len(parts) > 1:
-        best = min(zip(parts, parts[1:]), key=lambda pair: ranks.get(pair, math.inf))
-        if best not in ranks:
-            break
-        parts = merge_pair(parts, best)
-    return parts
-
-
-def merge_pair(symbols, pair: tuple) -> list:
-    """Every left-to-right, non-overlapping occurrence of `pair` in `symbols` joined into one symbol.
-
-    Example: merge_pair(["l", "o", "l", "o"], ("l", "o")) -> ["lo", "lo"].
-    """
-    merged, i = [], 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            merged.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            merged.append(symbols[i])
-            i += 1
-    return merged
-
-
-@lru_cache()
-def default_tokenizer() -> Tokenizer:
-    return Tokenizer()
-
-
-def tokenize(texts, context_length: int = 77, truncate: bool = False, tokenizer: Tokenizer = None):
-    """Texts -> LongTensor (N, L): <|startoftext|> ids <|endoftext|>, zero-padded to context_length.
-
-    Text that does not fit raises a ValueError naming it, unless truncate=True, which cuts it and
-    puts the end token last (as OpenAI's clip.tokenize does).
-    """
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    tokenizer = tokenizer or default_tokenizer()
-    out = torch.zeros(len(texts), context_length, dtype=torch.long)  # (N, L)
-    for row, text in enumerate(texts):
-        ids = [tokenizer.sot_token, *tokenizer.encode(text), tokenizer.eot_token]
-        if len(ids) > context_length:
-            if not truncate:
-                raise ValueError(f"text too long for context length {context_length} ({len(ids)} tokens): "
-                                 f"{text[:60]!r}{'...' if len(text) > 60 else ''}; shorten it or pass truncate=True")
-            ids = ids[:context_length]
-            ids[-1] = tokenizer.eot_token
-        out[row, : len(ids)] = torch.tensor(ids)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -890,8 +676,6 @@ class Preprocess:
     nearest-neighbour for mode "P"). Transparent pixels are composited onto white rather than
     keeping whatever colour hides under alpha 0. Both choices are Hugging Face's CLIPImageProcessor's.
     """
-
-    load_image = staticmethod(load_image)
 
     def __init__(self, resolution: int = 224):
         self.resolution = resolution

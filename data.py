@@ -183,13 +183,18 @@ def cache_key(**things) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes (16 hex chars): put it into a cache key for files a cache reads."""
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes, read in chunks: the full digest (64 hex chars)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """file_sha256 cut to 16 hex chars: put it into a cache key for files a cache reads."""
+    return file_sha256(path)[:16]
 
 
 def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 import clip_model
+import clip_tokenizer
 import data
 from cgtgan import clip_agg_target
 from config import RealDataConfig
@@ -312,7 +313,7 @@ class ClipEncoder:
         if self._loaded is None:
             try:
                 model, preprocess = clip_model.load(self.cfg.clip, device=str(self.device))
-                tokenizer = clip_model.Tokenizer(self.cfg.clip_bpe)
+                tokenizer = clip_tokenizer.Tokenizer(self.cfg.clip_bpe)
             except (OSError, ValueError, RuntimeError) as e:
                 raise DataError(f"cannot load CLIP: {e}") from None
             self._loaded = (model.to(self.device).eval(), preprocess, tokenizer)
@@ -338,9 +339,9 @@ class ClipEncoder:
     def texts(self, texts: list[str]):
         model, _, tokenizer = self.model()
         for b in range(0, len(texts), self.cfg.batch_size):
-            tokens = clip_model.tokenize(texts[b: b + self.cfg.batch_size], truncate=True,
-                                         context_length=model.config.context_length,
-                                         tokenizer=tokenizer)
+            tokens = clip_tokenizer.tokenize(texts[b: b + self.cfg.batch_size], truncate=True,
+                                             context_length=model.config.context_length,
+                                             tokenizer=tokenizer)
             with torch.no_grad(), self._amp():
                 feats = model.encode_text(tokens.to(self.device))  # (b, D)
             yield _normalised(feats), np.ones(len(feats), bool)

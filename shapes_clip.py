@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 import clip_model
+import clip_tokenizer
 import data
 import shapes_grammar as grammar
 from config import ShapesWorldConfig
@@ -68,8 +69,8 @@ def to_clip_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # (N, 3, R, R) channels-last
 
 
-def clip_tokens(texts: list[str], tokenizer: clip_model.Tokenizer, context_length: int) -> torch.Tensor:
-    """clip_model.tokenize(texts, context_length, truncate=True) for clean captions (lowercase
+def clip_tokens(texts: list[str], tokenizer: clip_tokenizer.Tokenizer, context_length: int) -> torch.Tensor:
+    """clip_tokenizer.tokenize(texts, context_length, truncate=True) for clean captions (lowercase
     words and single spaces, as every ShapesWorld caption is): the same ids (a test checks), but
     each distinct word is encoded once instead of running ftfy on every caption, which made
     tokenizing the 100k pretraining captions take longer than rendering their images.
@@ -98,7 +99,7 @@ def encode_images(model: clip_model.CLIP, images: np.ndarray, progress: bool = F
 
 
 @torch.no_grad()
-def encode_texts(model: clip_model.CLIP, tokenizer: clip_model.Tokenizer, texts: list[str],
+def encode_texts(model: clip_model.CLIP, tokenizer: clip_tokenizer.Tokenizer, texts: list[str],
                  progress: bool = False, chunk: int = 2000) -> torch.Tensor:
     """Texts -> (M, D) L2-normalised float32 CLIP text embeddings."""
     out = []
@@ -226,7 +227,7 @@ def retrieval_and_gap(image_feats: torch.Tensor, text_feats: torch.Tensor,
 PROBE_IMAGES = 600  # held-out single-object images of the shape and colour probe
 
 
-def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_model.Tokenizer,
+def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_tokenizer.Tokenizer,
                               cfg: ShapesWorldConfig, scenes: list[grammar.Scene],
                               scene_feats: torch.Tensor) -> dict[str, float]:
     """Zero-shot reading of shapes and colours, on images the CLIP never trained on.
@@ -262,7 +263,7 @@ def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_model.Toke
 # Pretrain, save and measure: the step shapesworld.build_shapesworld runs
 
 
-def train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_model.Tokenizer,
+def train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_tokenizer.Tokenizer,
                path: Path, progress: bool) -> dict:
     """Render the pairs, pretrain and save the tiny CLIP; its metrics on the held-out pairs."""
     scenes, captions = pairs

@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 import clip_model
+import clip_tokenizer
 import data
 import shapes_grammar as grammar
 from config import ShapesWorldConfig
@@ -168,7 +169,7 @@ def learn_bpe(texts: list[str], max_merges: int = 4000) -> list[tuple[str, str]]
     Ties go to the alphabetically first pair, so the result is deterministic. Example: ["low low
     lot"] starts from l o w</w> (x2), l o t</w>; ("l", "o") occurs 3 times and is merged first.
     """
-    to_symbols = clip_model.bytes_to_unicode()
+    to_symbols = clip_tokenizer.bytes_to_unicode()
     counts: dict[tuple, int] = {}
     for text in texts:
         for word in text.split():
@@ -185,7 +186,7 @@ def learn_bpe(texts: list[str], max_merges: int = 4000) -> list[tuple[str, str]]
             break
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
-        counts = {tuple(clip_model.merge_pair(word, best)): n for word, n in counts.items()}
+        counts = {tuple(clip_tokenizer.merge_pair(word, best)): n for word, n in counts.items()}
     return merges
 
 
@@ -258,7 +259,7 @@ def build_tokenizers(directory: Path, key: str, corpus: list[str], clip_texts: l
     try:
         for kind in ("gpt2", "roberta"):
             train_hf_tokenizer(corpus, kind, vocab_size, tmp / kind)
-        clip_model.write_merges(tmp / "clip_bpe.txt", learn_bpe(clip_texts))
+        clip_tokenizer.write_merges(tmp / "clip_bpe.txt", learn_bpe(clip_texts))
         digests = {sub: _dir_digests(tmp / sub) for sub in ("gpt2", "roberta")}
         digests["clip_bpe.txt"] = data.file_digest(tmp / "clip_bpe.txt")
         _write_json(tmp / "manifest.json", {"key": key, "digests": digests})
@@ -331,7 +332,7 @@ def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = Tru
                          [c for caps in pairs[1] for c in caps], cfg.bpe_vocab_size)
         done("tokenizers")
     bpe_path = tok_dir / "clip_bpe.txt"
-    tokenizer = clip_model.Tokenizer(bpe_path)
+    tokenizer = clip_tokenizer.Tokenizer(bpe_path)
 
     clip_path, clip_key = root / "clip.pt", data.cache_key(clip=clip_key,
                                                            bpe=data.file_digest(bpe_path))

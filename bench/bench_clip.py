@@ -21,7 +21,8 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from clip_model import CLIP, config_from_state_dict, tokenize  # noqa: E402
+from clip_model import CLIP, config_from_state_dict  # noqa: E402
+from clip_tokenizer import tokenize  # noqa: E402
 from test_clip_parity import hf_to_openai  # noqa: E402
 
 CAPTIONS = ["a man riding a wave on top of a surfboard", "two dogs playing with a frisbee in a grassy park",

@@ -223,7 +223,7 @@ ROWS = [
          "contrastive_loss", "Not in CgT-GAN (it uses OpenAI's released CLIP)."),
         ("CLIP's BPE tokenizer",
          "merge the lowest-ranked adjacent pair until none is left",
-         [("clip_model.py", "bpe")],
+         [("clip_tokenizer.py", "bpe")],
          [("tests/test_clip_tokenizer.py", "test_parity_with_openai_tokenizer")], "bpe",
          "Same as OpenAI's `clip.simple_tokenizer`."),
     ]),

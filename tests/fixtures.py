@@ -200,8 +200,9 @@ def save_random_clip(path: Path, bpe_path: Path, seed: int = 0) -> None:
     import torch
 
     import clip_model
+    import clip_tokenizer
 
-    vocab = clip_model.Tokenizer(bpe_path).vocab_size
+    vocab = clip_tokenizer.Tokenizer(bpe_path).vocab_size
     torch.manual_seed(seed)
     cfg = clip_model.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64,
                                 vision_patch_size=16, context_length=24, vocab_size=vocab,
@@ -232,7 +233,7 @@ def build_paperscale_fixture(root: str | Path, seed: int = 0, models: bool = Tru
     models=False skips GPT-2/RoBERTa (the slowest part) for tests that only prepare data.
     n_train > 0 appends that many more train images (COCO ids after the default ones).
     """
-    import clip_model
+    import clip_tokenizer
 
     root = Path(root)
     rng = random.Random(seed)
@@ -261,7 +262,7 @@ def build_paperscale_fixture(root: str | Path, seed: int = 0, models: bool = Tru
     web_split_file, web_root = _write_web(root, other)
 
     clip_bpe = root / "clip_bpe.txt"
-    clip_model.write_merges(clip_bpe, _clip_merges(sentences))
+    clip_tokenizer.write_merges(clip_bpe, _clip_merges(sentences))
     clip_path = root / "clip.pt"
     save_random_clip(clip_path, clip_bpe, seed)
     gpt2, roberta = root / "gpt2", root / "roberta"
@@ -281,11 +282,11 @@ def full_size_bpe(size: int, head: list[str], tail: list[str], sentences: list[s
     spell the sentences' words, two-symbol merges to fill, then special tokens `tail`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    import clip_model
+    import clip_tokenizer
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     # GPT-2's byte-to-symbol map is CLIP's (both come from OpenAI's byte-level BPE).
-    symbols = list(clip_model.bytes_to_unicode().values())
+    symbols = list(clip_tokenizer.bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(head + symbols)}
     words = sorted({w for s in sentences for w, _ in byte_level.pre_tokenize_str(s)})
     pairs = [(w[:i], w[i]) for w in words for i in range(1, len(w))]
@@ -336,14 +337,14 @@ def full_size_clip_merges(sentences: list[str]) -> list[tuple[str, str]]:
     """As many merges as OpenAI's CLIP uses (48,894: a 49,408-id vocabulary, ViT-L/14's), so that
     no merges file need be downloaded: those that spell the sentences' words, then pairs of byte
     symbols to fill."""
-    import clip_model
+    import clip_tokenizer
 
     merges = _clip_merges(sentences)
     seen = {a + b for a, b in merges}
-    symbols = list(clip_model.bytes_to_unicode().values())
+    symbols = list(clip_tokenizer.bytes_to_unicode().values())
     for a in symbols:
         for b in symbols + [s + "</w>" for s in symbols]:
-            if len(merges) == clip_model.MAX_MERGES:
+            if len(merges) == clip_tokenizer.MAX_MERGES:
                 return merges
             if a + b not in seen:
                 seen.add(a + b)
@@ -355,16 +356,17 @@ def save_full_size_clip(path: Path, bpe_path: Path | None = None, sentences: lis
                         seed: int = 0, device: str = "cpu") -> None:
     """A random-weight ViT-L/14 CLIP in fp16, as OpenAI ships it, saved with OpenAI's key names;
     with bpe_path, also a merges file of OpenAI's size for the sentences (full_size_clip_merges),
-    else the model reads OpenAI's own file (clip_model's default BPE, downloaded once).
+    else the model reads OpenAI's own file (clip_tokenizer's default BPE, downloaded once).
 
     device="cuda" draws the 428M random weights on the GPU, much faster than on a few CPU cores.
     """
     import torch
 
     import clip_model
+    import clip_tokenizer
 
     if bpe_path is not None:
-        clip_model.write_merges(bpe_path, full_size_clip_merges(list(sentences)))
+        clip_tokenizer.write_merges(bpe_path, full_size_clip_merges(list(sentences)))
     torch.manual_seed(seed)
     with torch.device(device):
         model = clip_model.CLIP(clip_model.OPENAI_CONFIGS["ViT-L/14"]).half()

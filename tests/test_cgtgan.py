@@ -62,6 +62,7 @@ def write_tokenizers(root: Path, corpus: list[str]) -> tuple[Path, Path]:
 def tiny_world(root: Path, n_train: int = 24, n_eval: int = 6, n_corpus: int = 60):
     """A synthetic CaptionData with a tiny random CLIP: images are solid colour squares."""
     import clip_model
+    import clip_tokenizer
     from data import CaptionData, EvalSplit
     from PIL import Image
 
@@ -69,8 +70,8 @@ def tiny_world(root: Path, n_train: int = 24, n_eval: int = 6, n_corpus: int = 6
     corpus = sentences(n_corpus, seed=1)
     gpt2_dir, roberta_dir = write_tokenizers(root, corpus)
     bpe = root / "clip_merges.txt"
-    clip_model.write_merges(bpe, [("r", "e"), ("c", "i"), ("s", "q")])
-    tok = clip_model.Tokenizer(str(bpe))
+    clip_tokenizer.write_merges(bpe, [("r", "e"), ("c", "i"), ("s", "q")])
+    tok = clip_tokenizer.Tokenizer(str(bpe))
     torch.manual_seed(0)
     clip = clip_model.CLIP(clip_model.CLIPConfig(
         embed_dim=16, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
@@ -84,7 +85,7 @@ def tiny_world(root: Path, n_train: int = 24, n_eval: int = 6, n_corpus: int = 6
     pre = clip_model.Preprocess(16)
     with torch.no_grad():
         img = F.normalize(clip.encode_image(pre([images[i] for i in ids])), dim=-1)
-        txt = F.normalize(clip.encode_text(clip_model.tokenize(corpus, 48, tokenizer=tok)), dim=-1)
+        txt = F.normalize(clip.encode_text(clip_tokenizer.tokenize(corpus, 48, tokenizer=tok)), dim=-1)
     refs = sentences(2 * n_eval * 2, seed=2)
     split = lambda a, b: EvalSplit(ids[a:b], img[a:b].clone(),
                                    {i: refs[2 * j:2 * j + 2] for j, i in enumerate(ids[a:b])})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import clip_model
-from clip_model import CLIP, CLIPConfig, build_model, contrastive_loss, load, save, tokenize
+from clip_model import CLIP, CLIPConfig, build_model, contrastive_loss, load, save
 
 TINY_VIT = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
                 context_length=16, vocab_size=100, transformer_width=64, transformer_heads=2, transformer_layers=2)
@@ -150,14 +150,6 @@ def test_torchscript_reader_keeps_only_parameters_and_buffers(tmp_path):
     state = clip_model.read_torchscript_state_dict(tmp_path / "scripted.pt")
     assert state.keys() == module.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in module.state_dict().items())
-
-
-def test_tokenize_shapes_and_end_token():
-    out = tokenize(["a photo of a dog", "a cat"], context_length=10)
-    tok = clip_model.default_tokenizer()
-    assert out.shape == (2, 10) and out.dtype == torch.long
-    assert out[0, :7].tolist() == [tok.sot_token, 320, 1125, 539, 320, 1929, tok.eot_token]
-    assert out.argmax(-1).tolist() == [6, 3]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""clip_model.Tokenizer against OpenAI's reference tokenizer, and the merges-file lookup and download.
+"""clip_tokenizer.Tokenizer against OpenAI's reference tokenizer, and the merges-file lookup and download.
 
 The reference is simple_tokenizer.py from the clip-anytorch package, loaded by path (it imports only
 ftfy, regex, html and gzip), with the vocabulary file shipped beside it.
@@ -11,9 +11,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
-import clip_model
-from clip_model import BPE_FILENAME, Tokenizer, tokenize, write_merges
+import clip_tokenizer
+from clip_tokenizer import BPE_FILENAME, Tokenizer, tokenize, write_merges
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,9 +111,17 @@ def test_tokenize_too_long_and_truncate():
     with pytest.raises(ValueError, match=r"text too long for context length 77 .*'a photo of a photo"):
         tokenize([text])
     out = tokenize([text, "a dog"], truncate=True)
-    tok = clip_model.default_tokenizer()
+    tok = clip_tokenizer.default_tokenizer()
     assert out.shape == (2, 77) and out[0, -1] == tok.eot_token and out[0, 0] == tok.sot_token
     assert out[0, 1:-1].tolist() == tok.encode(text)[:75]
+
+
+def test_tokenize_shapes_and_end_token():
+    out = tokenize(["a photo of a dog", "a cat"], context_length=10)
+    tok = clip_tokenizer.default_tokenizer()
+    assert out.shape == (2, 10) and out.dtype == torch.long
+    assert out[0, :7].tolist() == [tok.sot_token, 320, 1125, 539, 320, 1929, tok.eot_token]
+    assert out.argmax(-1).tolist() == [6, 3]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,12 +140,12 @@ def test_lookup_order(tmp_path, monkeypatch, standard_bpe):
         Tokenizer(tmp_path / "nowhere.txt.gz")
     # The cache directory comes before an installed package's copy.
     write_merges(tmp_path / BPE_FILENAME, [("a", "b")])
-    assert clip_model.find_bpe(cache_dir=tmp_path) == tmp_path / BPE_FILENAME
+    assert clip_tokenizer.find_bpe(cache_dir=tmp_path) == tmp_path / BPE_FILENAME
     assert Tokenizer(cache_dir=tmp_path).vocab_size == 515
     monkeypatch.setenv("CGTGAN_CACHE", str(tmp_path))
-    assert clip_model.find_bpe() == tmp_path / BPE_FILENAME
+    assert clip_tokenizer.find_bpe() == tmp_path / BPE_FILENAME
     # With an empty cache, the installed package's copy is used.
-    assert clip_model.find_bpe(cache_dir=tmp_path / "empty") == standard_bpe
+    assert clip_tokenizer.find_bpe(cache_dir=tmp_path / "empty") == standard_bpe
 
 
 def test_download_verified_and_offline(tmp_path, monkeypatch, standard_bpe):
@@ -145,13 +154,13 @@ def test_download_verified_and_offline(tmp_path, monkeypatch, standard_bpe):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     good = standard_bpe.read_bytes()
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(good))
-    path = clip_model.find_bpe(cache_dir=tmp_path / "a")
+    path = clip_tokenizer.find_bpe(cache_dir=tmp_path / "a")
     assert path == tmp_path / "a" / BPE_FILENAME and path.read_bytes() == good
 
     # A truncated download fails its checksum: nothing is left behind.
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(good[:1000]))
     with pytest.raises(RuntimeError, match="failed its SHA-256 check"):
-        clip_model.find_bpe(cache_dir=tmp_path / "b")
+        clip_tokenizer.find_bpe(cache_dir=tmp_path / "b")
     assert list((tmp_path / "b").iterdir()) == []
 
     def offline(url, timeout=None):
@@ -159,8 +168,8 @@ def test_download_verified_and_offline(tmp_path, monkeypatch, standard_bpe):
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(FileNotFoundError, match=f"put a copy at {tmp_path / 'c' / BPE_FILENAME}"):
-        clip_model.find_bpe(cache_dir=tmp_path / "c")
+        clip_tokenizer.find_bpe(cache_dir=tmp_path / "c")
     monkeypatch.setenv("CGTGAN_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="downloads are off"):
-        clip_model.find_bpe(cache_dir=tmp_path / "d")
+        clip_tokenizer.find_bpe(cache_dir=tmp_path / "d")
     assert gzip.decompress(good).startswith(b'"bpe_simple_vocab_16e6.txt#version')

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import clip_model
+import clip_tokenizer
 import data
 import evaluate
 import realdata
@@ -75,10 +76,10 @@ def test_prepare_builds_the_dataset(fx, prepared):
 def test_features_match_a_direct_clip_pass(fx, prepared):
     _, _, ds = prepared
     model, preprocess = clip_model.load(fx.clip)
-    tokenizer = clip_model.Tokenizer(fx.clip_bpe)
+    tokenizer = clip_tokenizer.Tokenizer(fx.clip_bpe)
     with torch.no_grad():
         image = model.encode_image(preprocess(ds.image(ds.splits["test"].ids[1])))  # (1, D)
-        text = model.encode_text(clip_model.tokenize(ds.corpus[:3], 24, True, tokenizer))  # (3, D)
+        text = model.encode_text(clip_tokenizer.tokenize(ds.corpus[:3], 24, True, tokenizer))  # (3, D)
     image, text = image / image.norm(dim=1, keepdim=True), text / text.norm(dim=1, keepdim=True)
     torch.testing.assert_close(ds.splits["test"].feats[1:2], image, atol=2e-3, rtol=0)
     torch.testing.assert_close(ds.corpus_feats[:3], text, atol=2e-3, rtol=0)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+import clip_tokenizer
 import shapes_clip
 import shapes_grammar as grammar
 import shapesworld as sw
@@ -144,7 +145,7 @@ def test_tokenizers_round_trip_every_corpus_sentence(world):
     _, d = world
     gpt2 = GPT2TokenizerFast.from_pretrained(str(d.gpt2_path))
     roberta = RobertaTokenizerFast.from_pretrained(str(d.roberta_path))
-    clip_tok = clip_model.Tokenizer(d.clip_bpe_path)
+    clip_tok = clip_tokenizer.Tokenizer(d.clip_bpe_path)
     assert len(gpt2) > 0 and len(roberta) > 0 and gpt2.eos_token == "<|endoftext|>"
     assert roberta.pad_token_id == 1 and roberta.mask_token == "<mask>"
     assert {"vocab.json", "merges.txt"} <= {p.name for p in Path(d.gpt2_path).iterdir()}
@@ -154,10 +155,10 @@ def test_tokenizers_round_trip_every_corpus_sentence(world):
         assert roberta.decode(roberta(text).input_ids, skip_special_tokens=True) == text
         assert clip_tok.decode(clip_tok.encode(text)).strip() == text
     assert torch.equal(shapes_clip.clip_tokens(texts, clip_tok, 32),
-                       clip_model.tokenize(texts, 32, truncate=True, tokenizer=clip_tok))
+                       clip_tokenizer.tokenize(texts, 32, truncate=True, tokenizer=clip_tok))
     long = " ".join(["a red circle"] * 20)
     assert torch.equal(shapes_clip.clip_tokens([long], clip_tok, 32),
-                       clip_model.tokenize([long], 32, truncate=True, tokenizer=clip_tok))
+                       clip_tokenizer.tokenize([long], 32, truncate=True, tokenizer=clip_tok))
     # Learned merges make whole corpus words single CLIP tokens.
     assert len(clip_tok.encode("a red circle")) == 3
 
@@ -187,8 +188,8 @@ def test_tiny_clip_pretraining_fits_a_small_set_of_pairs(tmp_path):
     scenes, captions = shapes_clip.clip_pairs(cfg)
     plain = [c[0] for c in captions[:32]]
     images = sw.render_all(cfg, "clip", scenes[:32], progress=False)
-    clip_model.write_merges(tmp_path / "bpe.txt", sw.learn_bpe(plain))
-    tokenizer = clip_model.Tokenizer(tmp_path / "bpe.txt")
+    clip_tokenizer.write_merges(tmp_path / "bpe.txt", sw.learn_bpe(plain))
+    tokenizer = clip_tokenizer.Tokenizer(tmp_path / "bpe.txt")
     tokens = shapes_clip.clip_tokens(plain, tokenizer, 32)[:, None]  # (32, 1, L)
     model, losses = shapes_clip.pretrain_clip(cfg, images, tokens, tokenizer.vocab_size,
                                               progress=False)
@@ -206,7 +207,7 @@ def test_scene_shape_probe_reads_each_object_with_a_colour_of_its_own(world):
     # named is it. Objects sharing a colour with another one are left out.
     cfg, d = world
     model, _ = clip_model.load(d.clip_path)
-    tokenizer = clip_model.Tokenizer(d.clip_bpe_path)
+    tokenizer = clip_tokenizer.Tokenizer(d.clip_bpe_path)
     O = grammar.Obj
     scenes = [(O("star", "red", "small", 0, 0),),
               (O("circle", "blue", "large", 0, 0), O("square", "pink", "small", 2, 2)),

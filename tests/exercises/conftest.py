@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:
 
 import cgtgan  # noqa: E402  (after the path is set)
 import clip_model  # noqa: E402
+import clip_tokenizer  # noqa: E402
 import evaluate  # noqa: E402
 
 STUDENT_ENV = "CGTGAN_STUDENT"
@@ -42,7 +43,7 @@ REFERENCE = SimpleNamespace(
     caption_loss=cgtgan.caption_loss,
     contrastive_loss=clip_model.contrastive_loss,
     tfidf_vector=evaluate.tfidf_vector,
-    bpe=clip_model.bpe,
+    bpe=clip_tokenizer.bpe,
 )
 
 
