@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import clip_model
+import clip_tokenizer
 import decoding
 from config import ConfigError, DiscriminatorConfig, GeneratorConfig
 
@@ -343,8 +343,8 @@ class ClipText:
             self.cache.clear()
         todo = sorted(unique - self.cache.keys())
         if todo:
-            tokens = clip_model.tokenize(todo, context_length=self.clip.config.context_length,
-                                         truncate=True, tokenizer=self.tokenizer).to(self.device)
+            tokens = clip_tokenizer.tokenize(todo, self.clip.config.context_length, truncate=True,
+                                             tokenizer=self.tokenizer).to(self.device)  # (n, L)
             emb = F.normalize(self.clip.encode_text(tokens).float(), dim=-1).cpu()  # (n, D)
             self.cache.update(zip(todo, emb))
         return torch.stack([self.cache[t] for t in texts]).to(self.device)  # (N, D)

@@ -224,6 +224,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             os.remove(tmp)
 
 
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
+    """obj as JSON, written atomically (a crash leaves the old file or the new one)."""
+    text = json.dumps(obj, indent=indent)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON file's content, or a one-line DataError naming the file and what is wrong."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err})") from None
+
+
 def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], key: str) -> None:
     """Write numpy arrays to a safetensors file, with `key` and a checksum in its metadata."""
     from safetensors.numpy import save_file

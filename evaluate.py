@@ -35,6 +35,8 @@ import unicodedata
 from collections import Counter, _count_elements
 from pathlib import Path
 
+import data
+
 # ----------------------------------------------------------------------------------------------
 # PTB tokenization as the toolkit applies it
 
@@ -515,23 +517,13 @@ def meteor(candidates, references):
 # ----------------------------------------------------------------------------------------------
 # Command line: COCO result files against COCO or Karpathy annotations
 
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror}") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from err
-
-
 def load_results(path):
     """COCO result format [{"image_id": id, "caption": str}, ...] -> {id: caption}."""
-    data = _read_json(path)
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+    content = data.read_json(path)
+    if not isinstance(content, list) or not all(isinstance(r, dict) for r in content):
         raise ValueError(f"{path}: expected a list of {{\"image_id\", \"caption\"}} objects")
     results = {}
-    for r in data:
+    for r in content:
         if "image_id" not in r or "caption" not in r:
             raise ValueError(f"{path}: entry {r!r:.80} lacks \"image_id\" or \"caption\"")
         if r["image_id"] in results:
@@ -550,15 +542,15 @@ def load_references(path):
     under its "cocoid" when it has one (COCO result files use COCO ids), else under its "imgid",
     and also under its file name without extension.
     """
-    data = _read_json(path)
+    content = data.read_json(path)
     refs = {}
-    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-        for a in data["annotations"]:
+    if isinstance(content, dict) and isinstance(content.get("annotations"), list):
+        for a in content["annotations"]:
             if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
                 raise ValueError(f"{path}: annotation {a!r:.80} lacks \"image_id\" or \"caption\"")
             refs.setdefault(str(a["image_id"]), []).append(a["caption"])
-    elif isinstance(data, dict) and isinstance(data.get("images"), list):
-        for img in data["images"]:
+    elif isinstance(content, dict) and isinstance(content.get("images"), list):
+        for img in content["images"]:
             if not isinstance(img, dict) or not isinstance(img.get("sentences"), list):
                 raise ValueError(f"{path}: image entry {img!r:.80} lacks a \"sentences\" list")
             caps = [s.get("raw") if isinstance(s, dict) else s for s in img["sentences"]]

@@ -174,10 +174,6 @@ def coco_references(images: list[KarpathyImage]) -> dict:
             "annotations": annotations}
 
 
-def write_json(path: Path, obj) -> None:
-    data.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj), encoding="utf-8"))
-
-
 def check_model_dir(path: str, what: str) -> None:
     """A local GPT-2/RoBERTa directory must hold tokenizer files; hub names are left to the loader."""
     p = Path(path)
@@ -462,7 +458,7 @@ def prepare(cfg: RealDataConfig) -> dict:
     for folder in (plan.folder, plan.eval_folder):
         folder.mkdir(parents=True, exist_ok=True)
     for s in ("val", "test"):
-        write_json(plan.eval_folder / f"refs_{s}.json", coco_references(plan.images[s]))
+        data.write_json(plan.eval_folder / f"refs_{s}.json", coco_references(plan.images[s]), indent=None)
     encoder = ClipEncoder(cfg)
     model, _, _ = encoder.model()
     for s in ("train", "val", "test"):
@@ -533,7 +529,7 @@ def load_eval_data(cfg: RealDataConfig, split: str) -> CaptionData:
     folder = Path(cfg.cache_dir) / cfg.eval_dataset_name()
     part = _image_plans({split: images}, cfg, folder, _model_key(cfg))[split]
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / f"refs_{split}.json", coco_references(images))
+    data.write_json(folder / f"refs_{split}.json", coco_references(images), indent=None)
     _fill_shards([str(im.path) for im in images], part, ClipEncoder(cfg).images, cfg,
                  f"images ({split})")
     es = _eval_split(_rows(part).load(), images)

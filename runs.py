@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 import clip_model
+import clip_tokenizer
 from cgtgan import (CaptionGenerator, ClipText, Discriminator, build_discriminator,
                     build_generator, load_tokenizer)
 from config import Config, ConfigError, config_dict, config_diff
-from data import CaptionData, atomic_write, pick_device
+from data import CaptionData, atomic_write, pick_device, read_json, write_json
 
 # ----------------------------------------------------------------------------------------------
 # What a stage works with
@@ -108,7 +109,7 @@ def build_run(cfg: Config, data: CaptionData, with_clip: bool = True) -> Run:
     if with_clip:
         clip, _ = clip_model.load(str(data.clip_path), device=device)
         bpe = str(data.clip_bpe_path) if data.clip_bpe_path else None
-        clip_text = ClipText(clip, clip_model.Tokenizer(bpe), device)
+        clip_text = ClipText(clip, clip_tokenizer.Tokenizer(bpe), device)
     rank, world_size = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -135,21 +136,6 @@ def write_config(run_dir: Path, cfg: Config, resume: bool) -> None:
             raise ConfigError(f"--resume: {path} has {diff[0]}={diff[1]!r} but this run has "
                               f"{diff[2]!r}; resume with the same settings")
     write_json(path, config_dict(cfg))
-
-
-def read_json(path: Path):
-    """A JSON file's content, or a one-line ConfigError naming the file."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path} is unreadable ({type(err).__name__}); delete it or give "
-                          "another run folder") from None
-
-
-def write_json(path: Path, obj) -> None:
-    """obj as indented JSON, written atomically (a crash leaves the old file or the new one)."""
-    text = json.dumps(obj, indent=2)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 # ----------------------------------------------------------------------------------------------
