@@ -28,6 +28,7 @@ from cgtgan import (IGNORE_INDEX, caption_loss, clip_agg_reward, clip_agg_target
                     clip_cos_reward, decode_captions, discriminator_loss, encode_sentences,
                     lambda_schedule, naturalness_reward, scst_loss, semantic_reward)
 from config import ConfigError, GANConfig
+from evaluate import score
 from runs import Run
 
 # Text-only checkpoints (init_last.pt, for --resume) are written every this many steps.
@@ -136,8 +137,6 @@ def score_captions(data, split: str, ids: list[str], captions: list[str]) -> dic
     Fluency and faithfulness come from ShapesWorld's checker, which knows each scene's truth; real
     datasets have none, so their tables carry the caption metrics alone.
     """
-    from evaluate import score
-
     candidates = dict(zip(ids, captions))
     metrics = score(candidates, {i: data.splits[split].references[i] for i in ids})
     out = {k: 100 * metrics[k] for k in ("CIDEr-D", "BLEU-4", "ROUGE-L")}

@@ -40,7 +40,7 @@ ROWS = [
          "default and not passed by the README commands)."),
         ("Mapping network (visual prompts)",
          "prefix = reshape(W_2 tanh(W_1 v + b_1) + b_2) to (P, E); P = 10, hidden P*E/2",
-         [("cgtgan.py", "MappingNetwork"), ("cgtgan.py", "GeneratorConfig")],
+         [("cgtgan.py", "MappingNetwork"), ("config.py", "GeneratorConfig")],
          [(T_CG, "test_mapping_and_generator_shapes")], None,
          "Same as official (MLP 768 -> 3840 -> 7680, tanh, default init)."),
         ("Caption model",
@@ -54,20 +54,20 @@ ROWS = [
         ("Decoding",
          "captions end at \".\" or after 20 tokens; greedy at test time; K samples in training",
          [("cgtgan.py", "CaptionGenerator.greedy"), ("cgtgan.py", "CaptionGenerator.sample"),
-          ("cgtgan.py", "CaptionGenerator.draw"), ("cgtgan.py", "sample_categorical"),
+          ("cgtgan.py", "sample_categorical"),
           ("cgtgan.py", "CaptionGenerator.beam_search"), ("decoding.py", "LeanCache")],
          [(T_CG, "test_decoding_stops_at_end_token"),
           (T_CG, "test_sample_categorical_matches_distribution"),
           (T_CG, "test_lean_cache_logits_equal_full_forward"),
           (T_CG, "test_greedy_equals_naive_argmax_loop"),
-          (T_CG, "test_draw_with_fixed_uniforms_equals_references")], None,
+          (T_CG, "test_sample_with_fixed_uniforms_equals_references")], None,
          "Official: samples are drawn with dropout on (train mode) and the greedy baseline in "
          "eval mode; a caption cut at 20 tokens gets its last token overwritten with \".\". "
          "Ours: dropout 0 by default (`gen.dropout`), a cut caption keeps its tokens; beam "
          "search is an extra (`decode=beam`)."),
         ("Text-only initialisation",
          "L_init = -sum_t log p(w_t | MLP(E_T(s)), w_<t) for corpus sentences s (cross-entropy)",
-         [("cgtgan.py", "caption_loss"), ("train.py", "train_init"), ("cgtgan.py", "InitConfig")],
+         [("cgtgan.py", "caption_loss"), ("train.py", "train_init"), ("config.py", "InitConfig")],
          [(T_CG, "test_caption_loss_ignores_padding"), (T_CG, "test_text_only_init_learns")],
          "caption_loss",
          "Official: pads with 0 and uses `ignore_index=0`, which also drops every real GPT-2 "
@@ -79,7 +79,7 @@ ROWS = [
         ("Discriminator",
          "D(c) = MLP(RoBERTa(c)[<s>]) -> logit; > 0 means \"a corpus sentence\"",
          [("cgtgan.py", "Discriminator"), ("cgtgan.py", "build_discriminator"),
-          ("cgtgan.py", "DiscriminatorConfig")],
+          ("config.py", "DiscriminatorConfig")],
          [(T_CG, "test_discriminator_shapes")], None,
          "Official: head 768 -> 384 -> 1 (tanh) on RoBERTa's pooler output (dense + tanh on <s>); "
          "pad id 1 hard-coded; its truncation writes <s> (id 0) where \".\" was meant. Ours: "
@@ -103,17 +103,17 @@ ROWS = [
     ("CLIP-based rewards (Sec. 3.3)", [
         ("CLIP-cos",
          "r_cos(c) = 100 * cos(E_I(v), E_T(c))",
-         [("cgtgan.py", "clip_cos_reward"), ("train.py", "ClipText")],
+         [("cgtgan.py", "clip_cos_reward"), ("cgtgan.py", "ClipText")],
          [(T_CG, "test_clip_rewards_worked_examples")], "clip_cos_reward",
          "Same (100 = CLIP's logit scale). Official: not the default reward (`--clip_weight 0`); "
          "the final \".\" is stripped before CLIP tokenisation. Ours: `--reward cos`."),
         ("CLIP-agg target",
          "a = sum_j softmax_j(t * cos(v, s_j)) * s_j over the whole corpus, temperature t",
-         [("cgtgan.py", "clip_agg_target"), ("data.py", "clip_agg_targets"),
+         [("cgtgan.py", "clip_agg_target"),
           ("train.py", "agg_targets")],
          [(T_CG, "test_clip_agg_target_equals_float64_direct"),
-          (T_DATA, "test_clip_agg_targets_equal_direct_float64"),
-          (T_DATA, "test_clip_agg_targets_stable_at_high_temperature_and_accept_tensors"),
+          (T_DATA, "test_clip_agg_target_chunks_equal_direct_float64"),
+          (T_DATA, "test_clip_agg_target_chunks_stable_at_high_temperature_and_accept_tensors"),
           (T_RD, "test_agg_targets_equal_the_equation_over_the_cached_features")],
          "clip_agg_target",
          "Official: float64 softmax over the full corpus, but the sum is of the *unnormalised* "
@@ -121,8 +121,8 @@ ROWS = [
          "streamed in chunks with an online softmax (no (B, M) matrix)."),
         ("Temperature per setting",
          "t = 100 (COCO corpus), 175 (GCC corpus)",
-         [("realdata.py", "AGG_TEMPERATURE"), ("cgtgan.py", "PRESETS"),
-          ("cgtgan.py", "GANConfig")],
+         [("config.py", "AGG_TEMPERATURE"), ("config.py", "PRESETS"),
+          ("config.py", "GANConfig")],
          [(T_RD, "test_temperature_table"), (T_CG, "test_presets_apply")], None,
          "Official README: 100 and 175 only; it gives no t for Flickr30k or ShutterStock. "
          "Ours: 125 for Flickr30k corpora and 100 for ShutterStock are our choice."),
@@ -152,19 +152,20 @@ ROWS = [
         ("Reward mixing",
          "L_G = lambda * L_SCST(r_sem) + (1 - lambda) * L_SCST(r_nat), each with its own "
          "greedy baseline",
-         [("train.py", "gan_step")],
-         [(T_TR, "test_end_to_end_writes_every_output")], None,
+         [("train.py", "gan_step"), ("train.py", "reward_lambda"), ("train.py", "with_baseline")],
+         [(T_TR, "test_reward_lambda_per_reward_and_baseline_layout"),
+          (T_TR, "test_end_to_end_writes_every_output")], None,
          "Same. Official: no reward normalisation, so the CLIP terms (x100) dwarf the D logits."),
         ("Lambda schedule",
          "lambda = 0 for the first steps, then a linear ramp to 0.5",
-         [("cgtgan.py", "lambda_schedule"), ("cgtgan.py", "GANConfig")],
+         [("cgtgan.py", "lambda_schedule"), ("config.py", "GANConfig")],
          [(T_CG, "test_lambda_schedule")], "lambda_schedule",
          "Official: 0 while step <= 150, then (step - 150) / 2350 * 0.5, capped at 0.5 (reached at "
          "step 2500). Ours: `gan.lambda_hold`, `gan.lambda_ramp`, `gan.lambda_final`; the paper "
          "presets use the official hold 150 and ramp 2350."),
         ("Optimisation",
          "AdamW, lr 1e-5, gradient clipping 1.0, batch 64, K = 5, 20 tokens",
-         [("cgtgan.py", "_PAPER"), ("train.py", "train_gan")],
+         [("config.py", "_PAPER"), ("train.py", "update"), ("train.py", "train_gan")],
          [(T_CG, "test_presets_apply"), (T_TR, "test_resume_gives_the_same_losses")], None,
          "Official: AdamW for G and D (lr 1e-5, wd 0.05 without bias/LayerNorm decay, eps 1e-8), "
          "150 warmup steps for G, batch 64 per GPU on 2 GPUs (128 images), 50 epochs on COCO "
@@ -172,7 +173,7 @@ ROWS = [
          "0.05 (bias and LayerNorm included), no warmup, step budgets instead of epochs."),
         ("Model selection",
          "the checkpoint with the best validation CIDEr is tested",
-         [("train.py", "train_gan"), ("train.py", "test_table")],
+         [("train.py", "train_gan"), ("commands.py", "test_table")],
          [(T_TR, "test_end_to_end_writes_every_output")], None,
          "Same (official: once per epoch; ours: every `gan.eval_every` steps)."),
     ]),
@@ -206,7 +207,7 @@ ROWS = [
          "(lowercase, no final period)."),
         ("Zero-shot setting (ZS-IC)",
          "no in-domain images or captions in training; scored on another dataset's Karpathy test split",
-         [("cgtgan.py", "PRESETS"), ("cgtgan.py", "EVAL_DATASETS"), ("train.py", "run_eval"),
+         [("config.py", "PRESETS"), ("config.py", "EVAL_DATASETS"), ("commands.py", "run_eval"),
           ("realdata.py", "load_eval_data")],
          [("tests/test_paperscale.py", "test_zsic_eval_scores_another_datasets_test_split"),
           ("tests/test_paperscale.py", "test_eval_bad_target_gives_one_line_errors")], None,

@@ -137,7 +137,7 @@ def _agg_float64(images, corpus, t):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("image_chunk, corpus_chunk", [(3, 2), (5, 7), (37, 101), (64, 1000)])
-def test_clip_agg_targets_equal_direct_float64(dtype, image_chunk, corpus_chunk):
+def test_clip_agg_target_chunks_equal_direct_float64(dtype, image_chunk, corpus_chunk):
     rng = np.random.default_rng(0)
     images = rng.standard_normal((37, 16)).astype(dtype)
     corpus = rng.standard_normal((101, 16)).astype(dtype)
@@ -146,7 +146,7 @@ def test_clip_agg_targets_equal_direct_float64(dtype, image_chunk, corpus_chunk)
     np.testing.assert_allclose(out.numpy(), _agg_float64(images, corpus, 100.0), atol=1e-5)
 
 
-def test_clip_agg_targets_stable_at_high_temperature_and_accept_tensors():
+def test_clip_agg_target_chunks_stable_at_high_temperature_and_accept_tensors():
     # t = 1e4 puts logits near 1e4: a naive exp overflows float32, the online softmax does not.
     rng = np.random.default_rng(1)
     images, corpus = rng.standard_normal((6, 8)), rng.standard_normal((50, 8))
@@ -155,7 +155,7 @@ def test_clip_agg_targets_stable_at_high_temperature_and_accept_tensors():
     np.testing.assert_allclose(out.numpy(), _agg_float64(images, corpus, 1e4), atol=1e-4)
 
 
-def test_clip_agg_targets_worked_example_and_bad_input():
+def test_clip_agg_target_chunks_worked_example_and_bad_input():
     corpus = np.eye(2, dtype=np.float32)
     out = clip_agg_target(np.array([[1.0, 0.0], [1.0, 1.0]], np.float32), corpus, 100.0)
     np.testing.assert_allclose(out.numpy(), [[1.0, 0.0], [0.5, 0.5]], atol=1e-6)

@@ -208,3 +208,15 @@ def test_script_errors_are_one_line(trained, tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == f"error: image file {tmp_path / 'missing.png'} not found"
+
+
+def test_reward_lambda_per_reward_and_baseline_layout():
+    gan = config.GANConfig(lambda_hold=10, lambda_ramp=20, lambda_final=0.5)
+    # CgT-GAN: the schedule; each ablation: its one reward at full weight.
+    assert [train.reward_lambda(gan, s) for s in (0, 10, 20, 30, 99)] == [0.0, 0.0, 0.25, 0.5, 0.5]
+    for reward, lam in (("cos", 1.0), ("agg", 1.0), ("gan", 0.0)):
+        assert train.reward_lambda(dataclasses.replace(gan, reward=config.Reward(reward)), 20) == lam
+    # B*K samples (image-major) then B greedy captions -> (B, K+1): each image's own K samples,
+    # then its own greedy caption, so every reward is compared with its own image's baseline.
+    rows = torch.tensor([0, 1, 10, 11, 20, 21, 100, 110, 120])  # B=3, K=2: image b's are b*10 + k
+    assert train.with_baseline(rows, 3, 2).tolist() == [[0, 1, 100], [10, 11, 110], [20, 21, 120]]
