@@ -53,6 +53,7 @@ class Run:
     clip_text: ClipText | None  # E_T for the CLIP rewards; None for commands that only decode
     rank: int = 0  # this process among world_size data-parallel ones (torchrun)
     world_size: int = 1
+    distributed: bool = False  # in a torch.distributed process group (even a group of one)
 
     @property
     def master_process(self) -> bool:
@@ -72,7 +73,7 @@ class Run:
 
     def barrier(self) -> None:
         """Wait for every data-parallel process (nothing to wait for in one process)."""
-        if self.world_size > 1:
+        if self.distributed:
             torch.distributed.barrier()
 
 
@@ -110,11 +111,12 @@ def build_run(cfg: Config, data: CaptionData, with_clip: bool = True) -> Run:
         clip, _ = clip_model.load(str(data.clip_path), device=device)
         bpe = str(data.clip_bpe_path) if data.clip_bpe_path else None
         clip_text = ClipText(clip, clip_tokenizer.Tokenizer(bpe), device)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world_size = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed:
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     return Run(cfg, data, device, generator, discriminator, gpt2_tokenizer, roberta_tokenizer,
-               clip_text, rank, world_size)
+               clip_text, rank, world_size, distributed)
 
 
 # ----------------------------------------------------------------------------------------------

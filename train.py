@@ -65,7 +65,7 @@ def update(run: Run, opt: torch.optim.Optimizer, module: torch.nn.Module, loss: 
     """
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if run.world_size > 1:
+    if run.distributed:
         average_gradients(module, run.world_size)
     torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
     opt.step()
@@ -97,7 +97,7 @@ def shard(run: Run, n: int) -> slice:
 
 def mean_over_processes(run: Run, stats: dict) -> dict:
     """Numeric stats averaged over the processes, for the log (identity in one process)."""
-    if run.world_size == 1:
+    if not run.distributed:
         return stats
     keys = [k for k, v in stats.items() if isinstance(v, (int, float))]
     values = torch.tensor([float(stats[k]) for k in keys], device=run.device)

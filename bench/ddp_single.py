@@ -3,9 +3,8 @@ the CPU).
 
 train.py joins a process group only when torchrun starts several processes (WORLD_SIZE > 1), so
 `torchrun --nproc_per_node 1 cgtgan.py train` runs without one. This wrapper joins a group of one
-first; runs.build_run then wraps the generator and discriminator in DistributedDataParallel,
-and one GPU runs the data-parallel path of a multi-GPU run (DDP wrappers, NCCL all-reduce of the
-gradients, barriers).
+first; runs.build_run then marks the run distributed, and one GPU runs the data-parallel path of
+a multi-GPU run (train.update's NCCL all-reduce of the gradients, barriers).
 
     torchrun --nproc_per_node 1 bench/ddp_single.py train --preset coco --set bf16=true ...
     python bench/ddp_single.py train ...      # also without torchrun: a group of one on port 29511
@@ -20,11 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cgtgan  # noqa: E402
 import cli  # noqa: E402
-import runs  # noqa: E402
 import data  # noqa: E402
-import train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
