@@ -254,6 +254,13 @@ def end_token_id(tokenizer, text: str) -> int:
     return ids[0]
 
 
+# Positions of a small model built from scratch: the small GPT-2 sees the prefix, the caption and a
+# few spare positions; the small RoBERTa sees up to 64 tokens plus <s> and </s> (RoBERTa counts
+# positions from pad_token_id + 1, so two more are reserved).
+GPT2_SPARE_POSITIONS = 4
+ROBERTA_MAX_TOKENS = 64
+
+
 def build_generator(cfg: GeneratorConfig, tokenizer, clip_dim: int) -> CaptionGenerator:
     """CaptionGenerator for CLIP width D = clip_dim: released GPT-2 weights or a fresh small model."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -264,7 +271,7 @@ def build_generator(cfg: GeneratorConfig, tokenizer, clip_dim: int) -> CaptionGe
         gpt = _from_pretrained(GPT2LMHeadModel, cfg.pretrained, "GPT-2", "gpt2", **drop)
     else:
         gpt = GPT2LMHeadModel(GPT2Config(
-            vocab_size=len(tokenizer), n_positions=cfg.prefix_len + cfg.max_len + 4,
+            vocab_size=len(tokenizer), n_positions=cfg.prefix_len + cfg.max_len + GPT2_SPARE_POSITIONS,
             n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout,
             embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, bos_token_id=tokenizer.eos_token_id,
             eos_token_id=tokenizer.eos_token_id))
@@ -286,7 +293,7 @@ def build_discriminator(cfg: DiscriminatorConfig, tokenizer) -> Discriminator:
         roberta = RobertaModel(RobertaConfig(
             vocab_size=len(tokenizer), hidden_size=cfg.hidden, num_hidden_layers=cfg.n_layer,
             num_attention_heads=cfg.n_head, intermediate_size=4 * cfg.hidden,
-            max_position_embeddings=64 + 2, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
+            max_position_embeddings=ROBERTA_MAX_TOKENS + 2, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout),
             add_pooling_layer=False)
