@@ -13,7 +13,15 @@ import pytest
 import torch
 import torch.nn as nn
 
+import commands
 from cgtgan import CaptionGenerator, MappingNetwork
+from test_cgtgan import tiny_config, tiny_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return tiny_world(tmp_path_factory.mktemp("tiny_world_fixes"))
+
 
 # ----------------------------------------------------------------------------------------------
 # Beam search returns finished captions (or ones cut at max_len), never a shorter prefix
@@ -68,3 +76,19 @@ def test_beam_search_keeps_captions_cut_at_max_len():
     gen = scripted_generator(table, max_len=3)
     ids, mask = gen.beam_search(torch.zeros(1, 2), beams=2)
     assert ids[0, :int(mask[0].sum())].tolist() == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------------
+# A run folder whose init.pt was made with another discriminator
+
+
+def test_changed_discriminator_in_the_same_run_folder_trains(world, tmp_path):
+    # init.pt also holds the discriminator it was saved beside; a wider one (disc.hidden) must
+    # not be loaded from it (a raw RuntimeError from load_state_dict), whether the folder's
+    # text-only initialisation is trained again or reused.
+    commands.run_train(tiny_config(runs_dir=str(tmp_path), name="run"), world, stop_after=1)
+    wider = tiny_config(runs_dir=str(tmp_path), name="run", **{"disc.hidden": 48})
+    commands.run_train(wider, world, stop_after=1)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["config"]["disc"]["hidden"] == 48 and last["step"] == 1
+    assert last["discriminator"]["roberta.embeddings.word_embeddings.weight"].shape[1] == 48
