@@ -280,7 +280,9 @@ def build_discriminator(cfg: DiscriminatorConfig, tokenizer) -> Discriminator:
     from transformers import RobertaConfig, RobertaModel
 
     if cfg.pretrained:
-        roberta = _from_pretrained(RobertaModel, cfg.pretrained, "RoBERTa", "roberta-base")
+        # Dropout set at loading, as for GPT-2: the modules take p from the config when built.
+        drop = {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout}
+        roberta = _from_pretrained(RobertaModel, cfg.pretrained, "RoBERTa", "roberta-base", **drop)
         # The released weights include a pooler, which the head on <s> does not use; dropped (as
         # add_pooling_layer=False does), or DistributedDataParallel stops at the second step on
         # parameters that never receive a gradient.

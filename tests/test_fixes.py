@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 import commands
-from cgtgan import CaptionGenerator, MappingNetwork
+from cgtgan import CaptionGenerator, MappingNetwork, build_discriminator, load_tokenizer
+from config import DiscriminatorConfig
 from test_cgtgan import tiny_config, tiny_world
 
 
@@ -92,3 +93,25 @@ def test_changed_discriminator_in_the_same_run_folder_trains(world, tmp_path):
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert last["config"]["disc"]["hidden"] == 48 and last["step"] == 1
     assert last["discriminator"]["roberta.embeddings.word_embeddings.weight"].shape[1] == 48
+
+
+# ----------------------------------------------------------------------------------------------
+# A pretrained RoBERTa takes disc.dropout
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_pretrained_discriminator_takes_the_configured_dropout(world, tmp_path, dropout):
+    # Released RoBERTa ships p = 0.1 (hidden and attention); disc.dropout must reach the modules,
+    # as gen.dropout reaches a pretrained GPT-2's.
+    from transformers import RobertaConfig, RobertaModel
+
+    dtok = load_tokenizer(world.roberta_path, "RoBERTa")
+    RobertaModel(RobertaConfig(vocab_size=len(dtok), hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64,
+                               hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
+                 add_pooling_layer=False).save_pretrained(tmp_path / "roberta")
+    cfg = DiscriminatorConfig(pretrained=str(tmp_path / "roberta"), dropout=dropout)
+    disc = build_discriminator(cfg, dtok)
+    assert {m.p for m in disc.modules() if isinstance(m, nn.Dropout)} == {dropout}
+    assert disc.roberta.config.hidden_dropout_prob == dropout
+    assert disc.roberta.config.attention_probs_dropout_prob == dropout
