@@ -7,13 +7,16 @@ Tiny models on the synthetic world of test_cgtgan.py.
 """
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
+import cli
 import commands
+import config
 from cgtgan import CaptionGenerator, MappingNetwork, build_discriminator, load_tokenizer
 from config import DiscriminatorConfig
 from test_cgtgan import tiny_config, tiny_world
@@ -115,3 +118,69 @@ def test_pretrained_discriminator_takes_the_configured_dropout(world, tmp_path, 
     assert {m.p for m in disc.modules() if isinstance(m, nn.Dropout)} == {dropout}
     assert disc.roberta.config.hidden_dropout_prob == dropout
     assert disc.roberta.config.attention_probs_dropout_prob == dropout
+
+
+# ----------------------------------------------------------------------------------------------
+# Every config value is checked when the config is read, before any work starts
+
+
+def _no_world(*args, **kwargs):
+    raise AssertionError("the world was built before the config was checked")
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["init.steps=-1"], "init.steps must be at least 1, not -1"),
+    (["gan.steps=-5"], "gan.steps must be at least 1, not -5"),
+    (["gan.lr=nan"], "gan.lr must be a finite number > 0, not nan"),
+    (["gan.lr=-1"], "gan.lr must be a finite number > 0, not -1.0"),
+    (["gan.batch=0"], "gan.batch must be at least 1, not 0"),
+    (["world.corpus_style=bogus"], "world.corpus_style must be one of"),
+    (["gan.baseline=loo", "gan.k=1"], "gan.baseline=loo averages the other samples of an image, "
+                                      "so it needs gan.k of at least 2, not 1"),
+])
+def test_bad_settings_stop_train_before_any_work(sets, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CGTGAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(commands, "build_shapesworld", _no_world)
+    argv = ["train", "--set", f"runs_dir={tmp_path / 'runs'}"] + [a for s in sets for a in ("--set", s)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("gan.k", "0", "gan.k must be at least 1"),
+    ("gan.eval_every", "0", "gan.eval_every must be at least 1"),
+    ("gan.ckpt_every", "-1", "gan.ckpt_every must be at least 1"),
+    ("init.batch", "0", "init.batch must be at least 1"),
+    ("gen.max_len", "0", "gen.max_len must be at least 1"),
+    ("gen.prefix_len", "0", "gen.prefix_len must be at least 1"),
+    ("threads", "-1", "threads must be at least 0"),
+    ("init.lr", "inf", "init.lr must be a finite number > 0"),
+    ("gan.d_lr", "0", "gan.d_lr must be a finite number > 0"),
+    ("gan.weight_decay", "-0.1", "gan.weight_decay must be a finite number >= 0"),
+    ("gan.grad_clip", "0", "gan.grad_clip must be a finite number > 0"),
+    ("gan.temperature", "-100", "gan.temperature must be a finite number > 0"),
+    ("gan.lambda_final", "1.5", "gan.lambda_final must be in [0, 1]"),
+    ("gan.agg_weight", "nan", "gan.agg_weight must be in [0, 1]"),
+    ("gen.dropout", "1", "gen.dropout must be in [0, 1)"),
+    ("disc.dropout", "-0.1", "disc.dropout must be in [0, 1)"),
+    ("gan.baseline", "mean", "gan.baseline must be one of greedy, loo, not 'mean'"),
+    ("decode", "sample", "decode must be one of greedy, beam"),
+    ("data", "coco", "data must be one of shapesworld, real"),
+    ("real.missing_images", "ignore", "real.missing_images must be one of stop, skip"),
+    ("device", "gpu", "device must be auto, cpu, cuda or cuda:N, not 'gpu'"),
+    ("device", "cuda:x", "device must be auto, cpu, cuda or cuda:N"),
+    ("disc.hidden", "33", "disc.hidden (33) must be a multiple of disc.n_head (2)"),
+])
+def test_check_config_refuses_each_bad_value(key, value, message):
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.apply_overrides(config.Config(), {key: value})
+
+
+def test_check_config_accepts_defaults_presets_and_edges():
+    for preset in config.PRESETS.values():
+        config.apply_overrides(config.Config(), preset)
+    edges = {"device": "cuda:1", "threads": "0", "gan.lambda_final": "1", "gan.agg_weight": "0",
+             "gan.baseline": "loo", "gan.k": "2", "decode": "beam", "gen.dropout": "0.5"}
+    assert config.apply_overrides(config.Config(), edges).gan.baseline == "loo"
