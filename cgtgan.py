@@ -303,13 +303,17 @@ def build_discriminator(cfg: DiscriminatorConfig, tokenizer) -> Discriminator:
 
 
 def decode_captions(tokenizer, ids: torch.Tensor, mask: torch.Tensor, end_id: int) -> list[str]:
-    """Token ids (N, T) with mask (N, T) -> caption strings, without the end token."""
+    """Token ids (N, T) with mask (N, T) -> caption strings, without the end token.
+
+    The tokenizer's text as it is: no clean-up of spaces before punctuation (transformers 4.x
+    did that by default, 5.x does not), so " ," and " ." stay as the corpus writes them.
+    """
     out = []
     for row, n in zip(ids.tolist(), mask.sum(-1).long().tolist()):
         row = row[:n]
         if row and row[-1] == end_id:
             row = row[:-1]
-        out.append(" ".join(tokenizer.decode(row).split()))
+        out.append(" ".join(tokenizer.decode(row, clean_up_tokenization_spaces=False).split()))
     return out
 
 

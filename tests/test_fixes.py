@@ -7,6 +7,7 @@ Tiny models on the synthetic world of test_cgtgan.py.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from types import SimpleNamespace
 
@@ -17,9 +18,11 @@ import torch.nn as nn
 import cli
 import commands
 import config
-from cgtgan import CaptionGenerator, MappingNetwork, build_discriminator, load_tokenizer
+import decoding
+from cgtgan import (CaptionGenerator, MappingNetwork, build_discriminator, decode_captions,
+                    load_tokenizer)
 from config import DiscriminatorConfig
-from test_cgtgan import tiny_config, tiny_world
+from test_cgtgan import tiny_config, tiny_gpt2, tiny_world
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +187,65 @@ def test_check_config_accepts_defaults_presets_and_edges():
     edges = {"device": "cuda:1", "threads": "0", "gan.lambda_final": "1", "gan.agg_weight": "0",
              "gan.baseline": "loo", "gan.k": "2", "decode": "beam", "gen.dropout": "0.5"}
     assert config.apply_overrides(config.Config(), edges).gan.baseline == "loo"
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding does not depend on one transformers version's defaults
+
+
+class CleaningTokenizer:
+    """transformers 4.x's default: decode() cleans up the spaces before punctuation unless told
+    not to (5.x no longer does for byte-level BPE)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def decode(self, ids, clean_up_tokenization_spaces: bool = True, **kwargs) -> str:
+        text = self.tokenizer.decode(ids, clean_up_tokenization_spaces=False, **kwargs)
+        if clean_up_tokenization_spaces:
+            text = text.replace(" .", ".").replace(" ,", ",").replace(" 's", "'s")
+        return text
+
+
+def test_decoded_captions_keep_the_corpus_spacing(world):
+    gtok = load_tokenizer(world.gpt2_path, "GPT-2")
+    end_id = gtok.encode(".", add_special_tokens=False)[0]
+    texts = ["a red circle , a blue star . a square", "a green star 's square"]
+    rows = [gtok.encode(t, add_special_tokens=False) + [end_id] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [end_id] * (width - len(r)) for r in rows])  # (N, T)
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in rows])  # (N, T)
+    assert decode_captions(gtok, ids, mask, end_id) == texts
+    assert decode_captions(CleaningTokenizer(gtok), ids, mask, end_id) == texts
+
+
+def older_gpt2():
+    """tiny_gpt2's model and weights behind a forward without `logits_to_keep`, as in
+    transformers before 4.45 (which took `past_key_values`, renamed `cache` in 5.x)."""
+    from transformers import GPT2LMHeadModel
+
+    params = inspect.signature(GPT2LMHeadModel.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    class OlderGPT2(GPT2LMHeadModel):
+        def forward(self, input_ids=None, past_key_values=None, inputs_embeds=None, use_cache=None):
+            return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                   use_cache=use_cache, **{cache_kw: past_key_values})
+
+    gpt = tiny_gpt2()
+    older = OlderGPT2(gpt.config).eval()
+    older.load_state_dict(gpt.state_dict())
+    return older
+
+
+def test_hf_cache_works_without_logits_to_keep():
+    gpt = tiny_gpt2()
+    older = older_gpt2()
+    embeds = torch.randn(2, 3, 32)  # (N, P, E)
+    cache = decoding.HFCache(older)
+    with torch.no_grad():
+        logits = cache.start(embeds)  # (N, V)
+        torch.testing.assert_close(logits, gpt(inputs_embeds=embeds).logits[:, -1])
+        token = logits.argmax(-1)  # (N,)
+        embeds = torch.cat([embeds, gpt.transformer.wte(token)[:, None]], 1)  # (N, P+1, E)
+        torch.testing.assert_close(cache.step(token), gpt(inputs_embeds=embeds).logits[:, -1])
