@@ -83,6 +83,8 @@ def run_config(run: str) -> tuple[Config, Path]:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path} is unreadable ({type(err).__name__}); train the run again") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} holds no config (a JSON {type(saved).__name__}); train the run again")
     return config_from_dict(saved), Path(run)
 
 
@@ -110,8 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             commands.run_eval(cfg, run_dir, args.split, args.checkpoint)
         elif args.command == "caption":
             cfg, run_dir = run_config(args.run)
-            for path, caption in commands.run_caption(cfg, run_dir, args.images):
+            captions, errors = commands.run_caption(cfg, run_dir, args.images)
+            for path, caption in captions:
                 print(f"{path}: {caption}")
+            # Every good file is captioned; each bad one gets its line, and the exit code says so.
+            for error in errors:
+                print(f"error: {error}", file=sys.stderr)
+            if errors:
+                return 2
         else:
             cfg = config_from_args(args)
             if args.command == "prepare":

@@ -222,18 +222,35 @@ def run_eval(cfg: Config, run_dir: Path, split: str, checkpoint: str = "best",
     return metrics
 
 
+def read_image(path: str):
+    """(the RGB image, None) for a readable image file, else (None, a one-line error naming it)."""
+    if Path(path).is_dir():
+        return None, f"image file {path} is a directory, not an image"
+    if not Path(path).exists():
+        return None, f"image file {path} not found"
+    try:
+        return clip_model.load_image(path), None
+    except (OSError, ValueError) as err:  # not an image, truncated, empty or unreadable
+        return None, str(err)
+
+
 def run_caption(cfg: Config, run_dir: Path, images: list[str],
-                data: CaptionData | None = None) -> list[tuple[str, str]]:
-    """Captions for image files: CLIP image embedding -> generator (best.pt), greedy."""
-    missing = [p for p in images if not Path(p).is_file()]
-    if missing:
-        raise ConfigError(f"image file {missing[0]} not found"
-                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                data: CaptionData | None = None) -> tuple[list[tuple[str, str]], list[str]]:
+    """Captions for image files: CLIP image embedding -> generator (best.pt), greedy.
+
+    Returns (path, caption) for each readable file, in order, and a one-line error for each file
+    that is missing, a directory, or not an image; the model is loaded only if one is readable.
+    """
+    opened = [(path, *read_image(path)) for path in images]
+    good = [(path, image) for path, image, error in opened if error is None]
+    errors = [error for _, _, error in opened if error is not None]
+    if not good:
+        return [], errors
     data = data if data is not None else load_data(cfg)
     run = runs.build_run(cfg, data, with_clip=False)
     runs.load_checkpoint(run_dir / "best.pt", run, sections=("gen",))
     clip, preprocess = clip_model.load(str(data.clip_path), device=run.device)
     with torch.no_grad():
-        pixels = preprocess([clip_model.load_image(p) for p in images]).to(run.device)
+        pixels = preprocess([image for _, image in good]).to(run.device)
         feats = F.normalize(clip.encode_image(pixels).float(), dim=-1)  # (n, D)
-    return list(zip(images, train.caption_feats(run, feats)))
+    return list(zip([path for path, _ in good], train.caption_feats(run, feats))), errors

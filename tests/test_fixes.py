@@ -8,6 +8,7 @@ Tiny models on the synthetic world of test_cgtgan.py.
 from __future__ import annotations
 
 import inspect
+import io
 import re
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ import cli
 import commands
 import config
 import decoding
+import runs
 from cgtgan import (CaptionGenerator, MappingNetwork, build_discriminator, decode_captions,
                     load_tokenizer)
 from config import DiscriminatorConfig
@@ -28,6 +30,14 @@ from test_cgtgan import tiny_config, tiny_gpt2, tiny_world
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return tiny_world(tmp_path_factory.mktemp("tiny_world_fixes"))
+
+
+@pytest.fixture(scope="module")
+def short_run(world, tmp_path_factory):
+    """A run folder stopped after one CgT-GAN step: config.json, init.pt, last.pt, best.pt."""
+    cfg = tiny_config(runs_dir=str(tmp_path_factory.mktemp("runs")), name="short")
+    commands.run_train(cfg, world, stop_after=1)
+    return runs.run_dir_for(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,3 +259,56 @@ def test_hf_cache_works_without_logits_to_keep():
         token = logits.argmax(-1)  # (N,)
         embeds = torch.cat([embeds, gpt.transformer.wte(token)[:, None]], 1)  # (N, P+1, E)
         torch.testing.assert_close(cache.step(token), gpt(inputs_embeds=embeds).logits[:, -1])
+
+
+# ----------------------------------------------------------------------------------------------
+# `caption` with bad files, and a run folder with a broken config.json
+
+
+def bad_image_files(world, root) -> dict[str, object]:
+    """One file of each kind `caption` can be given that is not an image."""
+    png = io.BytesIO()
+    world.image("img1").resize((64, 64)).effect_spread(8).save(png, "PNG")
+    files = {"text": root / "notes.png", "truncated": root / "cut.png", "empty": root / "empty.png",
+             "directory": root / "folder.png", "missing": root / "missing.png"}
+    files["text"].write_text("not an image\n")
+    files["truncated"].write_bytes(png.getvalue()[:len(png.getvalue()) // 2])
+    files["empty"].touch()
+    files["directory"].mkdir()
+    return files
+
+
+def test_caption_names_each_bad_file_and_captions_the_good_ones(world, short_run, tmp_path,
+                                                                monkeypatch, capsys):
+    monkeypatch.setattr(commands, "load_data", lambda cfg: world)
+    good = tmp_path / "good.png"
+    world.image("img0").save(good)
+    bad = bad_image_files(world, tmp_path)
+    argv = ["caption", str(bad["text"]), str(good), *map(str, list(bad.values())[1:])]
+    assert cli.main(argv + ["--run", str(short_run)]) == 2
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and out.startswith(f"{good}: ")
+    errors = dict(zip(bad, err.splitlines()))
+    assert len(err.splitlines()) == len(bad)
+    for kind, path in bad.items():
+        assert errors[kind].startswith("error: ") and str(path) in errors[kind], errors[kind]
+    assert "is a directory" in errors["directory"] and "not found" not in errors["directory"]
+    assert "not found" in errors["missing"] and "empty" in errors["empty"]
+    assert "truncated" in errors["truncated"]
+    # Only bad files: each named, and no model is loaded.
+    monkeypatch.setattr(commands, "load_data", _no_world)
+    assert cli.main(["caption", str(bad["empty"]), str(bad["directory"]), "--run",
+                     str(short_run)]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 2
+
+
+@pytest.mark.parametrize("text", ["{\"gan\": {\"lr\": ", "[1, 2]", "{\"gan\": 5}"])
+def test_broken_config_json_is_one_line(short_run, tmp_path, capsys, text):
+    run_dir = tmp_path / "broken"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(text)
+    for argv in (["caption", "x.png", "--run", str(run_dir)], ["eval", "--run", str(run_dir)]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert "config.json" in err or "unknown config key 'gan'" in err
