@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import re
+import shlex
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +24,7 @@ import commands
 import config
 import decoding
 import runs
+import train
 from cgtgan import (CaptionGenerator, MappingNetwork, build_discriminator, decode_captions,
                     load_tokenizer)
 from config import DiscriminatorConfig
@@ -312,3 +316,91 @@ def test_broken_config_json_is_one_line(short_run, tmp_path, capsys, text):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
         assert "config.json" in err or "unknown config key 'gan'" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C during train, and --resume with nothing to resume
+
+
+def tiny_argv(**overrides) -> list[str]:
+    """`train` arguments that give tiny_config(**overrides): a --set for each changed default."""
+    defaults = config.flat_dict(config.config_dict(config.Config()))
+    tiny = config.flat_dict(config.config_dict(tiny_config(**overrides)))
+    sets = [f"{key}={value}" for key, value in tiny.items() if value != defaults[key]]
+    return ["train"] + [a for s in sets for a in ("--set", s)]
+
+
+def interrupt_at(monkeypatch, module, name: str, when) -> None:
+    """Replace module.name by a function that raises KeyboardInterrupt when when(*args) holds."""
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        if when(*args):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def main_until_ctrl_c(argv: list[str]) -> int:
+    """cli.main's exit code; a KeyboardInterrupt escaping it fails the test (not the session)."""
+    try:
+        return cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped cli.main as a KeyboardInterrupt")
+
+
+def one_line(stderr: str) -> str:
+    """The line printed after the progress bars (which redraw and clear their line with \\r)."""
+    assert stderr.count("\n") == 1 and stderr.endswith("\n"), stderr
+    line = stderr.split("\r")[-1]
+    assert line.startswith("interrupted"), stderr
+    return line
+
+
+def test_ctrl_c_during_train_says_what_was_saved_and_how_to_resume(world, tmp_path, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setattr(commands, "load_data", lambda cfg: world)
+    argv = tiny_argv(runs_dir=str(tmp_path), name="ctrlc")
+    real_step = train.gan_step
+    interrupt_at(monkeypatch, train, "gan_step", lambda run, g, d, batch, step: step == 2)
+    assert main_until_ctrl_c(argv) == 130
+    err = one_line(capsys.readouterr().err)
+    last = tmp_path / "ctrlc" / "last.pt"
+    assert f"CgT-GAN step 2 of 4 is saved in {last}; resume with: python cgtgan.py train " in err
+    command = shlex.split(err.split("resume with: ")[1])
+    assert command[:2] == ["python", "cgtgan.py"] and command[-1] == "--resume"
+    # The printed command continues the run to its end.
+    monkeypatch.setattr(train, "gan_step", real_step)
+    assert cli.main(command[2:]) == 0
+    assert torch.load(last, weights_only=True)["step"] == 4
+    records = [json.loads(x) for x in (tmp_path / "ctrlc" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "gan" and "loss_g" in r] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_before_any_checkpoint_says_start_again(world, short_run, tmp_path, monkeypatch,
+                                                       capsys):
+    # An earlier run's last.pt in the folder: a fresh start removes it, so that a later --resume
+    # cannot continue that run instead of this one, and Ctrl-C says nothing is saved.
+    monkeypatch.setattr(commands, "load_data", lambda cfg: world)
+    (tmp_path / "fresh").mkdir()
+    shutil.copyfile(short_run / "last.pt", tmp_path / "fresh" / "last.pt")
+    interrupt_at(monkeypatch, train, "train_init", lambda *args: True)
+    argv = tiny_argv(runs_dir=str(tmp_path), name="fresh")
+    assert main_until_ctrl_c(argv) == 130
+    err = one_line(capsys.readouterr().err)
+    assert err == (f"interrupted before anything was saved in {tmp_path / 'fresh'}; start again "
+                   f"with: {shlex.join(['python', 'cgtgan.py', *argv])}\n")
+    assert not (tmp_path / "fresh" / "last.pt").exists()
+
+
+def test_resume_with_nothing_to_resume_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CGTGAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(commands, "build_shapesworld", _no_world)
+    for command in ("train", "init"):
+        argv = [command, "--resume", "--set", f"runs_dir={tmp_path / 'runs'}", "--name", "new"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: nothing to resume in {tmp_path / 'runs' / 'new'} (no ")
+        assert err.count("\n") == 1
+    assert not (tmp_path / "cache").exists()
