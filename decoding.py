@@ -121,7 +121,7 @@ class HFCache:
         # transformers renamed `past_key_values` to `cache` in 5.x; support both.
         params = inspect.signature(gpt.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        # Only the last position's logits are needed; versions before 4.45 compute them all.
+        # Only the last position's logits are needed; older forwards lack the argument.
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def start(self, embeds: torch.Tensor) -> torch.Tensor:

@@ -235,7 +235,7 @@ def test_decoded_captions_keep_the_corpus_spacing(world):
 
 def older_gpt2():
     """tiny_gpt2's model and weights behind a forward without `logits_to_keep`, as in
-    transformers before 4.45 (which took `past_key_values`, renamed `cache` in 5.x)."""
+    older transformers (which took `past_key_values`, renamed `cache` in 5.x)."""
     from transformers import GPT2LMHeadModel
 
     params = inspect.signature(GPT2LMHeadModel.forward).parameters
