@@ -151,7 +151,8 @@ class CaptionGenerator(nn.Module):
 
     def _beam_search_one(self, feats: torch.Tensor, beams: int) -> list[int]:
         """The best caption of one image (D,): beams kept by summed log-prob, finished captions
-        ranked by log-prob per token."""
+        ranked by log-prob per token. Beams still open at max_len count as captions cut there;
+        beams left open when the search stops early are prefixes and do not."""
         seqs, scores, done = [[]], torch.zeros(1), []
         for _ in range(self.max_len):
             tokens = torch.tensor(seqs, dtype=torch.long, device=feats.device).view(len(seqs), -1)
@@ -170,7 +171,9 @@ class CaptionGenerator(nn.Module):
             if not seqs_next or len(done) >= beams:
                 break
             seqs, scores = seqs_next, torch.tensor(scores_next)
-        done += [(s / len(q), q) for s, q in zip(scores.tolist(), seqs)]
+        else:
+            # max_len reached: the open beams are captions cut at the length limit.
+            done += [(s / len(q), q) for s, q in zip(scores.tolist(), seqs)]
         return max(done)[1]
 
 
@@ -284,7 +287,9 @@ def build_discriminator(cfg: DiscriminatorConfig, tokenizer) -> Discriminator:
     from transformers import RobertaConfig, RobertaModel
 
     if cfg.pretrained:
-        roberta = _from_pretrained(RobertaModel, cfg.pretrained, "RoBERTa", "roberta-base")
+        # Dropout set at loading, as for GPT-2: the modules take p from the config when built.
+        drop = {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout}
+        roberta = _from_pretrained(RobertaModel, cfg.pretrained, "RoBERTa", "roberta-base", **drop)
         # The released weights include a pooler, which the head on <s> does not use; dropped (as
         # add_pooling_layer=False does), or DistributedDataParallel stops at the second step on
         # parameters that never receive a gradient.
@@ -305,13 +310,17 @@ def build_discriminator(cfg: DiscriminatorConfig, tokenizer) -> Discriminator:
 
 
 def decode_captions(tokenizer, ids: torch.Tensor, mask: torch.Tensor, end_id: int) -> list[str]:
-    """Token ids (N, T) with mask (N, T) -> caption strings, without the end token."""
+    """Token ids (N, T) with mask (N, T) -> caption strings, without the end token.
+
+    The tokenizer's text as it is: no clean-up of spaces before punctuation (transformers 4.x
+    did that by default, 5.x does not), so " ," and " ." stay as the corpus writes them.
+    """
     out = []
     for row, n in zip(ids.tolist(), mask.sum(-1).long().tolist()):
         row = row[:n]
         if row and row[-1] == end_id:
             row = row[:-1]
-        out.append(" ".join(tokenizer.decode(row).split()))
+        out.append(" ".join(tokenizer.decode(row, clean_up_tokenization_spaces=False).split()))
     return out
 
 

@@ -3,12 +3,15 @@
 CgT-GAN (arXiv:2308.12045): `train` runs the paper's two stages on ShapesWorld (default) or, with a
 `--preset`, at paper scale (Sec. 4.1), and prints the test table. This file only parses: every
 option becomes a typed config field (config.py), and commands.py runs the pipeline. Errors the
-user can fix (a bad setting, a missing file, a NaN loss) end in one line and exit code 2.
+user can fix (a bad setting, a missing file, a NaN loss) end in one line and exit code 2; Ctrl-C
+ends in one line saying what was saved and the command that resumes, and exit code 130.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -83,6 +86,8 @@ def run_config(run: str) -> tuple[Config, Path]:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path} is unreadable ({type(err).__name__}); train the run again") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} holds no config (a JSON {type(saved).__name__}); train the run again")
     return config_from_dict(saved), Path(run)
 
 
@@ -98,9 +103,37 @@ def eval_config(args) -> tuple[Config, Path]:
     return apply_overrides(cfg, overrides), run_dir
 
 
+def caption(args, commands) -> int:
+    """Print a caption for every good image file and one error line for each bad one."""
+    cfg, run_dir = run_config(args.run)
+    captions, errors = commands.run_caption(cfg, run_dir, args.images)
+    for path, text in captions:
+        print(f"{path}: {text}")
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 2 if errors else 0
+
+
+def interrupted(args, argv: list[str], commands) -> str:
+    """The line Ctrl-C prints: what the run folder holds, and the exact command that continues."""
+    again = shlex.join(["python", "cgtgan.py", *argv])
+    if args.command not in ("train", "init") or getattr(args, "ablation", False):
+        return f"interrupted; run `{again}` again to start over"
+    cfg = config_from_args(args)
+    saved = commands.saved_progress(cfg, args.command)
+    if saved is None:
+        fresh = shlex.join(["python", "cgtgan.py", *[a for a in argv if a != "--resume"]])
+        return (f"interrupted before anything was saved in {commands.runs.run_dir_for(cfg)}; "
+                f"start again with: {fresh}")
+    resume = again if "--resume" in argv else f"{again} --resume"
+    return f"interrupted; {saved}; resume with: {resume}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse, run one command, and turn the errors a user can fix into one line (exit code 2)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    """Parse, run one command, and turn the errors a user can fix into one line (exit code 2).
+    Ctrl-C says what was saved and how to resume (exit code 130)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
     # The pipelines import torch and the models: only after parsing, so --help answers at once.
     import commands
 
@@ -109,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, run_dir = eval_config(args)
             commands.run_eval(cfg, run_dir, args.split, args.checkpoint)
         elif args.command == "caption":
-            cfg, run_dir = run_config(args.run)
-            for path, caption in commands.run_caption(cfg, run_dir, args.images):
-                print(f"{path}: {caption}")
+            return caption(args, commands)
         else:
             cfg = config_from_args(args)
             if args.command == "prepare":
@@ -125,4 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, commands.DataError, commands.TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        # Reported after this block: by then the stopped stage's frames are released, and with
+        # them its progress bar (closed, its line cleared).
+        pass
+    else:
+        return 0
+    # Under torchrun every process gets Ctrl-C; the first one says what was saved.
+    if os.environ.get("RANK", "0") == "0":
+        print(interrupted(args, argv, commands), file=sys.stderr)
+    return 130

@@ -106,9 +106,39 @@ def ensure_init(run: runs.Run, run_dir: Path, log, resume: bool = False) -> None
         print(f"text-only initialisation: {run.cfg.init.steps} steps in {time.time() - t0:.0f}s")
 
 
+# What `--resume` continues from, in the order it looks: the CgT-GAN state (train only), then the
+# finished text-only initialisation, then an interrupted one.
+RESUME_FROM = {"train": ("last.pt", "init.pt", "init_last.pt"), "init": ("init.pt", "init_last.pt")}
+
+
+def check_resumable(run_dir: Path, command: str = "train") -> None:
+    """--resume needs an earlier run in run_dir: refused in one line when it holds no checkpoint."""
+    if not any((run_dir / name).is_file() for name in RESUME_FROM[command]):
+        raise ConfigError(f"nothing to resume in {run_dir} (no {', '.join(RESUME_FROM[command])}); "
+                          "run the same command without --resume to start it")
+
+
+def saved_progress(cfg: Config, command: str = "train") -> str | None:
+    """What `command --resume` would continue from in cfg's run folder, in words (None: nothing)."""
+    for name in RESUME_FROM[command]:
+        path = runs.run_dir_for(cfg) / name
+        if not path.is_file():
+            continue
+        if name == "init.pt":
+            return f"the finished text-only initialisation is saved in {path}"
+        try:  # the step only: mmap reads no weights
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+        except (RuntimeError, OSError, EOFError, KeyError):
+            return f"{path} is unreadable"
+        stage, total = ("CgT-GAN", cfg.gan.steps) if name == "last.pt" else ("text-only", cfg.init.steps)
+        return f"{stage} step {step} of {total} is saved in {path}"
+    return None
+
+
 def open_run_dir(run: runs.Run, run_dir: Path, resume: bool) -> runs.MetricsLog:
     """The run folder with its config.json, and its metrics log: continued (cut back to last.pt's
-    step) with --resume, else started afresh."""
+    step) with --resume, else started afresh (an earlier run's last.pt removed, so that a later
+    --resume continues this run, not that one)."""
     log = runs.MetricsLog(run_dir / "metrics.jsonl", enabled=run.master_process)
     if run.master_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +147,7 @@ def open_run_dir(run: runs.Run, run_dir: Path, resume: bool) -> runs.MetricsLog:
             log.truncate("gan", torch.load(run_dir / "last.pt", weights_only=True)["step"])
         elif not resume:
             log.path.unlink(missing_ok=True)
+            (run_dir / "last.pt").unlink(missing_ok=True)
     return log
 
 
@@ -125,9 +156,11 @@ def run_train(cfg: Config, data: CaptionData | None = None, resume: bool = False
               table: bool = True) -> dict | None:
     """The full pipeline: text-only init -> CgT-GAN -> test table, figures and results.json."""
     t0, cpu0 = time.time(), time.process_time()
+    run_dir = run_dir or runs.run_dir_for(cfg)
+    if resume:
+        check_resumable(run_dir)
     runs.init_distributed(cfg)
     data = data if data is not None else load_data(cfg)
-    run_dir = run_dir or runs.run_dir_for(cfg)
     run = runs.build_run(cfg, data)
     log = open_run_dir(run, run_dir, resume)
     ensure_init(run, run_dir, log, resume)
@@ -185,8 +218,10 @@ def run_ablation(cfg: Config, data: CaptionData | None = None) -> dict:
 
 def run_init(cfg: Config, data: CaptionData | None = None, resume: bool = False) -> Path:
     """The text-only stage alone, then its validation scores."""
-    data = data if data is not None else load_data(cfg)
     run_dir = runs.run_dir_for(cfg)
+    if resume:
+        check_resumable(run_dir, "init")
+    data = data if data is not None else load_data(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_config(run_dir, cfg, resume)
     run = runs.build_run(cfg, data, with_clip=False)
@@ -222,18 +257,35 @@ def run_eval(cfg: Config, run_dir: Path, split: str, checkpoint: str = "best",
     return metrics
 
 
+def read_image(path: str):
+    """(the RGB image, None) for a readable image file, else (None, a one-line error naming it)."""
+    if Path(path).is_dir():
+        return None, f"image file {path} is a directory, not an image"
+    if not Path(path).exists():
+        return None, f"image file {path} not found"
+    try:
+        return clip_model.load_image(path), None
+    except (OSError, ValueError) as err:  # not an image, truncated, empty or unreadable
+        return None, str(err)
+
+
 def run_caption(cfg: Config, run_dir: Path, images: list[str],
-                data: CaptionData | None = None) -> list[tuple[str, str]]:
-    """Captions for image files: CLIP image embedding -> generator (best.pt), greedy."""
-    missing = [p for p in images if not Path(p).is_file()]
-    if missing:
-        raise ConfigError(f"image file {missing[0]} not found"
-                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                data: CaptionData | None = None) -> tuple[list[tuple[str, str]], list[str]]:
+    """Captions for image files: CLIP image embedding -> generator (best.pt), greedy.
+
+    Returns (path, caption) for each readable file, in order, and a one-line error for each file
+    that is missing, a directory, or not an image; the model is loaded only if one is readable.
+    """
+    opened = [(path, *read_image(path)) for path in images]
+    good = [(path, image) for path, image, error in opened if error is None]
+    errors = [error for _, _, error in opened if error is not None]
+    if not good:
+        return [], errors
     data = data if data is not None else load_data(cfg)
     run = runs.build_run(cfg, data, with_clip=False)
     runs.load_checkpoint(run_dir / "best.pt", run, sections=("gen",))
     clip, preprocess = clip_model.load(str(data.clip_path), device=run.device)
     with torch.no_grad():
-        pixels = preprocess([clip_model.load_image(p) for p in images]).to(run.device)
+        pixels = preprocess([image for _, image in good]).to(run.device)
         feats = F.normalize(clip.encode_image(pixels).float(), dim=-1)  # (n, D)
-    return list(zip(images, train.caption_feats(run, feats)))
+    return list(zip([path for path, _ in good], train.caption_feats(run, feats))), errors

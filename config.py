@@ -13,6 +13,8 @@ other module can import it.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from enum import Enum
 
@@ -392,6 +394,60 @@ def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
         if name not in annotations or is_dataclass(getattr(target, name)):
             raise ConfigError(f"unknown config key {key!r}; valid keys: {_valid_keys(cfg)}")
         setattr(target, name, parse_value(key, value, annotations[name]))
+    return check_config(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every value checked when a config is read, before any work starts
+
+# What each numeric setting must be: (keys, test, the words of the message).
+_RANGES = [
+    (("gen.prefix_len", "gen.n_layer", "gen.n_embd", "gen.n_head", "gen.max_len", "disc.n_layer",
+      "disc.hidden", "disc.n_head", "init.steps", "init.batch", "gan.steps", "gan.batch", "gan.k",
+      "gan.eval_every", "gan.ckpt_every", "real.min_words", "real.batch_size", "real.shard_size",
+      "real.image_chunk", "real.corpus_chunk", "world.n_references", "world.clip_steps",
+      "world.clip_batch_size"), lambda v: v >= 1, "at least 1"),
+    (("threads", "gen.mapping_hidden", "gan.lambda_hold", "gan.lambda_ramp", "gan.eval_images",
+      "real.workers"), lambda v: v >= 0, "at least 0"),
+    (("init.lr", "gan.lr", "gan.d_lr", "gan.grad_clip", "gan.temperature",
+      "real.agg_temperature", "world.clip_lr"), lambda v: math.isfinite(v) and v > 0,
+     "a finite number > 0"),
+    (("init.weight_decay", "gan.weight_decay", "init.noise"),
+     lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    (("gan.lambda_final", "gan.agg_weight"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("gen.dropout", "disc.dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
+]
+_CHOICES = {"data": ("shapesworld", "real"), "decode": ("greedy", "beam"),
+            "gan.baseline": ("greedy", "loo"), "real.missing_images": ("stop", "skip")}
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_config(cfg: Config) -> Config:
+    """Refuse a value no run can use, with a one-line ConfigError naming the key and what it must
+    be: step counts and batches of at least 1, finite positive learning rates, shares in [0, 1],
+    one of the named choices. apply_overrides calls it, so a bad --set, preset or config.json
+    stops the command before any data is built. Returns cfg."""
+    values = flat_dict(asdict(cfg))
+    for keys, ok, what in _RANGES:
+        for key in keys:
+            if values[key] is not None and not ok(values[key]):
+                raise ConfigError(f"{key} must be {what}, not {values[key]!r}")
+    for key, choices in _CHOICES.items():
+        if values[key] not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, not {values[key]!r}")
+    for key in ("device", "real.device"):
+        if not _DEVICE.fullmatch(values[key]):
+            raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, not {values[key]!r}")
+    if cfg.gan.baseline == "loo" and cfg.gan.k < 2:
+        raise ConfigError(f"gan.baseline=loo averages the other samples of an image, so it needs "
+                          f"gan.k of at least 2, not {cfg.gan.k}; raise gan.k or use greedy")
+    for part, width, heads in (("gen", "n_embd", "n_head"), ("disc", "hidden", "n_head")):
+        if values[f"{part}.{width}"] % values[f"{part}.{heads}"]:
+            raise ConfigError(f"{part}.{width} ({values[f'{part}.{width}']}) must be a multiple "
+                              f"of {part}.{heads} ({values[f'{part}.{heads}']})")
+    if cfg.real.min_words > cfg.real.max_words:
+        raise ConfigError(f"real.min_words ({cfg.real.min_words}) must be at most "
+                          f"real.max_words ({cfg.real.max_words})")
     cfg.world.check()
     return cfg
 

@@ -121,10 +121,12 @@ class HFCache:
         # transformers renamed `past_key_values` to `cache` in 5.x; support both.
         params = inspect.signature(gpt.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        # Only the last position's logits are needed; older forwards lack the argument.
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def start(self, embeds: torch.Tensor) -> torch.Tensor:
         """Prefix embeddings (N, P, E) -> next-token logits (N, V)."""
-        return self._read(self.gpt(inputs_embeds=embeds, use_cache=True, logits_to_keep=1))
+        return self._read(self.gpt(inputs_embeds=embeds, use_cache=True, **self.last_only))
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Last drawn tokens (n,) of the rows still running -> their next-token logits (n, V)."""
