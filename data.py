@@ -219,6 +219,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             os.remove(tmp)
 
 
+def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:
+    """obj as JSON (UTF-8), written atomically: a crash leaves the old file or the new one."""
+    text = json.dumps(obj, indent=indent)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON value in a file, or None when it is missing, unreadable or not valid JSON (a cache
+    the caller rebuilds; callers that must explain a bad file check for None and say so)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], key: str) -> None:
     """Write numpy arrays to a safetensors file, with `key` and a checksum in its metadata."""
     from safetensors.numpy import save_file
