@@ -153,6 +153,12 @@ class ShapesWorldConfig:
     # ResNet learned no shapes in 500 steps either (zero-shot 21% vs 50% with them; chance 17%).
     clip_closeup_share: float = 0.5
     n_clip_closeups: int = 12000
+    # CPU threads of the build (torch's, and the BPE trainer's when 1); 0 keeps the libraries'
+    # defaults (all cores). Like Config.threads, one by default: while another process shares a
+    # 2-core machine, two threads made each CLIP pretraining step wait on a descheduled thread
+    # (docs: shapesworld.py, cpu_threads). Not part of the cache key, as root is not: the world
+    # holds the same scenes, text and tokenizers at any count (CLIP weights agree to float rounding).
+    threads: int = 1
     root: str | None = None  # default: $CGTGAN_CACHE or <repo>/cache, then shapesworld/<key>
 
     def check(self) -> ShapesWorldConfig:
@@ -177,6 +183,9 @@ class ShapesWorldConfig:
                      "n_val", "n_test"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"world.{name} must be at least 1")
+        if self.threads < 0:
+            raise ConfigError(f"world.threads must be 0 (the libraries' default) or more, "
+                              f"not {self.threads}")
         return self
 
 

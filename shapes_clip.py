@@ -3,13 +3,13 @@
 CgT-GAN (Yu et al., arXiv:2308.12045) embeds images and sentences with a frozen CLIP (Sec. 3.1)
 and rewards captions with it (Sec. 3.3); that CLIP was pretrained on web image-text pairs the
 method never sees. ShapesWorld (shapesworld.py) stands it in with a tiny clip_model.CLIP
-pretrained here, offline, on its own image-caption pairs: separate scenes (stream "clip"), each
-with captions in both grammars, and single-object close-ups that make it learn shapes. Its logit
-scale ramps up to 100 and stays fixed there, as in the released models, so the modality gap the
-paper is about is there to be closed. This file holds its pretraining pairs and close-ups,
-contrastive pretraining with the logit-scale ramp, encoding of images and captions, the retrieval
-and modality-gap figures, and the zero-shot shape and colour probe; shapesworld.build_shapesworld
-builds and caches it with the rest of the world (`train_clip`).
+pretrained here, offline, on its own image-caption pairs: separate scenes (stream "clip", drawn by
+shapes_scenes.py), each with captions in both grammars, and single-object close-ups that make it
+learn shapes. Its logit scale ramps up to 100 and stays fixed there, as in the released models, so
+the modality gap the paper is about is there to be closed. This file holds its pretraining pairs
+and close-ups, contrastive pretraining with the logit-scale ramp, encoding of images and captions,
+the retrieval and modality-gap figures, and the zero-shot shape and colour probe;
+shapesworld.build_shapesworld builds and caches it with the rest of the world (`train_clip`).
 
 Shape legend: N images, C captions per image, U distinct captions, M texts or close-ups, n held-out
 or probe images, R image resolution, L CLIP context length, D CLIP width, B pairs and B' close-ups
@@ -28,7 +28,7 @@ import clip_model
 import data
 import shapes_grammar as grammar
 from config import ShapesWorldConfig
-from shapesworld import make_scenes, render_all, stream_rng
+from shapes_scenes import make_scenes, render_all, stream_rng
 
 # ----------------------------------------------------------------------------------------------
 # Pretraining pairs and close-ups
