@@ -153,11 +153,12 @@ class ShapesWorldConfig:
     # ResNet learned no shapes in 500 steps either (zero-shot 21% vs 50% with them; chance 17%).
     clip_closeup_share: float = 0.5
     n_clip_closeups: int = 12000
-    # CPU threads of the build (torch's, and the BPE trainer's when 1); 0 keeps the libraries'
-    # defaults (all cores). Like Config.threads, one by default: while another process shares a
-    # 2-core machine, two threads made each CLIP pretraining step wait on a descheduled thread
-    # (docs: shapesworld.py, cpu_threads). Not part of the cache key, as root is not: the world
-    # holds the same scenes, text and tokenizers at any count (CLIP weights agree to float rounding).
+    # CPU threads of the build (torch's, and with 1 the BPE trainer's too); 0 keeps the libraries'
+    # defaults (every core). One by default, like Config.threads: with a busy-loop process beside
+    # it on a 2-core machine, a CLIP pretraining step took 0.63 s on 1 thread and 6.5 s on 2
+    # (free cores: 0.27 s and 0.20 s; bench/bench_shapes.py --step-threads 1 2). Not in the cache
+    # key, like root: any count builds the same scenes, text and tokenizers, and a CLIP equal up
+    # to float rounding.
     threads: int = 1
     root: str | None = None  # default: $CGTGAN_CACHE or <repo>/cache, then shapesworld/<key>
 

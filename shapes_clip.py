@@ -262,9 +262,10 @@ def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_model.Toke
 # Pretrain, save and measure: the step shapesworld.build_shapesworld runs
 
 
-def train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_model.Tokenizer,
-               path: Path, progress: bool) -> dict:
-    """Render the pairs, pretrain and save the tiny CLIP; its metrics on the held-out pairs."""
+def pretraining_inputs(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_model.Tokenizer,
+                       progress: bool) -> tuple[np.ndarray, torch.Tensor, tuple | None]:
+    """What pretrain_clip reads: the pairs' images (N, R, R, 3) uint8 and tokens (N, C, L), and the
+    close-ups (images (M, R, R, 3) uint8, tokens (M, L)), None when cfg.clip_closeup_share is 0."""
     scenes, captions = pairs
     images = render_all(cfg, "clip", scenes, progress)
     closeup = None
@@ -276,10 +277,18 @@ def train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_model.Token
     ids = clip_tokens(unique, tokenizer, cfg.clip_context_length)  # (U, L)
     row = {c: i for i, c in enumerate(unique)}
     tokens = ids[torch.tensor([[row[c] for c in caps] for caps in captions])]  # (N, C, L)
+    return images, tokens, closeup
+
+
+def train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_model.Tokenizer,
+               path: Path, progress: bool) -> dict:
+    """Render the pairs, pretrain and save the tiny CLIP; its metrics on the held-out pairs."""
+    images, tokens, closeup = pretraining_inputs(cfg, pairs, tokenizer, progress)
     n = cfg.n_clip_pairs
     model, losses = pretrain_clip(cfg, images[:n], tokens[:n], tokenizer.vocab_size, progress,
                                   closeup)
     clip_model.save(model, path)
+    scenes, captions = pairs
     held = [caps[0] for caps in captions[n:]]  # plain-style captions of the held-out scenes
     held_feats = encode_images(model, images[n:])  # (n_clip_heldout, D)
     metrics = retrieval_and_gap(held_feats, encode_texts(model, tokenizer, held), held)
