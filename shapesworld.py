@@ -147,6 +147,7 @@ HF_SPECIALS = {"gpt2": ["<|endoftext|>"], "roberta": ["<s>", "<pad>", "</s>", "<
 def train_hf_tokenizer(corpus: list[str], kind: str, vocab_size: int, directory: Path) -> None:
     """Byte-level BPE trained on the corpus, saved as GPT-2's or RoBERTa's tokenizer files
     (vocab.json, merges.txt, and save_pretrained's tokenizer.json / tokenizer_config.json)."""
+    # Imported here: transformers takes most of a second to import, and only a build needs it.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2TokenizerFast, RobertaTokenizerFast
 
@@ -233,18 +234,18 @@ def cpu_threads(n: int):
     if n <= 0:
         yield
         return
-    before = torch.get_num_threads(), os.environ.get("TOKENIZERS_PARALLELISM")
+    torch_threads, parallelism = torch.get_num_threads(), os.environ.get("TOKENIZERS_PARALLELISM")
     torch.set_num_threads(n)
     if n == 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the library at each call
     try:
         yield
     finally:
-        torch.set_num_threads(before[0])
-        if before[1] is None:
+        torch.set_num_threads(torch_threads)
+        if parallelism is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before[1]
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
 
 
 @dataclass
