@@ -155,10 +155,10 @@ class ShapesWorldConfig:
     n_clip_closeups: int = 12000
     # CPU threads of the build (torch's, and with 1 the BPE trainer's too); 0 keeps the libraries'
     # defaults (every core). One by default, like Config.threads: with a busy-loop process beside
-    # it on a 2-core machine, a CLIP pretraining step took 0.63 s on 1 thread and 6.5 s on 2
-    # (free cores: 0.27 s and 0.20 s; bench/bench_shapes.py --step-threads 1 2). Not in the cache
-    # key, like root: any count builds the same scenes, text and tokenizers, and a CLIP equal up
-    # to float rounding.
+    # it on a 2-core machine, a CLIP pretraining step took 0.3-0.6 s on 1 thread and 2.2-6.5 s on
+    # 2 (on free cores, 0.27 s and 0.20 s; bench/bench_shapes.py --step-threads 1 2). Not in the
+    # cache key, like root: any count builds the same scenes, text and tokenizers, and a CLIP
+    # equal up to float rounding.
     threads: int = 1
     root: str | None = None  # default: $CGTGAN_CACHE or <repo>/cache, then shapesworld/<key>
 
