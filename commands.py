@@ -179,7 +179,7 @@ def run_train(cfg: Config, data: CaptionData | None = None, resume: bool = False
     best = torch.load(run_dir / "best.pt", weights_only=True)
     results = {"test": result["metrics"], "best_step": best["step"], "wall_s": round(wall, 1),
                "cpu_s": round(cpu, 1), "config": config_dict(cfg)}
-    write_json(run_dir / "results.json", results)
+    write_json(run_dir / "results.json", results, indent=2)
     if table:
         print(format_table(result["metrics"], f"{dataset_title(cfg, data)} test split "
                            f"({len(data.splits['test'].ids)} images), seed {cfg.seed}; "
@@ -205,7 +205,7 @@ def run_ablation(cfg: Config, data: CaptionData | None = None) -> dict:
         run_train(replace(cfg, gan=replace(cfg.gan, reward=reward)), data, run_dir=sub, table=False)
         rows[label] = sub / "best.pt"
     metrics = test_table(run, rows)["metrics"]
-    write_json(base / "ablation.json", metrics)
+    write_json(base / "ablation.json", metrics, indent=2)
     print(format_table(metrics, f"Ablation on the {dataset_title(cfg, data)} test split, "
                        f"seed {cfg.seed}; x100 except length (words)"))
     print(f"run folder {base}; wall time {(time.time() - t0) / 60:.1f} min")
@@ -252,8 +252,8 @@ def run_eval(cfg: Config, run_dir: Path, split: str, checkpoint: str = "best",
                        f"{title} {split} split ({len(ids)} images)"))
     name = re.sub(r"\W+", "_", title)
     write_json(run_dir / f"eval-{name}-{split}-{checkpoint}.json",
-                    {"dataset": title, "split": split, "checkpoint": checkpoint,
-                     "metrics": metrics, "captions": dict(zip(ids, captions))})
+               {"dataset": title, "split": split, "checkpoint": checkpoint, "metrics": metrics,
+                "captions": dict(zip(ids, captions))}, indent=2)
     return metrics
 
 

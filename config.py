@@ -156,6 +156,13 @@ class ShapesWorldConfig:
     # ResNet learned no shapes in 500 steps either (zero-shot 21% vs 50% with them; chance 17%).
     clip_closeup_share: float = 0.5
     n_clip_closeups: int = 12000
+    # CPU threads of the build (torch's, and with 1 the BPE trainer's too); 0 keeps the libraries'
+    # defaults (every core). One by default, like Config.threads: with a busy-loop process beside
+    # it on a 2-core machine, a CLIP pretraining step took 0.3-0.6 s on 1 thread and 2.2-6.5 s on
+    # 2 (on free cores, 0.27 s and 0.20 s; bench/bench_shapes.py --step-threads 1 2). Not in the
+    # cache key, like root: any count builds the same scenes, text and tokenizers, and a CLIP
+    # equal up to float rounding.
+    threads: int = 1
     root: str | None = None  # default: $CGTGAN_CACHE or <repo>/cache, then shapesworld/<key>
 
     def __post_init__(self):
@@ -183,6 +190,9 @@ class ShapesWorldConfig:
                      "n_val", "n_test"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"world.{name} must be at least 1")
+        if self.threads < 0:
+            raise ConfigError(f"world.threads must be 0 (the libraries' default) or more, "
+                              f"not {self.threads}")
         return self
 
 

@@ -224,14 +224,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             os.remove(tmp)
 
 
-def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
-    """obj as JSON, written atomically (a crash leaves the old file or the new one)."""
+def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:
+    """obj as JSON (UTF-8), written atomically: a crash leaves the old file or the new one."""
     text = json.dumps(obj, indent=indent)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_json(path: str | os.PathLike):
-    """A JSON file's content, or a one-line DataError naming the file and what is wrong."""
+    """A JSON file's content, or a one-line DataError naming the file and what is wrong (a cache
+    reader catches it and rebuilds)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as err:

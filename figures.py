@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
 
 # ----------------------------------------------------------------------------------------------
 # samples.png: test images with generated and reference captions
@@ -18,8 +20,6 @@ from pathlib import Path
 
 def draw_samples(data, captions: list[str], path: Path, n: int = 8, cell: int = 192) -> None:
     """samples.png: the first n test images, each with its generated caption and one reference."""
-    from PIL import Image, ImageDraw
-
     es = data.splits["test"]
     n = min(n, len(es.ids))
     cols = min(4, n)
@@ -54,8 +54,6 @@ def _wrap(text: str, width: int) -> list[str]:
 
 def draw_curves(records: list[dict], path: Path) -> None:
     """curves.png: naturalness reward, CLIP reward, discriminator accuracy and val CIDEr-D by step."""
-    from PIL import Image, ImageDraw
-
     gan = [r for r in records if r["stage"] == "gan"]
     panels = [("naturalness reward (D logit)", "r_nat"), ("CLIP-cos / CLIP-agg reward", "r_cos", "r_agg"),
               ("discriminator accuracy", "d_acc"), ("validation CIDEr-D", "val_CIDEr-D")]

@@ -458,7 +458,7 @@ def prepare(cfg: RealDataConfig) -> dict:
     for folder in (plan.folder, plan.eval_folder):
         folder.mkdir(parents=True, exist_ok=True)
     for s in ("val", "test"):
-        data.write_json(plan.eval_folder / f"refs_{s}.json", coco_references(plan.images[s]), indent=None)
+        data.write_json(plan.eval_folder / f"refs_{s}.json", coco_references(plan.images[s]))
     encoder = ClipEncoder(cfg)
     model, _, _ = encoder.model()
     for s in ("train", "val", "test"):
@@ -529,7 +529,7 @@ def load_eval_data(cfg: RealDataConfig, split: str) -> CaptionData:
     folder = Path(cfg.cache_dir) / cfg.eval_dataset_name()
     part = _image_plans({split: images}, cfg, folder, _model_key(cfg))[split]
     folder.mkdir(parents=True, exist_ok=True)
-    data.write_json(folder / f"refs_{split}.json", coco_references(images), indent=None)
+    data.write_json(folder / f"refs_{split}.json", coco_references(images))
     _fill_shards([str(im.path) for im in images], part, ClipEncoder(cfg).images, cfg,
                  f"images ({split})")
     es = _eval_split(_rows(part).load(), images)

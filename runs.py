@@ -137,7 +137,7 @@ def write_config(run_dir: Path, cfg: Config, resume: bool) -> None:
         if diff:
             raise ConfigError(f"--resume: {path} has {diff[0]}={diff[1]!r} but this run has "
                               f"{diff[2]!r}; resume with the same settings")
-    write_json(path, config_dict(cfg))
+    write_json(path, config_dict(cfg), indent=2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,13 +3,13 @@
 CgT-GAN (Yu et al., arXiv:2308.12045) embeds images and sentences with a frozen CLIP (Sec. 3.1)
 and rewards captions with it (Sec. 3.3); that CLIP was pretrained on web image-text pairs the
 method never sees. ShapesWorld (shapesworld.py) stands it in with a tiny clip_model.CLIP
-pretrained here, offline, on its own image-caption pairs: separate scenes (stream "clip"), each
-with captions in both grammars, and single-object close-ups that make it learn shapes. Its logit
-scale ramps up to 100 and stays fixed there, as in the released models, so the modality gap the
-paper is about is there to be closed. This file holds its pretraining pairs and close-ups,
-contrastive pretraining with the logit-scale ramp, encoding of images and captions, the retrieval
-and modality-gap figures, and the zero-shot shape and colour probe; shapesworld.build_shapesworld
-builds and caches it with the rest of the world (`train_clip`).
+pretrained here, offline, on its own image-caption pairs: separate scenes (stream "clip", drawn by
+shapes_scenes.py), each with captions in both grammars, and single-object close-ups that make it
+learn shapes. Its logit scale ramps up to 100 and stays fixed there, as in the released models, so
+the modality gap the paper is about is there to be closed. This file holds its pretraining pairs
+and close-ups, contrastive pretraining with the logit-scale ramp, encoding of images and captions,
+the retrieval and modality-gap figures, and the zero-shot shape and colour probe;
+shapesworld.build_shapesworld builds and caches it with the rest of the world (`train_clip`).
 
 Shape legend: N images, C captions per image, U distinct captions, M texts or close-ups, n held-out
 or probe images, R image resolution, L CLIP context length, D CLIP width, B pairs and B' close-ups
@@ -29,7 +29,7 @@ import clip_tokenizer
 import data
 import shapes_grammar as grammar
 from config import ShapesWorldConfig
-from shapesworld import make_scenes, render_all, stream_rng
+from shapes_scenes import make_scenes, render_all, stream_rng
 
 # ----------------------------------------------------------------------------------------------
 # Pretraining pairs and close-ups
@@ -263,9 +263,10 @@ def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_tokenizer.
 # Pretrain, save and measure: the step shapesworld.build_shapesworld runs
 
 
-def train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_tokenizer.Tokenizer,
-               path: Path, progress: bool) -> dict:
-    """Render the pairs, pretrain and save the tiny CLIP; its metrics on the held-out pairs."""
+def pretraining_inputs(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_tokenizer.Tokenizer,
+                       progress: bool) -> tuple[np.ndarray, torch.Tensor, tuple | None]:
+    """What pretrain_clip reads: the pairs' images (N, R, R, 3) uint8 and tokens (N, C, L), and the
+    close-ups (images (M, R, R, 3) uint8, tokens (M, L)), None when cfg.clip_closeup_share is 0."""
     scenes, captions = pairs
     images = render_all(cfg, "clip", scenes, progress)
     closeup = None
@@ -277,10 +278,18 @@ def train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_tokenizer.T
     ids = clip_tokens(unique, tokenizer, cfg.clip_context_length)  # (U, L)
     row = {c: i for i, c in enumerate(unique)}
     tokens = ids[torch.tensor([[row[c] for c in caps] for caps in captions])]  # (N, C, L)
+    return images, tokens, closeup
+
+
+def train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_tokenizer.Tokenizer,
+               path: Path, progress: bool) -> dict:
+    """Render the pairs, pretrain and save the tiny CLIP; its metrics on the held-out pairs."""
+    images, tokens, closeup = pretraining_inputs(cfg, pairs, tokenizer, progress)
     n = cfg.n_clip_pairs
     model, losses = pretrain_clip(cfg, images[:n], tokens[:n], tokenizer.vocab_size, progress,
                                   closeup)
     clip_model.save(model, path)
+    scenes, captions = pairs
     held = [caps[0] for caps in captions[n:]]  # plain-style captions of the held-out scenes
     held_feats = encode_images(model, images[n:])  # (n_clip_heldout, D)
     metrics = retrieval_and_gap(held_feats, encode_texts(model, tokenizer, held), held)

@@ -2,12 +2,12 @@
 
 CgT-GAN (Yu et al., arXiv:2308.12045) needs unpaired images, an unpaired sentence corpus, a frozen
 CLIP and pretrained language models. Offline, on a laptop CPU, we make all of them: scenes of
-coloured shapes drawn with PIL, captions from the grammars in shapes_grammar.py, byte-level BPE
-tokenizers for GPT-2 and RoBERTa trained on the corpus, and a tiny CLIP pretrained contrastively on
-separate image-caption pairs (shapes_clip.py: it stands in for CLIP's web pretraining, with its
-logit scale fixed at 100 as in the released models, so the modality gap the paper is about is
-there to be closed). This file holds the world's config, its scenes and text, rendering, the
-tokenizers, and building and caching every part as a data.CaptionData.
+coloured shapes drawn with PIL (shapes_scenes.py), captions from the grammars in shapes_grammar.py,
+byte-level BPE tokenizers for GPT-2 and RoBERTa trained on the corpus, and a tiny CLIP pretrained
+contrastively on separate image-caption pairs (shapes_clip.py: it stands in for CLIP's web
+pretraining, with its logit scale fixed at 100 as in the released models, so the modality gap the
+paper is about is there to be closed). This file holds the world's text, the tokenizers, and the
+build that makes or reuses every part and hands the world over as a data.CaptionData.
 
 `build_shapesworld(cfg)` builds each part under `cfg.root` or reuses it when its key matches:
 
@@ -22,38 +22,45 @@ its recorded key (and, for non-safetensors files, its bytes' digest) matches, so
 build leaves nothing that a later run would read. Splits: "clip" pairs (CLIP pretraining only),
 "train" (unpaired images), "corpus" (unpaired sentences of independent scenes), "val", "test".
 
+Modules import one way: shapes_grammar <- shapes_scenes <- shapes_clip <- shapesworld.
+
 Shape legend: N images, M corpus sentences, R image resolution, D CLIP width.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
 import clip_model
 import clip_tokenizer
 import data
+import shapes_clip
 import shapes_grammar as grammar
 from config import ShapesWorldConfig
+from shapes_scenes import make_scenes, render_all, stream_rng
 
-VERSION = 4  # bump when generation changes, so old caches are rebuilt
+# Bump when what a config builds changes (here, in shapes_scenes.py, shapes_grammar.py or
+# shapes_clip.py), so old caches are rebuilt.
+VERSION = 4
 ROOT = Path(__file__).resolve().parent
+# Fields that say where and how fast the world is built, not what it holds: never in a cache key.
+NOT_CONTENT = ("root", "threads")
 
 
 def world_key(cfg: ShapesWorldConfig, *fields: str) -> str:
-    """Hash of the named config fields (all but root when none are named) and VERSION."""
+    """Hash of the named config fields (all but NOT_CONTENT when none are named) and VERSION."""
     values = asdict(cfg)
-    values.pop("root")
+    for name in NOT_CONTENT:
+        values.pop(name)
     if fields:
         values = {f: values[f] for f in fields}
     return data.cache_key(version=VERSION, **values)
@@ -74,18 +81,7 @@ CLIP_FIELDS = ("seed", "image_size", "n_clip_pairs", "n_clip_heldout", "n_clip_c
     f for f in ShapesWorldConfig.__dataclass_fields__ if f.startswith("clip_"))
 
 # ----------------------------------------------------------------------------------------------
-# Scenes and captions of every split
-
-
-def stream_rng(cfg: ShapesWorldConfig, stream: str) -> random.Random:
-    """Each split (and each of shapes_clip's pair, close-up and probe sets) draws from its own
-    stream, so splits are independent and sizes do not interact."""
-    return random.Random(f"shapesworld/{cfg.seed}/{stream}")
-
-
-def make_scenes(cfg: ShapesWorldConfig, stream: str, n: int) -> list[grammar.Scene]:
-    rng = stream_rng(cfg, stream)
-    return [grammar.sample_scene(rng) for _ in range(n)]
+# The text of every split: scenes, corpus sentences, references
 
 
 def make_world(cfg: ShapesWorldConfig) -> dict:
@@ -106,55 +102,11 @@ def make_world(cfg: ShapesWorldConfig) -> dict:
             "corpus": corpus, "references": references}
 
 
-# ----------------------------------------------------------------------------------------------
-# Rendering
-
-SUPERSAMPLE = 2  # draw at twice the size, then box-filter down: anti-aliased edges
-RADIUS = {"small": 0.19, "medium": 0.29, "large": 0.40}  # fraction of a grid cell
-
-
-def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple]:
-    """Polygon vertices of a shape of radius r centred at (cx, cy), rotated by angle degrees."""
-    if shape == "diamond":  # taller than wide, so it never looks like a rotated square
-        points = [(0, -1.25), (0.75, 0), (0, 1.25), (-0.75, 0)]
-    else:
-        corners, start, radii = {"square": (4, 45, [1.0]), "triangle": (3, -90, [1.2]),
-                                 "star": (10, -90, [1.25, 0.5]), "hexagon": (6, 0, [1.05])}[shape]
-        points = [(radii[k % len(radii)] * math.cos(math.radians(start + 360 * k / corners)),
-                   radii[k % len(radii)] * math.sin(math.radians(start + 360 * k / corners)))
-                  for k in range(corners)]
-    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in points]
-
-
-def render(scene: grammar.Scene, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A scene -> (R, R, 3) uint8 image: tinted grey background with noise, jittered colours."""
-    big, cell = size * SUPERSAMPLE, size * SUPERSAMPLE / grammar.GRID
-    grey = rng.uniform(45, 150)
-    background = tuple(int(grey + t) for t in rng.uniform(-12, 12, 3))
-    image = Image.new("RGB", (big, big), background)
-    draw = ImageDraw.Draw(image)
-    for o in scene:
-        colour = tuple(int(v) for v in np.clip(np.array(grammar.COLOURS[o.colour])
-                                               + rng.uniform(-20, 20, 3), 0, 255))
-        cx, cy, r = (o.col + 0.5 + o.dx) * cell, (o.row + 0.5 + o.dy) * cell, RADIUS[o.size] * cell
-        if o.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-        else:
-            draw.polygon(_outline(o.shape, cx, cy, r, o.angle), fill=colour)
-    pixels = np.asarray(image.resize((size, size), Image.BOX), dtype=np.float32)
-    pixels = pixels + rng.normal(0, 6, pixels.shape)
-    return np.clip(pixels + 0.5, 0, 255).astype(np.uint8)
-
-
-def render_all(cfg: ShapesWorldConfig, stream: str, scenes: list, progress: bool) -> np.ndarray:
-    """Images of a split (N, R, R, 3) uint8; image i's noise comes from (seed, stream, i) alone."""
-    out = np.empty((len(scenes), cfg.image_size, cfg.image_size, 3), np.uint8)
-    salt = int(data.cache_key(stream=stream)[:8], 16)
-    for i, scene in enumerate(tqdm(scenes, desc=f"render {stream}", disable=not progress,
-                                   leave=False)):
-        out[i] = render(scene, cfg.image_size, np.random.default_rng([cfg.seed, salt, i]))
-    return out
+def _share_in_corpus(world: dict) -> float:
+    """Share of test references that appear verbatim in the corpus."""
+    corpus = set(world["corpus"])
+    refs = [r for rs in world["references"]["test"].values() for r in rs]
+    return sum(r in corpus for r in refs) / max(1, len(refs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +121,7 @@ def learn_bpe(texts: list[str], max_merges: int = 4000) -> list[tuple[str, str]]
     Ties go to the alphabetically first pair, so the result is deterministic. Example: ["low low
     lot"] starts from l o w</w> (x2), l o t</w>; ("l", "o") occurs 3 times and is merged first.
     """
-    to_symbols = clip_tokenizer.bytes_to_unicode()
+    to_symbols = clip_model.bytes_to_unicode()
     counts: dict[tuple, int] = {}
     for text in texts:
         for word in text.split():
@@ -186,7 +138,7 @@ def learn_bpe(texts: list[str], max_merges: int = 4000) -> list[tuple[str, str]]
             break
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
-        counts = {tuple(clip_tokenizer.merge_pair(word, best)): n for word, n in counts.items()}
+        counts = {tuple(clip_model.merge_pair(word, best)): n for word, n in counts.items()}
     return merges
 
 
@@ -196,6 +148,7 @@ HF_SPECIALS = {"gpt2": ["<|endoftext|>"], "roberta": ["<s>", "<pad>", "</s>", "<
 def train_hf_tokenizer(corpus: list[str], kind: str, vocab_size: int, directory: Path) -> None:
     """Byte-level BPE trained on the corpus, saved as GPT-2's or RoBERTa's tokenizer files
     (vocab.json, merges.txt, and save_pretrained's tokenizer.json / tokenizer_config.json)."""
+    # Imported here: transformers takes most of a second to import, and only a build needs it.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2TokenizerFast, RobertaTokenizerFast
 
@@ -217,18 +170,14 @@ def train_hf_tokenizer(corpus: list[str], kind: str, vocab_size: int, directory:
 
 
 # ----------------------------------------------------------------------------------------------
-# Building (or reusing) every part, each trusted only when its key matches
+# Files of a part, trusted only when their key (and digests) match
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    data.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj)))
-
-
-def _read_json(path: Path, key: str) -> dict | None:
+def _read_keyed(path: Path, key: str) -> dict | None:
     """The JSON object at path if it was written under key, else None (missing, stale, corrupt)."""
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
+        obj = data.read_json(path)
+    except data.DataError:  # missing or corrupt: the part is rebuilt
         return None
     return obj if isinstance(obj, dict) and obj.get("key") == key else None
 
@@ -239,7 +188,7 @@ def _dir_digests(directory: Path) -> dict[str, str]:
 
 
 def _tokenizers_ok(directory: Path, key: str) -> bool:
-    manifest = _read_json(directory / "manifest.json", key)
+    manifest = _read_keyed(directory / "manifest.json", key)
     if manifest is None:
         return False
     try:
@@ -250,10 +199,13 @@ def _tokenizers_ok(directory: Path, key: str) -> bool:
         return False
 
 
-def build_tokenizers(directory: Path, key: str, corpus: list[str], clip_texts: list[str],
+def train_tokenizers(directory: Path, key: str, corpus: list[str], clip_texts: list[str],
                      vocab_size: int) -> None:
-    """GPT-2 and RoBERTa tokenizers from the corpus, CLIP's merges from the CLIP pairs' captions;
-    built in a temporary directory that replaces `directory` only when complete."""
+    """GPT-2 and RoBERTa tokenizers from the corpus, CLIP's merges from the CLIP pairs' captions.
+
+    They are built in a temporary directory that replaces `directory` only when complete (the
+    directory's counterpart of data.atomic_write, which the manifest inside it is written with).
+    """
     tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -262,11 +214,166 @@ def build_tokenizers(directory: Path, key: str, corpus: list[str], clip_texts: l
         clip_tokenizer.write_merges(tmp / "clip_bpe.txt", learn_bpe(clip_texts))
         digests = {sub: _dir_digests(tmp / sub) for sub in ("gpt2", "roberta")}
         digests["clip_bpe.txt"] = data.file_digest(tmp / "clip_bpe.txt")
-        _write_json(tmp / "manifest.json", {"key": key, "digests": digests})
+        data.write_json(tmp / "manifest.json", {"key": key, "digests": digests})
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# How the build runs: its CPU threads and the time of each step
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """Run the block on n CPU threads, then restore the previous settings; n=0 changes nothing.
+
+    n sets torch's intra-op pool (CLIP pretraining and encoding); n=1 also makes the tokenizers
+    library train serially (its pool, sized at first use, would otherwise take every core).
+    Rendering and the grammars are single-threaded Python. Why deliberately: a thread that waits
+    at each small op's barrier for a descheduled sibling makes a step many times slower when
+    another process shares the cores (ShapesWorldConfig.threads).
+    """
+    if n <= 0:
+        yield
+        return
+    torch_threads, parallelism = torch.get_num_threads(), os.environ.get("TOKENIZERS_PARALLELISM")
+    torch.set_num_threads(n)
+    if n == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the library at each call
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+
+
+@dataclass
+class BuildLog:
+    """Wall-clock and CPU seconds of each step a build ran (CPU time shows the cost on a busy
+    machine, where several processes share the cores)."""
+
+    progress: bool
+    timings_s: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str):
+        if self.progress:
+            tqdm.write(f"shapesworld: {name} ...")
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.timings_s[name] = round(time.perf_counter() - wall, 2)
+        self.cpu_s[name] = round(time.process_time() - cpu, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The build's steps, in order: each reuses its part when the key matches, else makes and saves it
+
+
+def build_text(cfg: ShapesWorldConfig, root: Path, log: BuildLog) -> dict:
+    """world.json: scenes, corpus and references (make_world) under the world's key."""
+    key = world_key(cfg, *WORLD_FIELDS)
+    world = _read_keyed(root / "world.json", key)
+    if world is None:
+        with log.step("text"):
+            world = {"key": key, **make_world(cfg)}
+            data.write_json(root / "world.json", world)
+    return world
+
+
+def build_images(cfg: ShapesWorldConfig, root: Path, scenes: dict, log: BuildLog
+                 ) -> dict[str, np.ndarray]:
+    """images.safetensors: each split's (N, R, R, 3) uint8 images, under the world's key."""
+    key = world_key(cfg, *WORLD_FIELDS)
+    images = data.load_arrays(root / "images.safetensors", key)
+    if images is None:
+        with log.step("images"):
+            images = {split: render_all(cfg, split, scenes[split], log.progress)
+                      for split in scenes}
+            data.save_arrays(root / "images.safetensors", images, key)
+    return images
+
+
+def build_tokenizers(cfg: ShapesWorldConfig, root: Path, corpus: list[str], log: BuildLog
+                     ) -> tuple[Path, tuple | None]:
+    """tokenizers/: GPT-2's and RoBERTa's from the corpus, CLIP's merges from the CLIP pairs.
+    Returns the directory and the CLIP pairs when this call drew them (else None)."""
+    directory, pairs = root / "tokenizers", None
+    key = data.cache_key(world=world_key(cfg, *WORLD_FIELDS), clip=world_key(cfg, *CLIP_FIELDS),
+                         vocab=cfg.bpe_vocab_size)
+    if not _tokenizers_ok(directory, key):
+        with log.step("tokenizers"):
+            pairs = shapes_clip.clip_pairs(cfg)
+            train_tokenizers(directory, key, corpus, [c for caps in pairs[1] for c in caps],
+                             cfg.bpe_vocab_size)
+    return directory, pairs
+
+
+def build_clip(cfg: ShapesWorldConfig, root: Path, tokenizer: clip_tokenizer.Tokenizer,
+               bpe_path: Path, pairs: tuple | None, log: BuildLog) -> dict:
+    """clip.pt: the tiny CLIP pretrained on the CLIP pairs (shapes_clip.train_clip), and
+    clip.json: its key, the digest of clip.pt, and its retrieval, gap and probe figures."""
+    path = root / "clip.pt"
+    key = data.cache_key(clip=world_key(cfg, *CLIP_FIELDS), bpe=data.file_digest(bpe_path))
+    record = _read_keyed(root / "clip.json", key)
+    if record is None or not path.is_file() or data.file_digest(path) != record["digest"]:
+        with log.step("clip"):
+            (root / "clip.json").unlink(missing_ok=True)
+            record = {"key": key, **shapes_clip.train_clip(
+                cfg, pairs or shapes_clip.clip_pairs(cfg), tokenizer, path, log.progress)}
+            data.write_json(root / "clip.json", record)
+    return record
+
+
+def build_embeddings(cfg: ShapesWorldConfig, root: Path, world: dict, images: dict,
+                     tokenizer: clip_tokenizer.Tokenizer, clip_digest: str, log: BuildLog
+                     ) -> dict[str, np.ndarray]:
+    """feats.safetensors: (N, D) embeddings of each split's images and (M, D) of the corpus."""
+    key = data.cache_key(world=world_key(cfg, *WORLD_FIELDS), clip=clip_digest)
+    feats = data.load_arrays(root / "feats.safetensors", key)
+    if feats is None:
+        with log.step("embeddings"):
+            model, _ = clip_model.load(root / "clip.pt")
+            feats = {split: shapes_clip.encode_images(model, images[split], log.progress).numpy()
+                     for split in images}
+            feats["corpus"] = shapes_clip.encode_texts(model, tokenizer, world["corpus"],
+                                                       log.progress).numpy()
+            data.save_arrays(root / "feats.safetensors", feats, key)
+    return feats
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole build, and the world it hands to the method
+
+
+def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = True) -> data.CaptionData:
+    """Build (or reuse) the world under world_dir(cfg) and return it as a data.CaptionData.
+
+    Parts whose key matches are loaded; the rest are rebuilt in order: text (scenes, corpus,
+    references), images, tokenizers, tiny CLIP, embedding caches, all on cfg.threads CPU threads.
+    report.json records the time of each step of this call and the CLIP's figures.
+    """
+    cfg = (cfg or ShapesWorldConfig()).check()
+    root = world_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    log = BuildLog(progress)
+    with cpu_threads(cfg.threads):
+        world = build_text(cfg, root, log)
+        scenes = {k: [grammar.scene_from_json(s) for s in v] for k, v in world["scenes"].items()}
+        images = build_images(cfg, root, scenes, log)
+        tok_dir, pairs = build_tokenizers(cfg, root, world["corpus"], log)
+        tokenizer = clip_tokenizer.Tokenizer(tok_dir / "clip_bpe.txt")
+        record = build_clip(cfg, root, tokenizer, tok_dir / "clip_bpe.txt", pairs, log)
+        feats = build_embeddings(cfg, root, world, images, tokenizer, record["digest"], log)
+    data.write_json(root / "report.json", {
+        "key": "report", "timings_s": log.timings_s, "cpu_s": log.cpu_s, "threads": cfg.threads,
+        "clip": record["metrics"], "test_refs_in_corpus": _share_in_corpus(world)})
+    return caption_data(cfg, root, world, scenes, images, feats)
 
 
 def _split_of(image_id: str, known: dict) -> tuple[str, int]:
@@ -277,91 +384,10 @@ def _split_of(image_id: str, known: dict) -> tuple[str, int]:
     return split, int(index)
 
 
-def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = True) -> data.CaptionData:
-    """Build (or reuse) the world under world_dir(cfg) and return it as a data.CaptionData.
-
-    Parts whose key matches are loaded; the rest are rebuilt in order: text (scenes, corpus,
-    references), images, tokenizers, tiny CLIP, embedding caches. report.json records the time of
-    each step of this call and the CLIP's figures.
-    """
-    # shapes_clip draws its pairs from this world's scenes and renderer, so it imports this module;
-    # importing it here, where the CLIP is built, keeps the module imports one-way.
-    import shapes_clip
-
-    cfg = cfg or ShapesWorldConfig()
-    root = world_dir(cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    # Wall-clock and CPU seconds of each step this call ran (CPU time shows the cost on a busy
-    # machine, where several processes share the cores).
-    timings: dict[str, float] = {}
-    cpu: dict[str, float] = {}
-
-    def step(name):
-        timings[name], cpu[name] = time.perf_counter(), time.process_time()
-        if progress:
-            tqdm.write(f"shapesworld: {name} ...")
-
-    def done(name):
-        timings[name] = round(time.perf_counter() - timings[name], 2)
-        cpu[name] = round(time.process_time() - cpu[name], 2)
-
-    scenes_key = world_key(cfg, *WORLD_FIELDS)
-    world = _read_json(root / "world.json", scenes_key)
-    if world is None:
-        step("text")
-        world = {"key": scenes_key, **make_world(cfg)}
-        _write_json(root / "world.json", world)
-        done("text")
-    scenes = {k: [grammar.scene_from_json(s) for s in v] for k, v in world["scenes"].items()}
-
-    arrays = data.load_arrays(root / "images.safetensors", scenes_key)
-    if arrays is None:
-        step("images")
-        arrays = {split: render_all(cfg, split, scenes[split], progress) for split in scenes}
-        data.save_arrays(root / "images.safetensors", arrays, scenes_key)
-        done("images")
-
-    clip_key = world_key(cfg, *CLIP_FIELDS)
-    tok_dir, tok_key = root / "tokenizers", data.cache_key(world=scenes_key, clip=clip_key,
-                                                           vocab=cfg.bpe_vocab_size)
-    pairs = None
-    if not _tokenizers_ok(tok_dir, tok_key):
-        step("tokenizers")
-        pairs = shapes_clip.clip_pairs(cfg)
-        build_tokenizers(tok_dir, tok_key, world["corpus"],
-                         [c for caps in pairs[1] for c in caps], cfg.bpe_vocab_size)
-        done("tokenizers")
-    bpe_path = tok_dir / "clip_bpe.txt"
-    tokenizer = clip_tokenizer.Tokenizer(bpe_path)
-
-    clip_path, clip_key = root / "clip.pt", data.cache_key(clip=clip_key,
-                                                           bpe=data.file_digest(bpe_path))
-    record = _read_json(root / "clip.json", clip_key)
-    if record is None or not clip_path.is_file() or data.file_digest(clip_path) != record["digest"]:
-        step("clip")
-        (root / "clip.json").unlink(missing_ok=True)
-        record = {"key": clip_key, **shapes_clip.train_clip(
-            cfg, pairs or shapes_clip.clip_pairs(cfg), tokenizer, clip_path, progress)}
-        _write_json(root / "clip.json", record)
-        done("clip")
-    model, _ = clip_model.load(clip_path)
-
-    feats_key = data.cache_key(world=scenes_key, clip=record["digest"])
-    feats = data.load_arrays(root / "feats.safetensors", feats_key)
-    if feats is None:
-        step("embeddings")
-        feats = {split: shapes_clip.encode_images(model, arrays[split], progress).numpy()
-                 for split in arrays}
-        feats["corpus"] = shapes_clip.encode_texts(model, tokenizer, world["corpus"],
-                                                   progress).numpy()
-        data.save_arrays(root / "feats.safetensors", feats, feats_key)
-        done("embeddings")
-
-    report = {"timings_s": timings, "cpu_s": cpu, "clip": record["metrics"],
-              "test_refs_in_corpus": _share_in_corpus(world)}
-    _write_json(root / "report.json", {"key": "report", **report})
-
-    images = {split: arrays[split] for split in scenes}
+def caption_data(cfg: ShapesWorldConfig, root: Path, world: dict, scenes: dict, images: dict,
+                 feats: dict) -> data.CaptionData:
+    """The built parts as the method's data.CaptionData, with an image loader and the
+    ground-truth checker (shapes_grammar.check against each split's scenes)."""
     by_split = {split: {f"{split}_{i:05d}": s for i, s in enumerate(v)} for split, v in scenes.items()}
 
     def image_loader(image_id: str) -> Image.Image:
@@ -382,21 +408,15 @@ def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = Tru
     splits = {split: data.EvalSplit(ids=list(world["references"][split]), feats=tensor(split),
                                     references=world["references"][split])
               for split in ("val", "test")}
+    tok_dir = root / "tokenizers"
     return data.CaptionData(
-        name=f"shapesworld-{cfg.corpus_style}-seed{cfg.seed}", clip_path=clip_path,
-        clip_bpe_path=bpe_path, gpt2_path=tok_dir / "gpt2", roberta_path=tok_dir / "roberta",
-        train_ids=list(by_split["train"]), train_feats=tensor("train"), corpus=world["corpus"],
-        corpus_feats=tensor("corpus"), splits=splits, image_loader=image_loader,
-        checker=checker).validate()
-
-
-def _share_in_corpus(world: dict) -> float:
-    """Share of test references that appear verbatim in the corpus."""
-    corpus = set(world["corpus"])
-    refs = [r for rs in world["references"]["test"].values() for r in rs]
-    return sum(r in corpus for r in refs) / max(1, len(refs))
+        name=f"shapesworld-{cfg.corpus_style}-seed{cfg.seed}", clip_path=root / "clip.pt",
+        clip_bpe_path=tok_dir / "clip_bpe.txt", gpt2_path=tok_dir / "gpt2",
+        roberta_path=tok_dir / "roberta", train_ids=list(by_split["train"]),
+        train_feats=tensor("train"), corpus=world["corpus"], corpus_feats=tensor("corpus"),
+        splits=splits, image_loader=image_loader, checker=checker).validate()
 
 
 def load_report(cfg: ShapesWorldConfig) -> dict | None:
-    """report.json of the last build of this config (timings, CLIP figures), or None."""
-    return _read_json(world_dir(cfg) / "report.json", "report")
+    """report.json of the last build of this config (timings, threads, CLIP figures), or None."""
+    return _read_keyed(world_dir(cfg) / "report.json", "report")

@@ -4,13 +4,20 @@ modality gap, and the nearest-corpus-sentence retrieval baseline on the test spl
     python bench/bench_shapes.py              # build the default world from nothing (temp dir)
     python bench/bench_shapes.py --reuse      # reuse (or build) the default cache under cache/
     python bench/bench_shapes.py --world corpus_style=alt
+    python bench/bench_shapes.py --step-threads 1 2 --busy 1   # CLIP step time by thread count
 
 The retrieval baseline (CLIPRe-like) captions each test image with the corpus sentence of highest
 CLIP cosine; its peer in the same run is a random corpus sentence per image (the ratio shows what
 CLIP's ranking adds). CLIP retrieval is compared with chance on the same held-out pairs.
+
+--step-threads times tiny-CLIP pretraining steps (the default model and batch, on a few hundred
+pairs) at each thread count, while --busy busy-loop processes compete for the cores, as another
+training or test job does (ShapesWorldConfig.threads).
 """
 import argparse
 import dataclasses
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import clip_model  # noqa: E402
+import clip_tokenizer  # noqa: E402
 import evaluate  # noqa: E402
+import shapes_clip  # noqa: E402
 import shapesworld as sw  # noqa: E402
 
 
@@ -42,21 +52,49 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reuse", action="store_true", help="use the default cache directory")
-    parser.add_argument("--world", nargs="*", default=[], help="ShapesWorldConfig FIELD=VALUE")
-    args = parser.parse_args()
-    overrides = parse_overrides(args.world)
+def clip_step_seconds(cfg: sw.ShapesWorldConfig, thread_counts: list[int], busy: int,
+                      steps: int, repeats: int) -> dict[int, list[float]]:
+    """Seconds per tiny-CLIP pretraining step at each thread count, measured in turns, with
+    `busy` busy-loop processes running beside this one the whole time."""
+    pairs = shapes_clip.clip_pairs(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.reuse:
-            overrides.setdefault("root", tmp)
-        cfg = sw.ShapesWorldConfig(**overrides)
-        start = time.perf_counter()
-        data = sw.build_shapesworld(cfg)
-        total = time.perf_counter() - start
-        report = sw.load_report(cfg)
-    print(f"torch threads: {torch.get_num_threads()}")
+        bpe = Path(tmp) / "bpe.txt"
+        clip_tokenizer.write_merges(bpe, sw.learn_bpe([c for caps in pairs[1] for c in caps]))
+        tokenizer = clip_tokenizer.Tokenizer(bpe)
+    images, tokens, closeup = shapes_clip.pretraining_inputs(cfg, pairs, tokenizer, False)
+    short = dataclasses.replace(cfg, clip_steps=steps)
+    competitors = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                   for _ in range(busy)]
+    seconds: dict[int, list[float]] = {n: [] for n in thread_counts}
+    try:
+        for _ in range(repeats):
+            for n in thread_counts:
+                with sw.cpu_threads(n):
+                    start = time.perf_counter()
+                    shapes_clip.pretrain_clip(short, images, tokens, tokenizer.vocab_size, False,
+                                              closeup)
+                    seconds[n].append((time.perf_counter() - start) / steps)
+    finally:
+        for process in competitors:
+            process.kill()
+            process.wait()
+    return seconds
+
+
+def print_step_threads(thread_counts: list[int], busy: int, steps: int, repeats: int) -> None:
+    cfg = sw.ShapesWorldConfig(n_clip_pairs=512, n_clip_heldout=1, n_clip_closeups=256)
+    seconds = clip_step_seconds(cfg, thread_counts, busy, steps, repeats)
+    print(f"tiny-CLIP pretraining step (batch {cfg.clip_batch_size}, {steps} steps x {repeats}), "
+          f"{busy} busy-loop process(es) beside it:")
+    for n, runs in seconds.items():
+        print(f"  {n} thread(s): {statistics.median(runs):.3f} s/step (median; "
+              f"runs {', '.join(f'{t:.3f}' for t in runs)})")
+
+
+def print_build(report: dict, total: float, data) -> None:
+    """The build's step times, the tiny CLIP's figures, and the retrieval baseline on the test split
+    of data (a data.CaptionData)."""
+    print(f"torch threads: {report['threads']} (world.threads)")
     print(f"build: {total:.1f} s total" + ("" if report["timings_s"] else " (all parts reused)"))
     print(f"  {'step':<12s} {'wall s':>7s} {'CPU s':>7s}   (CPU s / threads ~ wall time on idle cores)")
     for name, seconds in report["timings_s"].items():
@@ -91,6 +129,33 @@ def main() -> None:
               f"fluency {checked['fluency']:.3f}  faithfulness {checked['faithfulness']:.3f}")
     ratio = rows["nearest corpus sentence"][0] / max(rows["random corpus sentence"][0], 1e-9)
     print(f"  retrieval / random CIDEr-D ratio: {ratio:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reuse", action="store_true", help="use the default cache directory")
+    parser.add_argument("--world", nargs="*", default=[], help="ShapesWorldConfig FIELD=VALUE")
+    parser.add_argument("--step-threads", nargs="*", type=int, default=[],
+                        help="time CLIP pretraining steps at these thread counts instead")
+    parser.add_argument("--busy", type=int, default=1,
+                        help="busy-loop processes beside --step-threads")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="steps per --step-threads measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per thread count")
+    args = parser.parse_args()
+    if args.step_threads:
+        print_step_threads(args.step_threads, args.busy, args.steps, args.repeats)
+        return
+    overrides = parse_overrides(args.world)
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.reuse:
+            overrides.setdefault("root", tmp)
+        cfg = sw.ShapesWorldConfig(**overrides)
+        start = time.perf_counter()
+        data = sw.build_shapesworld(cfg)
+        total = time.perf_counter() - start
+        report = sw.load_report(cfg)
+    print_build(report, total, data)
 
 
 if __name__ == "__main__":

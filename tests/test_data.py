@@ -120,6 +120,19 @@ def test_interrupted_save_leaves_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["cache.safetensors"]
 
 
+
+def test_json_round_trip_and_unreadable_files_are_one_line_errors(tmp_path):
+    path = tmp_path / "sub" / "record.json"
+    data.write_json(path, {"key": "k", "values": [1, 2.5, "crimson"]}, indent=2)
+    assert data.read_json(path) == {"key": "k", "values": [1, 2.5, "crimson"]}
+    assert path.read_text(encoding="utf-8").startswith("{\n  ")
+    assert [p.name for p in path.parent.iterdir()] == ["record.json"]  # no temporary file left
+    path.write_text('{"key": "k", "valu')  # a file cut short
+    with pytest.raises(DataError, match="record.json is not valid JSON"):
+        data.read_json(path)
+    with pytest.raises(DataError, match="cannot read .*missing.json"):
+        data.read_json(tmp_path / "missing.json")
+
 # ----------------------------------------------------------------------------------------------
 # CLIP-agg targets
 

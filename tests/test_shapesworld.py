@@ -1,5 +1,7 @@
 """ShapesWorld: determinism, ground truth, disjoint splits, tokenizers, tiny CLIP, caches."""
+import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import clip_model
 import clip_tokenizer
 import shapes_clip
 import shapes_grammar as grammar
+import shapes_scenes
 import shapesworld as sw
 
 
@@ -113,7 +116,7 @@ def test_corpus_comes_from_independent_scenes(tmp_path):
     # The corpus does not change when the training set does: it is not made from its captions.
     assert sw.make_world(tiny(tmp_path, n_train=cfg.n_train * 3))["corpus"] == world["corpus"]
     corpus_scenes = {tuple(map(tuple, grammar.scene_to_json(s)))
-                     for s in sw.make_scenes(cfg, "corpus", cfg.n_corpus)}
+                     for s in shapes_scenes.make_scenes(cfg, "corpus", cfg.n_corpus)}
     for split in ("train", "val", "test"):
         assert not corpus_scenes & {tuple(map(tuple, s)) for s in world["scenes"][split]}
 
@@ -132,7 +135,7 @@ def test_alt_corpus_uses_another_grammar(tmp_path):
     assert {"picture", "crimson", "located"} & (alt_words - plain_words)
     assert all(grammar.parse(s) for s in alt["corpus"])
     with pytest.raises(ValueError, match="corpus_style"):
-        sw.ShapesWorldConfig(corpus_style="poetry")
+        sw.build_shapesworld(tiny(tmp_path, corpus_style="poetry"), progress=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +190,7 @@ def test_tiny_clip_pretraining_fits_a_small_set_of_pairs(tmp_path):
     cfg = tiny(tmp_path, n_clip_pairs=32, n_clip_heldout=1, clip_steps=60, clip_batch_size=32)
     scenes, captions = shapes_clip.clip_pairs(cfg)
     plain = [c[0] for c in captions[:32]]
-    images = sw.render_all(cfg, "clip", scenes[:32], progress=False)
+    images = shapes_scenes.render_all(cfg, "clip", scenes[:32], progress=False)
     clip_tokenizer.write_merges(tmp_path / "bpe.txt", sw.learn_bpe(plain))
     tokenizer = clip_tokenizer.Tokenizer(tmp_path / "bpe.txt")
     tokens = shapes_clip.clip_tokens(plain, tokenizer, 32)[:, None]  # (32, 1, L)
@@ -256,6 +259,27 @@ def test_stale_or_truncated_caches_are_rebuilt(tmp_path):
     world.write_text(world.read_text().replace('"key": "', '"key": "stale', 1))
     sw.build_shapesworld(cfg, progress=False)
     assert "text" in sw.load_report(cfg)["timings_s"]
+
+
+def test_threads_are_set_for_the_build_only_and_never_key_the_cache(world, monkeypatch):
+    cfg, d = world
+    assert sw.world_key(replace(cfg, threads=2, root=None)) == sw.world_key(cfg)
+    assert sw.world_dir(replace(cfg, threads=2, root=None)) == sw.world_dir(replace(cfg, root=None))
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    before = torch.get_num_threads()
+    with sw.cpu_threads(1):
+        assert torch.get_num_threads() == 1
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    assert torch.get_num_threads() == before and "TOKENIZERS_PARALLELISM" not in os.environ
+    with pytest.raises(KeyboardInterrupt), sw.cpu_threads(3):
+        assert torch.get_num_threads() == 3
+        raise KeyboardInterrupt
+    assert torch.get_num_threads() == before
+    # Another thread count finds every part of the same world and reuses it.
+    again = sw.build_shapesworld(replace(cfg, threads=3), progress=False)
+    assert sw.load_report(cfg)["timings_s"] == {} and sw.load_report(cfg)["threads"] == 3
+    assert torch.equal(again.train_feats, d.train_feats)
+    assert torch.get_num_threads() == before
 
 
 def test_interrupted_build_leaves_nothing_trusted(tmp_path, monkeypatch):
