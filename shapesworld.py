@@ -121,7 +121,7 @@ def learn_bpe(texts: list[str], max_merges: int = 4000) -> list[tuple[str, str]]
     Ties go to the alphabetically first pair, so the result is deterministic. Example: ["low low
     lot"] starts from l o w</w> (x2), l o t</w>; ("l", "o") occurs 3 times and is merged first.
     """
-    to_symbols = clip_model.bytes_to_unicode()
+    to_symbols = clip_tokenizer.bytes_to_unicode()
     counts: dict[tuple, int] = {}
     for text in texts:
         for word in text.split():
@@ -138,7 +138,7 @@ def learn_bpe(texts: list[str], max_merges: int = 4000) -> list[tuple[str, str]]
             break
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
-        counts = {tuple(clip_model.merge_pair(word, best)): n for word, n in counts.items()}
+        counts = {tuple(clip_tokenizer.merge_pair(word, best)): n for word, n in counts.items()}
     return merges
 
 
