@@ -124,12 +124,12 @@ def test_greedy_is_the_argmax_of_the_full_forward(models):
 
 
 def test_discriminator_loss_worked_values():
-    real = torch.tensor([2.0, -1.0, 3.0], requires_grad=True)
+    real = torch.tensor([2.0, -1.0, 0.5], requires_grad=True)
     fake = torch.tensor([-3.0, 0.5], requires_grad=True)
     loss, stats = discriminator_loss(real, fake)
     # BCE: -log sigmoid(x) for real (label 1), -log(1 - sigmoid(x)) for fake (label 0)
     softplus = lambda x: math.log1p(math.exp(x))
-    want = 0.5 * ((softplus(-2) + softplus(1) + softplus(-3)) / 3 + (softplus(-3) + softplus(0.5)) / 2)
+    want = 0.5 * ((softplus(-2) + softplus(1) + softplus(-0.5)) / 3 + (softplus(-3) + softplus(0.5)) / 2)
     assert loss.item() == pytest.approx(want, rel=1e-6)
     assert stats["d_loss"] == pytest.approx(want, rel=1e-6)
     assert stats["d_acc"] == pytest.approx(0.5 * (2 / 3 + 1 / 2))
@@ -266,13 +266,13 @@ def test_scst_loss_leaves_padding_out():
 
 
 def test_scst_loss_leave_one_out_baseline():
-    logp = torch.tensor([[[-1.0], [-2.0], [-3.0]]])  # (B=1, K=3, T=1)
+    logp = torch.tensor([[[-1.0], [-2.0], [-3.0]], [[-1.0], [-1.0], [-2.0]]])  # (B=2, K=3, T=1)
     mask = torch.ones_like(logp)
-    reward = torch.tensor([[6.0, 0.0, 3.0]])
-    # baselines: mean of the others = [1.5, 4.5, 3.0]; advantages [4.5, -4.5, 0]
-    # -> -(4.5 * -1 + -4.5 * -2 + 0) / 3 = -1.5
-    assert scst_loss(logp, mask, reward).item() == pytest.approx(-1.5)
-    assert scst_loss(logp, mask, reward, torch.tensor([3.0])).item() == pytest.approx(
+    reward = torch.tensor([[6.0, 0.0, 3.0], [10.0, 10.0, 40.0]])
+    # Each image's samples only: baselines [1.5, 4.5, 3.0] and [25, 25, 10]; advantages
+    # [4.5, -4.5, 0] and [-15, -15, 30] -> -(-4.5 + 9 + 0 + 15 + 15 - 60) / 6 = 25.5 / 6
+    assert scst_loss(logp, mask, reward).item() == pytest.approx(25.5 / 6)
+    assert scst_loss(logp[:1], mask[:1], reward[:1], torch.tensor([3.0])).item() == pytest.approx(
         -(3 * -1 + -3 * -2 + 0) / 3)
 
 
@@ -299,6 +299,8 @@ def test_lambda_schedule_boundaries():
     assert lambda_schedule(hold + 2, hold, ramp, final=0.8) == pytest.approx(0.4)
     # ramp = 0: a step from 0 to final at hold.
     assert [lambda_schedule(s, 3, 0, final=0.7) for s in (2, 3, 4)] == [0.0, 0.7, 0.7]
+    # ramp = 1: 0 at hold, final one step later.
+    assert [lambda_schedule(s, 3, 1, final=0.7) for s in (2, 3, 4)] == [0.0, 0.0, 0.7]
 
 
 def test_reward_lambda_follows_the_schedule_per_reward():
@@ -391,16 +393,16 @@ def reference_rewards(run, gen, disc, batch):
     with torch.no_grad():
         d = disc(tokens["input_ids"], tokens["attention_mask"])  # (B*K + B,)
     w = cfg.agg_weight if cfg.reward.semantic == "agg" else 0.0
-    r_cos, r_sem, r_nat = (torch.zeros(b, k + 1) for _ in range(3))
+    r_cos, r_agg, r_sem, r_nat = (torch.zeros(b, k + 1) for _ in range(4))
     for i in range(b):
         texts = samples[i * k:(i + 1) * k] + [greedy[i]]
         emb = F.normalize(run.clip_text(texts), dim=-1)  # (K+1, D)
         v, a = F.normalize(batch.feats[i], dim=0), F.normalize(batch.agg_targets[i], dim=0)
         r_cos[i] = 100 * emb @ v
-        r_agg = 50 * emb @ a + 50 * (1 - (emb - a).abs().mean(-1))
-        r_sem[i] = w * r_agg + (1 - w) * r_cos[i]
+        r_agg[i] = 50 * emb @ a + 50 * (1 - (emb - a).abs().mean(-1))
+        r_sem[i] = w * r_agg[i] + (1 - w) * r_cos[i]
         r_nat[i] = torch.cat([d[i * k:(i + 1) * k], d[b * k + i:b * k + i + 1]])
-    return SimpleNamespace(ids=ids, logp=logp, mask=mask, samples=samples, r_cos=r_cos,
+    return SimpleNamespace(ids=ids, logp=logp, mask=mask, samples=samples, r_cos=r_cos, r_agg=r_agg,
                            r_sem=r_sem, r_nat=r_nat, d_fake=d[:b * k])
 
 
@@ -414,8 +416,11 @@ def test_gan_step_terms_equal_independent_recomputation(world, monkeypatch, sets
     batch = train.draw_batch(run, train.agg_targets(run), torch.Generator().manual_seed(0))
     b = batch.feats.shape[0]
     assert b >= 2 and not torch.allclose(batch.feats[0], batch.feats[1])
+    # An end token that the samples reach at different lengths, so decoding must strip it.
+    ragged_end(run.generator, batch.feats, batch.uniforms)
     gen0, disc0 = copy.deepcopy(run.generator), copy.deepcopy(run.discriminator)
     ref = reference_rewards(run, gen0, disc0, batch)
+    assert len(set(ref.mask.sum(-1).flatten().tolist())) > 1
     scst, d_calls, updates = (spy(monkeypatch, n) for n in ("scst_loss", "discriminator_loss",
                                                              "update"))
 
@@ -434,6 +439,9 @@ def test_gan_step_terms_equal_independent_recomputation(world, monkeypatch, sets
             assert len(args) == 3 or args[3] is None
         else:
             close(args[3], r[:, k], tol=1e-4)
+    assert set(stats) == {"loss_g", "loss_sem", "loss_nat", "d_loss", "d_acc", "lambda", "r_cos",
+                          "r_agg", "r_nat", "r_sem", "len", "example"}
+    assert stats["r_agg"] == pytest.approx(ref.r_agg[:, :k].mean().item(), abs=1e-4)
     assert stats["r_cos"] == pytest.approx(ref.r_cos[:, :k].mean().item(), abs=1e-4)
     assert stats["r_sem"] == pytest.approx(ref.r_sem[:, :k].mean().item(), abs=1e-4)
     assert stats["r_nat"] == pytest.approx(ref.r_nat[:, :k].mean().item(), abs=1e-5)
