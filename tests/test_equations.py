@@ -402,7 +402,7 @@ def reference_rewards(run, gen, disc, batch):
         r_agg[i] = 50 * emb @ a + 50 * (1 - (emb - a).abs().mean(-1))
         r_sem[i] = w * r_agg[i] + (1 - w) * r_cos[i]
         r_nat[i] = torch.cat([d[i * k:(i + 1) * k], d[b * k + i:b * k + i + 1]])
-    return SimpleNamespace(ids=ids, logp=logp, mask=mask, samples=samples, r_cos=r_cos, r_agg=r_agg,
+    return SimpleNamespace(ids=ids, logp=logp, mask=mask, samples=samples, greedy=greedy, r_cos=r_cos, r_agg=r_agg,
                            r_sem=r_sem, r_nat=r_nat, d_fake=d[:b * k])
 
 
@@ -416,11 +416,19 @@ def test_gan_step_terms_equal_independent_recomputation(world, monkeypatch, sets
     batch = train.draw_batch(run, train.agg_targets(run), torch.Generator().manual_seed(0))
     b = batch.feats.shape[0]
     assert b >= 2 and not torch.allclose(batch.feats[0], batch.feats[1])
-    # An end token that the samples reach at different lengths, so decoding must strip it.
-    ragged_end(run.generator, batch.feats, batch.uniforms)
+    # An end token that image 0's greedy caption and its first sample reach (by drawing the
+    # argmax at each step) but not the other samples: decoding must strip it from both kinds.
+    gen, n = run.generator, 3
+    greedy_ids, _ = gen.greedy(batch.feats[:1])
+    gen.end_id = greedy_ids[0, n - 1].item()
+    with torch.no_grad():
+        cdf = gen(batch.feats[:1], greedy_ids[:, :n])[0].softmax(-1).cumsum(-1)  # (n, V)
+    hi = cdf.gather(1, greedy_ids[0, :n, None]).squeeze(1)  # (n,) the argmax's CDF interval
+    lo = hi - cdf.diff(dim=1, prepend=torch.zeros(n, 1)).gather(1, greedy_ids[0, :n, None]).squeeze(1)
+    batch.uniforms[0, 0, :n] = (lo + hi) / 2
     gen0, disc0 = copy.deepcopy(run.generator), copy.deepcopy(run.discriminator)
     ref = reference_rewards(run, gen0, disc0, batch)
-    assert len(set(ref.mask.sum(-1).flatten().tolist())) > 1
+    assert len(set(ref.mask.sum(-1).flatten().tolist())) > 1 and len(ref.greedy[0].split()) < n
     scst, d_calls, updates = (spy(monkeypatch, n) for n in ("scst_loss", "discriminator_loss",
                                                              "update"))
 
