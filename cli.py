@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a field of the run's config, e.g. --set real.eval_split_file=F "
                         "--set real.eval_image_root=DIR to score on any Karpathy split file")
+    p.add_argument("--fast", action="store_true",
+                   help="skip METEOR and SPICE, which run in Java (by default each is computed "
+                        "where Java and its files are present, and named when they are not)")
     p = sub.add_parser("caption", help="caption image files with a trained run")
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--run", default="runs/shapesworld_seed0", help="the run folder whose best.pt captions")
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             cfg, run_dir = eval_config(args)
-            commands.run_eval(cfg, run_dir, args.split, args.checkpoint)
+            commands.run_eval(cfg, run_dir, args.split, args.checkpoint, java=not args.fast)
         elif args.command == "caption":
             return caption(args, commands)
         else:

@@ -181,12 +181,16 @@ ROWS = [
         ("Caption metrics",
          "BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE (COCO caption toolkit, PTB tokenisation)",
          [("evaluate.py", "score"), ("evaluate.py", "ptb_tokenize"), ("evaluate.py", "bleu"),
-          ("evaluate.py", "rouge_l"), ("evaluate.py", "cider_d"), ("evaluate.py", "meteor")],
+          ("evaluate.py", "rouge_l"), ("evaluate.py", "cider_d"), ("java_metrics.py", "meteor"),
+          ("java_metrics.py", "spice"), ("evaluate.py", "coco_results")],
          [(T_EV, "test_parity_random_1000_images"), (T_EV, "test_ptb_tokenize_matches_java"),
-          (T_EV, "test_cli_meteor_through_toolkit")], None,
+          (T_EV, "test_cli_meteor_through_toolkit"),
+          ("tests/test_java_metrics.py", "test_spice_runs_the_toolkits_command_and_reads_its_output"),
+          ("tests/test_paperscale.py", "test_eval_scores_equal_cocoevalcaps")], None,
          "Official: pycocoevalcap with Java. Ours: pure-Python parity for BLEU, ROUGE-L, CIDEr-D "
-         "(the toolkit's \"CIDEr\" is CIDEr-D); METEOR through an installed pycocoevalcap; SPICE "
-         "omitted."),
+         "(the toolkit's \"CIDEr\" is CIDEr-D); METEOR and SPICE through an installed pycocoevalcap "
+         "where Java (and SPICE's Stanford CoreNLP jars) are present, else one line naming what is "
+         "missing; `eval` also writes a COCO result file that COCOEvalCap reads."),
         ("CIDEr-D",
          "10 * mean_n mean_refs clipped-cos(tf-idf_n(c), tf-idf_n(r)) * exp(-(l_c - l_r)^2 / (2 * 6^2))",
          [("evaluate.py", "cider_d"), ("evaluate.py", "cider_d_image"), ("evaluate.py", "tfidf_vector"),

@@ -104,4 +104,4 @@ def test_evaluate_commands_name_real_options(command):
         evaluate.main(["--help"])
     assert stop.value.code == 0
     for option in re.findall(r"--[\w-]+", command):
-        assert option in ("--json", "--meteor"), option
+        assert option in ("--json", "--meteor", "--spice"), option
