@@ -1,4 +1,4 @@
-"""The pipelines behind `python cgtgan.py {train,init,prepare,eval,caption}` (parsed in cli.py).
+"""The pipelines behind `python cgtgan.py {train,init,prepare,eval,caption,corpus}` (cli.py parses).
 
 CgT-GAN (arXiv:2308.12045) is tested as the paper's Tables 1-4 test it: initialise the captioner on
 text alone (Sec. 3.1), train it adversarially on unpaired images (Sec. 3.4), keep the checkpoint
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+import corpora
 import evaluate
 import figures
 import realdata
@@ -216,7 +217,7 @@ def run_ablation(cfg: Config, data: CaptionData | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The other commands: init only, prepare, eval, caption
+# The other commands: init only, prepare, eval, caption, corpus
 
 
 def run_init(cfg: Config, data: CaptionData | None = None, resume: bool = False) -> Path:
@@ -317,3 +318,17 @@ def run_caption(cfg: Config, run_dir: Path, images: list[str],
         pixels = preprocess([image for _, image in good]).to(run.device)
         feats = F.normalize(clip.encode_image(pixels).float(), dim=-1)  # (n, D)
     return list(zip([path for path, _ in good], train.caption_feats(run, feats))), errors
+
+
+def run_corpus(kind: str, source: str, output: str, seed: int = 0,
+               gcc_intended: bool = False) -> dict:
+    """An external corpus file from its public file, or the ZS-IC image list (corpora.build)."""
+    if gcc_intended and kind != "gcc":
+        raise ConfigError(f"--gcc-intended applies to the gcc corpus only, not {kind}")
+    summary = corpora.build(kind, source, output, seed, gcc_intended)
+    if kind == "web-images":
+        print(f"web-images: {summary['written']:,} images under {source} listed in {output}")
+    else:
+        print(f"{kind}: {summary['read']:,} captions read from {source}; "
+              f"{summary['written']:,} sentences written to {output}")
+    return summary

@@ -123,5 +123,6 @@ def spice(candidates: dict, references: dict) -> tuple[float, list[float]]:
         results = json.loads(out_file.read_text())
     by_id = {str(r["image_id"]): r["scores"]["All"]["f"] for r in results}
     # The toolkit turns a missing F-score into NaN, and so its mean into NaN; so does this.
-    per_image = [math.nan if by_id.get(str(k)) is None else float(by_id[str(k)]) for k in candidates]
+    per_image = [math.nan if by_id.get(str(k)) is None else float(by_id[str(k)])
+                 for k in candidates]
     return sum(per_image) / max(1, len(per_image)), per_image

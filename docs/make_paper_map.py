@@ -201,14 +201,20 @@ ROWS = [
         ("Test-time decoding and data",
          "greedy captions of the Karpathy test split; corpora from COCO, Flickr30k, GCC, ShutterStock",
          [("train.py", "caption_feats"), ("realdata.py", "read_karpathy"),
+          ("corpora.py", "caption_sentence"), ("corpora.py", "gcc_sentence"),
+          ("corpora.py", "shutterstock_sentence"), ("corpora.py", "web_image_list"),
           ("realdata.py", "clean_sentences")],
          [(T_RD, "test_reference_files_are_coco_format_for_evaluate"),
+          ("tests/test_corpora.py", "test_gcc_drops_every_16_to_19_word_caption_as_the_official_code_does"),
+          ("tests/test_corpora.py", "test_shutterstock_draws_only_for_eligible_fragments"),
           (T_RD, "test_external_corpus_is_cleaned_and_used")], None,
          "Official GCC preprocessing re-seeds NumPy inside its loop, so every 16-19-word caption is "
          "dropped (30% kept was intended); ShutterStock keeps only a caption's first clause; COCO "
          "captions get \".\" appended after checking only the last character (so \" .\" "
-         "survives). Ours: one cleaning for every corpus in `realdata.clean_sentences` "
-         "(lowercase, no final period)."),
+         "survives). Ours: `python cgtgan.py corpus` applies the official rules to the public "
+         "files (GCC's effective drop by default, `--gcc-intended` for p = 0.3; whitespace tidied "
+         "before COCO's last-character check); then one cleaning for every corpus in "
+         "`realdata.clean_sentences` (lowercase, no final period)."),
         ("Zero-shot setting (ZS-IC)",
          "no in-domain images or captions in training; scored on another dataset's Karpathy test split",
          [("config.py", "PRESETS"), ("config.py", "EVAL_DATASETS"), ("commands.py", "run_eval"),
