@@ -1,4 +1,4 @@
-"""The command line of CgT-GAN: `python cgtgan.py {train,init,prepare,eval,caption} ...`.
+"""The command line of CgT-GAN: `python cgtgan.py {train,init,prepare,eval,caption,corpus} ...`.
 
 CgT-GAN (arXiv:2308.12045): `train` runs the paper's two stages on ShapesWorld (default) or, with a
 `--preset`, at paper scale (Sec. 4.1), and prints the test table. This file only parses: every
@@ -19,6 +19,8 @@ from config import (EVAL_DATASETS, PRESETS, Config, ConfigError, Reward, apply_o
                     config_from_dict, parse_sets)
 
 REWARDS = [r.value for r in Reward]
+# What `corpus` builds (corpora.py): a corpus text file from a public file, or the ZS-IC image list.
+CORPORA = ("coco", "flickr30k", "gcc", "shutterstock", "web-images")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,10 +53,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a field of the run's config, e.g. --set real.eval_split_file=F "
                         "--set real.eval_image_root=DIR to score on any Karpathy split file")
+    p.add_argument("--fast", action="store_true",
+                   help="skip METEOR and SPICE, which run in Java (by default each is computed "
+                        "where Java and its files are present, and named when they are not)")
     p = sub.add_parser("caption", help="caption image files with a trained run")
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--run", default="runs/shapesworld_seed0", help="the run folder whose best.pt captions")
+    add_corpus_parser(sub)
     return parser
+
+
+def add_corpus_parser(sub) -> None:
+    """`corpus KIND INPUT OUTPUT`: an external corpus or the ZS-IC image list (corpora.py)."""
+    p = sub.add_parser("corpus", help="paper scale: a corpus file (one sentence per line) from its "
+                       "public file, with the official preprocessing; or the ZS-IC image list")
+    p.add_argument("kind", choices=CORPORA,
+                   help="coco / flickr30k: Karpathy split json -> its train captions; gcc: "
+                        "Conceptual Captions TSV; shutterstock: one caption per line; web-images: "
+                        "an image folder -> a Karpathy-format image list (split train)")
+    p.add_argument("input", help="the public file, or the image folder for web-images")
+    p.add_argument("output", help="the file to write, e.g. data/gcc.txt or data/dataset_web.json")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random draws (ShutterStock's, and gcc's with --gcc-intended); "
+                        "0, the default, is the official code's")
+    p.add_argument("--gcc-intended", action="store_true",
+                   help="gcc: keep 16-19-word captions with p=0.3, as the official code meant to "
+                        "(it drops them all: it re-seeds NumPy inside its loop)")
 
 
 def config_from_args(args) -> Config:
@@ -140,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             cfg, run_dir = eval_config(args)
-            commands.run_eval(cfg, run_dir, args.split, args.checkpoint)
+            commands.run_eval(cfg, run_dir, args.split, args.checkpoint, java=not args.fast)
         elif args.command == "caption":
             return caption(args, commands)
+        elif args.command == "corpus":
+            commands.run_corpus(args.kind, args.input, args.output, args.seed, args.gcc_intended)
         else:
             cfg = config_from_args(args)
             if args.command == "prepare":

@@ -1,4 +1,4 @@
-"""The pipelines behind `python cgtgan.py {train,init,prepare,eval,caption}` (parsed in cli.py).
+"""The pipelines behind `python cgtgan.py {train,init,prepare,eval,caption,corpus}` (cli.py parses).
 
 CgT-GAN (arXiv:2308.12045) is tested as the paper's Tables 1-4 test it: initialise the captioner on
 text alone (Sec. 3.1), train it adversarially on unpaired images (Sec. 3.4), keep the checkpoint
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+import corpora
+import evaluate
 import figures
 import realdata
 import runs
@@ -78,7 +80,9 @@ def test_table(run: runs.Run, rows: dict[str, Path | None]) -> dict:
 
 
 def format_table(metrics: dict[str, dict], title: str) -> str:
-    cols = ["CIDEr-D", "BLEU-4", "ROUGE-L", "fluency", "faithfulness", "length"]
+    """The rows' metrics as a table; METEOR and SPICE columns only where a row has them."""
+    java = [c for c in ("METEOR", "SPICE") if any(c in m for m in metrics.values())]
+    cols = ["CIDEr-D", "BLEU-4", "ROUGE-L", *java, "fluency", "faithfulness", "length"]
     width = max(len(r) for r in metrics) + 2
     lines = [title, f"{'':{width}}" + "".join(f"{c:>13}" for c in cols)]
     for label, m in metrics.items():
@@ -213,7 +217,7 @@ def run_ablation(cfg: Config, data: CaptionData | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The other commands: init only, prepare, eval, caption
+# The other commands: init only, prepare, eval, caption, corpus
 
 
 def run_init(cfg: Config, data: CaptionData | None = None, resume: bool = False) -> Path:
@@ -236,11 +240,26 @@ def run_prepare(cfg: Config) -> dict:
     return realdata.prepare(real_config(cfg))
 
 
+def write_coco_files(run_dir: Path, split_name: str, checkpoint: str, captions: dict[str, str],
+                     references: dict[str, list[str]]) -> tuple[Path, Path]:
+    """The captions as a COCO result file (captions-<dataset>-<split>-<checkpoint>.json) and their
+    references as COCO caption annotations (references-<dataset>-<split>.json), in run_dir: the
+    pair that `python evaluate.py` and pycocoevalcap's COCO / COCOEvalCap both read."""
+    results = run_dir / f"captions-{split_name}-{checkpoint}.json"
+    annotations = run_dir / f"references-{split_name}.json"
+    write_json(results, evaluate.coco_results(captions))
+    write_json(annotations, evaluate.coco_annotations(references))
+    return results, annotations
+
+
 def run_eval(cfg: Config, run_dir: Path, split: str, checkpoint: str = "best",
-             data: CaptionData | None = None) -> dict:
+             data: CaptionData | None = None, java: bool = True) -> dict:
     """Metrics of a checkpoint on a split, printed and written to run_dir/eval-<dataset>-<split>-
-    <checkpoint>.json with the captions. Paper scale reads only that split (realdata.load_eval_data),
-    which is real.eval_split_file's when set: a ZS-IC run is scored on another dataset that way."""
+    <checkpoint>.json with the captions, which also go to a COCO result file (write_coco_files).
+    With `java`, METEOR and SPICE are added where Java and their files are present, and each one
+    that cannot run is named in one line with what it needs. Paper scale reads only that split
+    (realdata.load_eval_data), which is real.eval_split_file's when set: a ZS-IC run is scored on
+    another dataset that way."""
     if data is None and cfg.data == "real":
         data = realdata.load_eval_data(real_config(cfg), split)
     data = data if data is not None else load_data(cfg)
@@ -248,12 +267,22 @@ def run_eval(cfg: Config, run_dir: Path, split: str, checkpoint: str = "best",
     runs.load_checkpoint(run_dir / f"{checkpoint}.pt", run, sections=("gen",))
     metrics, captions = train.evaluate_generator(run, split)
     ids, title = data.splits[split].ids, dataset_title(cfg, data)
+    captions = dict(zip(ids, captions))
+    references = {i: data.splits[split].references[i] for i in ids}
+    notes = ["METEOR, SPICE: skipped (--fast)"]
+    if java:
+        extra, notes = evaluate.java_scores(captions, references)
+        metrics.update({name: 100 * value for name, value in extra.items()})
     print(format_table({f"{run_dir.name} ({checkpoint}.pt)": metrics},
                        f"{title} {split} split ({len(ids)} images)"))
-    name = re.sub(r"\W+", "_", title)
-    write_json(run_dir / f"eval-{name}-{split}-{checkpoint}.json",
+    print("\n".join(notes) or "METEOR and SPICE: computed through pycocoevalcap (Java)")
+    split_name = re.sub(r"\W+", "_", title) + f"-{split}"
+    write_json(run_dir / f"eval-{split_name}-{checkpoint}.json",
                {"dataset": title, "split": split, "checkpoint": checkpoint, "metrics": metrics,
-                "captions": dict(zip(ids, captions))}, indent=2)
+                "captions": captions}, indent=2)
+    results, annotations = write_coco_files(run_dir, split_name, checkpoint, captions,
+                                            references)
+    print(f"COCO result file {results}; score it with: python evaluate.py {results} {annotations}")
     return metrics
 
 
@@ -289,3 +318,17 @@ def run_caption(cfg: Config, run_dir: Path, images: list[str],
         pixels = preprocess([image for _, image in good]).to(run.device)
         feats = F.normalize(clip.encode_image(pixels).float(), dim=-1)  # (n, D)
     return list(zip([path for path, _ in good], train.caption_feats(run, feats))), errors
+
+
+def run_corpus(kind: str, source: str, output: str, seed: int = 0,
+               gcc_intended: bool = False) -> dict:
+    """An external corpus file from its public file, or the ZS-IC image list (corpora.build)."""
+    if gcc_intended and kind != "gcc":
+        raise ConfigError(f"--gcc-intended applies to the gcc corpus only, not {kind}")
+    summary = corpora.build(kind, source, output, seed, gcc_intended)
+    if kind == "web-images":
+        print(f"web-images: {summary['written']:,} images under {source} listed in {output}")
+    else:
+        print(f"{kind}: {summary['read']:,} captions read from {source}; "
+              f"{summary['written']:,} sentences written to {output}")
+    return summary

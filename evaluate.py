@@ -12,9 +12,11 @@ file reproduces the toolkit's numbers without Java and fast enough to run on eve
   weights to the reference's and applies a Gaussian length penalty (sigma 6), which is CIDEr-D.
 - `score`: all of the above from raw strings; `python evaluate.py RESULTS.json ANNOTATIONS.json`.
 
-METEOR and SPICE need Java and external data; `--meteor` (or `meteor()`) runs METEOR through an
-installed pycocoevalcap, and SPICE is omitted. Scores are in the toolkit's units (CIDEr-D x10
-already applied: COCO's 108.1 is 1.081 here).
+METEOR and SPICE are Java programs: `java_scores` runs them through an installed pycocoevalcap
+where Java (and, for SPICE, Stanford CoreNLP) is present (java_metrics.py), and `--meteor` /
+`--spice` ask for them on the command line. Scores are in the toolkit's units (CIDEr-D x10 already
+applied: COCO's 108.1 is 1.081 here). `coco_results` and `coco_annotations` write the COCO formats
+that this file's command line and pycocoevalcap's COCO / COCOEvalCap both read.
 
 Toolkit quirks reproduced on purpose, so that the numbers match:
 - Brackets become "-lrb-" etc. after lowercasing, so they are NOT removed by the toolkit's
@@ -27,7 +29,6 @@ import functools
 import json
 import math
 import re
-import shutil
 import sys
 import unicodedata
 # _count_elements is the C loop behind Counter.update; calling it on a plain dict skips Counter's
@@ -36,6 +37,7 @@ from collections import Counter, _count_elements
 from pathlib import Path
 
 import data
+import java_metrics
 
 # ----------------------------------------------------------------------------------------------
 # PTB tokenization as the toolkit applies it
@@ -496,22 +498,52 @@ def score(candidates: dict, references: dict) -> dict:
                         {k: [_ptb_tokenize_cached(r) for r in refs] for k, refs in references.items()})
 
 
-def meteor(candidates, references):
-    """METEOR 1.5 through pycocoevalcap's Java wrapper (not pure Python): (mean, per-image list).
+def java_scores(candidates: dict, references: dict, metrics=java_metrics.METRICS) -> tuple[dict, list[str]]:
+    """METEOR and SPICE (java_metrics.py) of raw captions, each where it can run here.
 
-    Takes {id: tokens} and {id: [tokens]} like `score_tokens`; raises RuntimeError when
-    pycocoevalcap or Java is missing.
+    Returns ({"METEOR" | "SPICE": mean}, [one line for each metric not computed, saying what is
+    missing and how to get it]). Captions are PTB-tokenized first, as the toolkit does.
     """
-    if shutil.which("java") is None:
-        raise RuntimeError("METEOR needs Java on PATH (install a JRE, or drop --meteor)")
-    try:
-        from pycocoevalcap.meteor.meteor import Meteor
-    except ImportError as err:
-        raise RuntimeError("METEOR needs pycocoevalcap: pip install pycocoevalcap==1.2") from err
-    res = {k: [" ".join(v)] for k, v in candidates.items()}
-    gts = {k: [" ".join(r) for r in references[k]] for k in candidates}
-    mean, per_image = Meteor().compute_score(gts, res)
-    return mean, [float(s) for s in per_image]
+    cands = {k: _ptb_tokenize_cached(c) for k, c in candidates.items()}
+    refs = {k: [_ptb_tokenize_cached(r) for r in references[k]] for k in candidates}
+    scores, notes = {}, []
+    for name in metrics:
+        compute = java_metrics.meteor if name == "METEOR" else java_metrics.spice
+        try:
+            scores[name], _ = compute(cands, refs)
+        except RuntimeError as err:
+            notes.append(f"{name}: not computed: {err}")
+    return scores, notes
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO formats: result files and caption annotations
+
+
+def coco_ids(ids) -> dict:
+    """{id: its COCO image id}: integers when every id is a number (COCO's and Flickr30k's ids
+    are), else the ids as they are, so that a result file and its annotations always agree."""
+    ids = list(ids)
+    numeric = all(isinstance(i, int) or (isinstance(i, str) and i.isdigit()) for i in ids)
+    return {i: int(i) if numeric else i for i in ids}
+
+
+def coco_results(captions: dict) -> list[dict]:
+    """{id: caption} -> COCO's result format [{"image_id", "caption"}, ...], the file that
+    `load_results` and pycocoevalcap (COCO.loadRes, COCOEvalCap) read."""
+    key = coco_ids(captions)
+    return [{"image_id": key[i], "caption": c} for i, c in captions.items()]
+
+
+def coco_annotations(references: dict, file_names: dict | None = None) -> dict:
+    """{id: [captions]} -> COCO's caption annotations ({"images", "annotations", ...}), the file
+    that `load_references` and pycocotools' COCO read; `file_names` {id: name} is optional."""
+    key, names = coco_ids(references), file_names or {}
+    annotations = [{"image_id": key[i], "id": n, "caption": c}
+                   for n, (i, c) in enumerate((i, c) for i, caps in references.items() for c in caps)]
+    images = [{"id": key[i], **({"file_name": names[i]} if i in names else {})} for i in references]
+    return {"info": {}, "licenses": [], "type": "captions", "images": images,
+            "annotations": annotations}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,8 +598,9 @@ def load_references(path):
     return refs
 
 
-def evaluate_files(results_path, annotations_path, with_meteor=False):
-    """Score a result file against an annotation file, on the images of the result file."""
+def evaluate_files(results_path, annotations_path, java=()):
+    """Score a result file against an annotation file, on the images of the result file; `java`
+    names the Java metrics to add ("METEOR", "SPICE"), a RuntimeError when one cannot run."""
     results = load_results(results_path)
     refs = load_references(annotations_path)
     missing = [k for k in results if str(k) not in refs]
@@ -576,10 +609,10 @@ def evaluate_files(results_path, annotations_path, with_meteor=False):
                          f"in {annotations_path}")
     references = {k: refs[str(k)] for k in results}
     scores = score(results, references)
-    if with_meteor:
-        cands = {k: _ptb_tokenize_cached(c) for k, c in results.items()}
-        toks = {k: [_ptb_tokenize_cached(r) for r in v] for k, v in references.items()}
-        scores["METEOR (pycocoevalcap, Java)"], _ = meteor(cands, toks)
+    extra, notes = java_scores(results, references, java)
+    if notes:
+        raise RuntimeError(notes[0])
+    scores.update({f"{name} (pycocoevalcap, Java)": value for name, value in extra.items()})
     return scores
 
 
@@ -589,9 +622,12 @@ def main(argv=None):
     parser.add_argument("annotations", help="COCO captions or Karpathy split JSON (dataset_coco.json)")
     parser.add_argument("--json", action="store_true", help="print all scores, per image too, as JSON")
     parser.add_argument("--meteor", action="store_true", help="add METEOR via pycocoevalcap (needs Java)")
+    parser.add_argument("--spice", action="store_true",
+                        help="add SPICE via pycocoevalcap (needs Java and Stanford CoreNLP 3.6.0)")
     args = parser.parse_args(argv)
+    java = [name for name, asked in (("METEOR", args.meteor), ("SPICE", args.spice)) if asked]
     try:
-        scores = evaluate_files(args.results, args.annotations, args.meteor)
+        scores = evaluate_files(args.results, args.annotations, java)
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -603,9 +639,9 @@ def main(argv=None):
     for name, value in scores.items():
         if name != "per_image":
             print(f"{name:<30} {value:8.4f}  ({100 * value:6.1f})")
-    if not args.meteor:
-        print("METEOR: omitted (needs Java; --meteor runs it through pycocoevalcap)")
-    print("SPICE: omitted (needs Java and Stanford CoreNLP models)")
+    for name in java_metrics.METRICS:
+        if name not in java:
+            print(f"{name}: omitted (it runs in Java; --{name.lower()} adds it through pycocoevalcap)")
     return 0
 
 

@@ -37,6 +37,7 @@ from PIL import Image
 import clip_model
 import clip_tokenizer
 import data
+import evaluate
 from cgtgan import clip_agg_target
 from config import RealDataConfig
 from data import CaptionData, DataError, EvalSplit
@@ -163,15 +164,8 @@ def read_corpus(cfg: RealDataConfig, images: list[KarpathyImage]) -> list[str]:
 
 def coco_references(images: list[KarpathyImage]) -> dict:
     """The COCO caption-annotation format evaluate.py reads. Numeric ids are written as ints."""
-    numeric = all(im.id.isdigit() for im in images)
-    key = (lambda i: int(i)) if numeric else (lambda i: i)
-    annotations = [{"image_id": key(im.id), "id": 0, "caption": s}
-                   for im in images for s in im.sentences]
-    for k, a in enumerate(annotations):
-        a["id"] = k
-    return {"info": {}, "licenses": [], "type": "captions",
-            "images": [{"id": key(im.id), "file_name": im.path.name} for im in images],
-            "annotations": annotations}
+    return evaluate.coco_annotations({im.id: im.sentences for im in images},
+                                     {im.id: im.path.name for im in images})
 
 
 def check_model_dir(path: str, what: str) -> None:

@@ -181,12 +181,16 @@ ROWS = [
         ("Caption metrics",
          "BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE (COCO caption toolkit, PTB tokenisation)",
          [("evaluate.py", "score"), ("evaluate.py", "ptb_tokenize"), ("evaluate.py", "bleu"),
-          ("evaluate.py", "rouge_l"), ("evaluate.py", "cider_d"), ("evaluate.py", "meteor")],
+          ("evaluate.py", "rouge_l"), ("evaluate.py", "cider_d"), ("java_metrics.py", "meteor"),
+          ("java_metrics.py", "spice"), ("evaluate.py", "coco_results")],
          [(T_EV, "test_parity_random_1000_images"), (T_EV, "test_ptb_tokenize_matches_java"),
-          (T_EV, "test_cli_meteor_through_toolkit")], None,
+          (T_EV, "test_cli_meteor_through_toolkit"),
+          ("tests/test_java_metrics.py", "test_spice_runs_the_toolkits_command_and_reads_its_output"),
+          ("tests/test_paperscale.py", "test_eval_scores_equal_cocoevalcaps")], None,
          "Official: pycocoevalcap with Java. Ours: pure-Python parity for BLEU, ROUGE-L, CIDEr-D "
-         "(the toolkit's \"CIDEr\" is CIDEr-D); METEOR through an installed pycocoevalcap; SPICE "
-         "omitted."),
+         "(the toolkit's \"CIDEr\" is CIDEr-D); METEOR and SPICE through an installed pycocoevalcap "
+         "where Java (and SPICE's Stanford CoreNLP jars) are present, else one line naming what is "
+         "missing; `eval` also writes a COCO result file that COCOEvalCap reads."),
         ("CIDEr-D",
          "10 * mean_n mean_refs clipped-cos(tf-idf_n(c), tf-idf_n(r)) * exp(-(l_c - l_r)^2 / (2 * 6^2))",
          [("evaluate.py", "cider_d"), ("evaluate.py", "cider_d_image"), ("evaluate.py", "tfidf_vector"),
@@ -197,14 +201,20 @@ ROWS = [
         ("Test-time decoding and data",
          "greedy captions of the Karpathy test split; corpora from COCO, Flickr30k, GCC, ShutterStock",
          [("train.py", "caption_feats"), ("realdata.py", "read_karpathy"),
+          ("corpora.py", "caption_sentence"), ("corpora.py", "gcc_sentence"),
+          ("corpora.py", "shutterstock_sentence"), ("corpora.py", "web_image_list"),
           ("realdata.py", "clean_sentences")],
          [(T_RD, "test_reference_files_are_coco_format_for_evaluate"),
+          ("tests/test_corpora.py", "test_gcc_drops_every_16_to_19_word_caption_as_the_official_code_does"),
+          ("tests/test_corpora.py", "test_shutterstock_draws_only_for_eligible_fragments"),
           (T_RD, "test_external_corpus_is_cleaned_and_used")], None,
          "Official GCC preprocessing re-seeds NumPy inside its loop, so every 16-19-word caption is "
          "dropped (30% kept was intended); ShutterStock keeps only a caption's first clause; COCO "
          "captions get \".\" appended after checking only the last character (so \" .\" "
-         "survives). Ours: one cleaning for every corpus in `realdata.clean_sentences` "
-         "(lowercase, no final period)."),
+         "survives). Ours: `python cgtgan.py corpus` applies the official rules to the public "
+         "files (GCC's effective drop by default, `--gcc-intended` for p = 0.3; whitespace tidied "
+         "before COCO's last-character check); then one cleaning for every corpus in "
+         "`realdata.clean_sentences` (lowercase, no final period)."),
         ("Zero-shot setting (ZS-IC)",
          "no in-domain images or captions in training; scored on another dataset's Karpathy test split",
          [("config.py", "PRESETS"), ("config.py", "EVAL_DATASETS"), ("commands.py", "run_eval"),

@@ -23,6 +23,8 @@ import cli as cgtgan_cli
 import commands
 import config
 import data
+import evaluate
+import java_metrics
 import realdata
 import train
 from fixtures import build_paperscale_fixture, save_full_size_clip, save_full_size_models
@@ -64,8 +66,12 @@ def in_domain(fx, tmp_path_factory):
     argv = sets({**real_options(fx, root / "cache"), **TINY, "runs_dir": root / "runs"})
     outputs = {"prepare": cli(["prepare"] + argv),
                "init": cli(["init", "--name", "coco"] + argv),
-               "train": cli(["train", "--name", "coco"] + argv),
-               "eval": cli(["eval", "--run", str(root / "runs" / "coco"), "--split", "test"])}
+               "train": cli(["train", "--name", "coco"] + argv)}
+    # eval as a user runs it (METEOR and SPICE where they can run), here as on a machine without
+    # Java, so that it stays fast; test_eval_meteor_through_java runs the real thing.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(java_metrics, "missing", lambda metric: f"{metric} needs Java on PATH (test)")
+        outputs["eval"] = cli(["eval", "--run", str(root / "runs" / "coco"), "--split", "test"])
     return root, root / "runs" / "coco", outputs
 
 
@@ -110,6 +116,89 @@ def test_cli_init_then_train_then_eval(fx, in_domain):
 def test_cli_train_table_names_the_dataset(in_domain):
     out = in_domain[2]["train"][1]
     assert "coco test split" in out and "ShapesWorld" not in out
+
+
+# ----------------------------------------------------------------------------------------------
+# eval's COCO result file, read by evaluate.py and by pycocoevalcap; METEOR and SPICE
+
+
+def test_eval_names_each_java_metric_it_could_not_compute(in_domain):
+    code, out, err = in_domain[2]["eval"]
+    assert code == 0 and "Traceback" not in err
+    assert "METEOR: not computed: METEOR needs Java on PATH (test)" in out
+    assert "SPICE: not computed: SPICE needs Java on PATH (test)" in out
+
+
+def test_eval_writes_a_coco_result_file_evaluate_py_reads(fx, in_domain):
+    root, run_dir, outputs = in_domain
+    saved = json.loads((run_dir / "eval-coco-test-best.json").read_text())
+    results_file = run_dir / "captions-coco-test-best.json"
+    # COCO's integer ids (the test images' cocoid), with the captions eval scored.
+    results = json.loads(results_file.read_text())
+    assert results == [{"image_id": int(i), "caption": c} for i, c in saved["captions"].items()]
+    assert sorted(r["image_id"] for r in results) == [1010, 1011]
+    references_file = run_dir / "references-coco-test.json"
+    assert f"python evaluate.py {results_file} {references_file}" in outputs["eval"][1]
+    assert evaluate.load_results(results_file) == {int(i): c for i, c in saved["captions"].items()}
+    # The same scores against eval's references, prepare's and the Karpathy split file.
+    for annotations in (references_file, root / "cache" / "coco" / "refs_test.json", fx.split_file):
+        scores = evaluate.evaluate_files(results_file, annotations)
+        for key in ("CIDEr-D", "BLEU-4", "ROUGE-L"):
+            assert 100 * scores[key] == pytest.approx(saved["metrics"][key]), (annotations, key)
+
+
+def test_eval_coco_files_read_in_pycocotools(in_domain):
+    coco = pytest.importorskip("pycocotools.coco")
+    run_dir = in_domain[1]
+    for references in ("references-coco-test.json", "../../cache/coco/refs_test.json"):
+        gts = coco.COCO(str(run_dir / references))
+        res = gts.loadRes(str(run_dir / "captions-coco-test-best.json"))
+        assert sorted(res.getImgIds()) == sorted(gts.getImgIds()) == [1010, 1011]
+        assert all(len(res.imgToAnns[i]) == 1 and len(gts.imgToAnns[i]) == 5
+                   for i in gts.getImgIds())
+
+
+@pytest.mark.java
+def test_eval_scores_equal_cocoevalcaps(in_domain, monkeypatch, capsys):
+    """COCOEvalCap (its Java PTB tokenizer, its scorers) on eval's two COCO files gives eval's
+    BLEU-4, ROUGE-L and CIDEr(-D); its METEOR and SPICE are stubbed out here."""
+    if java_metrics.missing("METEOR"):
+        pytest.skip(java_metrics.missing("METEOR"))
+    from pycocoevalcap import eval as cocoeval
+    from pycocotools.coco import COCO
+
+    class Skipped:
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(res)
+
+        def method(self):
+            return "skipped"
+
+    monkeypatch.setattr(cocoeval, "Meteor", Skipped)
+    monkeypatch.setattr(cocoeval, "Spice", Skipped)
+    run_dir = in_domain[1]
+    gts = COCO(str(run_dir / "references-coco-test.json"))
+    toolkit = cocoeval.COCOEvalCap(gts, gts.loadRes(str(run_dir / "captions-coco-test-best.json")))
+    toolkit.evaluate()
+    saved = json.loads((run_dir / "eval-coco-test-best.json").read_text())["metrics"]
+    for ours, theirs in (("CIDEr-D", "CIDEr"), ("BLEU-4", "Bleu_4"), ("ROUGE-L", "ROUGE_L")):
+        assert 100 * toolkit.eval[theirs] == pytest.approx(saved[ours], abs=1e-6), ours
+
+
+@pytest.mark.slow
+@pytest.mark.java
+def test_eval_meteor_through_java(in_domain):
+    """Where Java is present, eval adds METEOR (x100, in its table and its file), and SPICE or the
+    one line that names what SPICE lacks."""
+    if java_metrics.missing("METEOR"):
+        pytest.skip(java_metrics.missing("METEOR"))
+    run_dir = in_domain[1]
+    code, out, err = cli(["eval", "--run", str(run_dir), "--split", "test"])
+    assert code == 0, err
+    metrics = json.loads((run_dir / "eval-coco-test-best.json").read_text())["metrics"]
+    assert 0 <= metrics["METEOR"] <= 100 and "METEOR" in out.splitlines()[1]
+    spice = java_metrics.missing("SPICE")
+    assert (f"SPICE: not computed: {spice}" in out) if spice else ("SPICE" in metrics)
 
 
 def test_cli_external_corpus_file(fx, tmp_path):
@@ -230,8 +319,8 @@ def zsic(fx, tmp_path_factory):
                    "real.eval_image_root": fx.flickr_image_root})
     run = str(root / "runs" / "zsic")
     outputs = {"prepare": cli(["prepare"] + argv), "train": cli(["train", "--name", "zsic"] + argv),
-               "eval_coco": cli(["eval", "--run", run]),
-               "eval_flickr": cli(["eval", "--run", run] + flickr)}
+               "eval_coco": cli(["eval", "--run", run, "--fast"]),
+               "eval_flickr": cli(["eval", "--run", run, "--fast"] + flickr)}
     return root, root / "runs" / "zsic", outputs, flickr
 
 
@@ -278,6 +367,12 @@ def test_zsic_eval_scores_another_datasets_test_split(fx, zsic):
     assert list((root / "cache" / "flickr30k" / "images").glob("test-*.safetensors"))
     refs = json.loads((root / "cache" / "flickr30k" / "refs_test.json").read_text())
     assert len(refs["images"]) == 3 and len(refs["annotations"]) == 9
+    # Its COCO result file uses Flickr30k's integer ids, which the Karpathy file's imgid matches.
+    results = run_dir / "captions-flickr30k-test-best.json"
+    assert sorted(r["image_id"] for r in json.loads(results.read_text())) == [4, 5, 6]
+    scores = evaluate.evaluate_files(results, fx.flickr_split_file)
+    assert 100 * scores["CIDEr-D"] == pytest.approx(saved["metrics"]["CIDEr-D"])
+    assert "METEOR, SPICE: skipped (--fast)" in out
 
 
 def test_zsic_eval_reuses_cached_embeddings(fx, zsic, monkeypatch):
@@ -287,7 +382,7 @@ def test_zsic_eval_reuses_cached_embeddings(fx, zsic, monkeypatch):
     _, run_dir, outputs, flickr = zsic
     first = json.loads((run_dir / "eval-flickr30k-test-best.json").read_text())
     monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("CLIP was loaded"))
-    code, _, err = cli(["eval", "--run", str(run_dir)] + flickr)
+    code, _, err = cli(["eval", "--run", str(run_dir), "--fast"] + flickr)
     assert code == 0, err
     again = json.loads((run_dir / "eval-flickr30k-test-best.json").read_text())
     assert again["metrics"] == first["metrics"] and again["captions"] == first["captions"]

@@ -84,7 +84,7 @@ def test_every_cgtgan_command_in_the_readme_is_accepted(monkeypatch, capsys):
         seen.append(cfg)
         return {}
 
-    for name in ("run_train", "run_init", "run_ablation", "run_eval", "run_caption"):
+    for name in ("run_train", "run_init", "run_ablation", "run_eval", "run_caption", "run_corpus"):
         monkeypatch.setattr(pipelines, name, capture)
     monkeypatch.setattr(pipelines, "run_prepare", lambda cfg: {"dry run": True})
     commands = [c for c in bash_lines("python cgtgan.py")
@@ -104,4 +104,4 @@ def test_evaluate_commands_name_real_options(command):
         evaluate.main(["--help"])
     assert stop.value.code == 0
     for option in re.findall(r"--[\w-]+", command):
-        assert option in ("--json", "--meteor"), option
+        assert option in ("--json", "--meteor", "--spice"), option

@@ -14,6 +14,7 @@ import cgtgan
 import cli
 import commands
 import config
+import evaluate
 import figures
 import runs
 import train
@@ -115,8 +116,14 @@ def test_nan_loss_stops_with_step_and_term(world, trained, tmp_path, monkeypatch
 def test_cli_eval_caption_and_errors(world, trained, monkeypatch, capsys, tmp_path):
     cfg, run_dir, _ = trained
     monkeypatch.setattr(commands, "load_data", lambda cfg: world)
-    assert cli.main(["eval", "--run", str(run_dir), "--split", "test"]) == 0
-    assert "CIDEr-D" in capsys.readouterr().out
+    assert cli.main(["eval", "--run", str(run_dir), "--split", "test", "--fast"]) == 0
+    out = capsys.readouterr().out
+    assert "CIDEr-D" in out and "METEOR, SPICE: skipped (--fast)" in out
+    # Its COCO result file (ShapesWorld's ids are strings) scores the same through evaluate.py.
+    metrics = json.loads((run_dir / "eval-ShapesWorld-test-best.json").read_text())["metrics"]
+    scores = evaluate.evaluate_files(run_dir / "captions-ShapesWorld-test-best.json",
+                                     run_dir / "references-ShapesWorld-test.json")
+    assert 100 * scores["CIDEr-D"] == pytest.approx(metrics["CIDEr-D"])
     image = tmp_path / "img.png"
     world.image("img0").save(image)
     assert cli.main(["caption", str(image), "--run", str(run_dir)]) == 0
@@ -190,7 +197,7 @@ def test_cli_train_on_a_tiny_shapesworld(tmp_path, capsys):
     for name in ("config.json", "init.pt", "last.pt", "best.pt", "metrics.jsonl", "results.json",
                  "samples.png", "curves.png"):
         assert (run_dir / name).is_file(), name
-    assert cli.main(["eval", "--run", str(run_dir), "--split", "val"]) == 0
+    assert cli.main(["eval", "--run", str(run_dir), "--split", "val", "--fast"]) == 0
     assert cli.main(argv[:1] + ["--set", "world.nope=1"]) == 2
     assert "unknown config key 'world.nope'" in capsys.readouterr().err
 
