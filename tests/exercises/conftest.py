@@ -153,19 +153,19 @@ def _answer(name: str, reply):
 
 def _digest(x, h) -> None:
     if isinstance(x, torch.Tensor):
-        h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+        h.update(f"T{x.dtype}{tuple(x.shape)}\0".encode())
         h.update(x.detach().cpu().contiguous().numpy().tobytes())
     elif isinstance(x, dict):
-        h.update(f"D{len(x)}".encode())
+        h.update(f"D{len(x)}\0".encode())
         for k in sorted(x, key=repr):
             _digest(k, h)
             _digest(x[k], h)
     elif isinstance(x, (list, tuple)):
-        h.update(f"L{len(x)}".encode())
+        h.update(f"L{len(x)}\0".encode())
         for v in x:
             _digest(v, h)
-    else:
-        h.update(repr(x).encode())
+    else:  # typed and terminated, so (1, 10) and (11, 0) differ
+        h.update(f"{type(x).__name__}:{x!r}\0".encode())
 
 
 def key_of(name: str, args: tuple, wrt: tuple) -> str:
