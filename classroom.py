@@ -415,8 +415,11 @@ def exercise_of(test_name: str) -> str | None:
 def report_lines(results: dict[str, tuple[bool, str]]) -> list[str]:
     """One line per exercise: PASS or FAIL, the exercise, and for a failure what is wrong."""
     width = max(map(len, results))
-    lines = [f"{'PASS' if ok else 'FAIL'}  {name:<{width}}  {message}".rstrip()
-             for name, (ok, message) in results.items()]
+    rejected = {m for _, m in results.values() if m.startswith("rejected: ")}
+    lines = [f"rejected: {why}" for m in rejected for why in m[len("rejected: "):].split("; ")]
+    lines += [f"{'PASS' if ok else 'FAIL'}  {name:<{width}}  "
+              f"{'rejected (see above)' if message in rejected else message}".rstrip()
+              for name, (ok, message) in results.items()]
     passed = sum(ok for ok, _ in results.values())
     return lines + [f"{passed} of {len(results)} exercises pass"]
 

@@ -51,12 +51,15 @@ HINTS = {
 # No student, no grading
 
 
+def pytest_configure(config):
+    if not STUDENT and any(_inside_here(arg, config) for arg in config.args):
+        raise pytest.UsageError(classroom.no_student_message())
+
+
 def pytest_collection_modifyitems(config, items):
     mine = [item for item in items if HERE in Path(str(item.path)).resolve().parents]
     if STUDENT or not mine:
         return
-    if any(_inside_here(arg, config) for arg in config.args):
-        raise pytest.UsageError(classroom.no_student_message())
     skip = pytest.mark.skip(reason=f"grades a student file: set {classroom.STUDENT_ENV}")
     for item in mine:
         item.add_marker(skip)
