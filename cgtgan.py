@@ -380,6 +380,7 @@ def naturalness_reward(logits: torch.Tensor) -> torch.Tensor:
     return logits.detach().float()
 
 
+# exercise: clip_cos_reward (docs/exercises.md)
 def clip_cos_reward(image: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
     """r_cos = 100 * cos(v, t): image embeddings (B, D), caption embeddings (B, K, D) -> (B, K).
 
@@ -389,6 +390,7 @@ def clip_cos_reward(image: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
                               F.normalize(caption.float(), dim=-1))
 
 
+# exercise: clip_agg_target (docs/exercises.md)
 @torch.no_grad()
 def clip_agg_target(image, corpus, t: float, image_chunk: int = 2048, corpus_chunk: int = 16384,
                     progress: bool = False) -> torch.Tensor:
@@ -442,6 +444,7 @@ def _unit_rows(x, device: torch.device) -> torch.Tensor:
     return x.div_(x.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
+# exercise: clip_agg_reward (docs/exercises.md)
 def clip_agg_reward(target: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
     """r_agg = 0.5 * 100 * cos(a, t) + 0.5 * 100 * (1 - mean_d |a_d - t_d|). (B, D), (B, K, D) -> (B, K).
 
@@ -464,6 +467,7 @@ def semantic_reward(cos: torch.Tensor, agg: torch.Tensor, agg_weight: float) -> 
 # Losses and the schedule (Sec. 3.4)
 
 
+# exercise: scst_loss (docs/exercises.md)
 def scst_loss(logp: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor,
               baseline: torch.Tensor | None = None) -> torch.Tensor:
     """Self-critical loss: -mean_{b,k} (r_bk - b_b) * mean_t log p(c_bkt). (B, K, T) ... -> scalar.
@@ -482,6 +486,7 @@ def scst_loss(logp: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor,
     return -(advantage * mean_logp).mean()
 
 
+# exercise: discriminator_loss (docs/exercises.md)
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """BCE: corpus sentences are labelled 1, generated captions 0. (N,), (N',) -> (loss, stats)."""
     loss = 0.5 * (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
@@ -490,6 +495,7 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> 
     return loss, {"d_loss": loss.item(), "d_acc": acc.item()}
 
 
+# exercise: caption_loss (docs/exercises.md)
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Text-only initialisation: cross-entropy over sentence tokens. (N, T, V), (N, T) -> scalar.
 
@@ -498,6 +504,7 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
+# exercise: lambda_schedule (docs/exercises.md)
 def lambda_schedule(step: int, hold: int, ramp: int, final: float = 0.5) -> float:
     """lam(step): 0 for the first `hold` steps (naturalness only), then linear up to `final`.
 

@@ -358,6 +358,7 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
 
+# exercise: contrastive_loss (docs/exercises.md)
 def contrastive_loss(logits_per_image):
     """CLIP's symmetric cross-entropy (InfoNCE) over a batch of matched pairs.
 

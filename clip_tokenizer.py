@@ -161,6 +161,7 @@ class Tokenizer:
         return self.cache[word]
 
 
+# exercise: bpe (docs/exercises.md)
 def bpe(word: str, ranks: dict) -> list:
     """The BPE merge loop on one word: merge the lowest-ranked adjacent pair, everywhere it occurs
     left to right, until no adjacent pair is ranked. The last symbol carries the word end "</w>".

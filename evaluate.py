@@ -361,6 +361,7 @@ def idf_by_df(n_images):
     return tuple(log_images - math.log(max(1, d)) for d in range(n_images + 1))
 
 
+# exercise: tfidf_vector (docs/exercises.md)
 def tfidf_vector(counts, df, n_images):
     """CIDEr-D's tf-idf vector of one caption, one {n-gram: weight} dict per order.
 

@@ -105,30 +105,42 @@ def test_every_exercise_has_a_section_a_grader_and_a_template():
     spec = importlib.util.spec_from_file_location("template", DOCS / "exercises_student_template.py")
     template = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(template)
-    reference = load_conftest().REFERENCE
+    import classroom
+
     for name, body in sections.items():
         command = f"CGTGAN_STUDENT=my_solution.py python -m pytest tests/exercises -k {name}"
         assert command in body, f"exercise {name}: no grading command `{command}`"
         assert re.search(rf"^def test_{name}_", grader, flags=re.M), f"no grader test for {name}"
         assert callable(getattr(template, name, None)), f"the template has no {name}()"
-        assert callable(getattr(reference, name, None)), f"the grader has no reference {name}"
+        assert name in classroom.EXERCISES, f"classroom.EXERCISES has no {name}"
         assert "**Experiment.**" in body and "python" in body, f"exercise {name}: no experiment"
         with pytest.raises(NotImplementedError):
             getattr(template, name)(*[None] * _arity(getattr(template, name)))
+
+
+def test_exercise_times_and_template_follow_the_kit():
+    """The headings' minutes are classroom.EXERCISES's, and the template is the solutions file
+    with every body stubbed (the same signatures and statements)."""
+    import ast
+
+    import classroom
+
+    text = (DOCS / "exercises.md").read_text()
+    minutes = {m[0]: int(m[1]) for m in re.findall(r"^## \d+\. `(\w+)` \((\d+) min\)$", text, flags=re.M)}
+    assert minutes == {name: m for name, (m, _) in classroom.EXERCISES.items()}
+
+    def functions(source: str) -> dict:
+        return {n.name: ast.dump(n) for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
+
+    stubbed = classroom.stub_source(classroom.SOLUTIONS.read_text())
+    assert functions(classroom.TEMPLATE.read_text()) == functions(stubbed), (
+        "docs/exercises_student_template.py differs from the stubbed docs/exercises_solutions.py")
 
 
 def _arity(fn) -> int:
     import inspect
 
     return sum(p.default is inspect.Parameter.empty for p in inspect.signature(fn).parameters.values())
-
-
-def load_conftest():
-    spec = importlib.util.spec_from_file_location("exercises_conftest",
-                                                  ROOT / "tests/exercises/conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _cli_commands() -> list[str]:

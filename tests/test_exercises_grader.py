@@ -1,8 +1,9 @@
-"""The exercise grader (tests/exercises) passes the reference and fails deliberately wrong code.
+"""The exercise grader (tests/exercises) passes the solutions and fails deliberately wrong code.
 
 A student file is written to tmp_path with the common mistakes each exercise is meant to catch,
 and pytest runs the grader on it in a subprocess with CGTGAN_STUDENT set; the JUnit XML report
-says which tests passed and failed, and with what message.
+says which tests passed and failed, and with what message. Without a student file the grader
+refuses in one line; `python classroom.py check` prints one line per exercise.
 """
 from __future__ import annotations
 
@@ -17,14 +18,9 @@ EXERCISES = ("clip_cos_reward", "clip_agg_target", "clip_agg_reward", "scst_loss
              "discriminator_loss", "lambda_schedule", "caption_loss", "contrastive_loss",
              "tfidf_vector", "bpe")
 
-# Correct: imported from the project. Wrong: a classic mistake per function. Missing:
-# contrastive_loss (the grader must say so, not crash).
-STUDENT = '''
-import math
-import torch
-import torch.nn.functional as F
-from cgtgan import clip_cos_reward, clip_agg_reward, discriminator_loss
-
+# Correct: the solutions file's functions. Wrong: a classic mistake per function, defined after
+# them (a later def replaces an earlier one). Missing: contrastive_loss (the grader must say so).
+STUDENT = (ROOT / "docs/exercises_solutions.py").read_text() + '''
 
 def clip_agg_target(image, corpus, t):
     """Wrong: a softmax without subtracting the maximum overflows at large t."""
@@ -70,6 +66,9 @@ def bpe(word, ranks):
                 break
         else:
             return parts
+
+
+del contrastive_loss
 '''
 WRONG = {"clip_agg_target", "scst_loss", "lambda_schedule", "caption_loss", "tfidf_vector", "bpe"}
 MISSING = {"contrastive_loss"}
@@ -114,15 +113,74 @@ def test_grader_fails_wrong_functions_and_passes_right_ones(tmp_path):
     assert "GPT-2's '!'" in results["test_caption_loss_worked_example"][1]
 
 
-def test_grader_names_a_missing_or_broken_student_file(tmp_path, monkeypatch):
-    import importlib.util
+# The mistakes the grader explains in words (docs/exercises.md's teaching messages).
+TEACHING = (ROOT / "docs/exercises_solutions.py").read_text() + '''
 
-    broken = tmp_path / "broken.py"
-    broken.write_text("def bpe(word, ranks):\n    return [\n")
-    for path, words in ((tmp_path / "nope.py", "no such file"), (broken, "failed to import")):
-        monkeypatch.setenv("CGTGAN_STUDENT", str(path))
-        spec = importlib.util.spec_from_file_location("grader_conftest",
-                                                      ROOT / "tests/exercises/conftest.py")
-        conftest = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(conftest)
-        assert isinstance(conftest._STUDENT, Exception) and words in str(conftest._STUDENT)
+def clip_agg_target(image, corpus, t):
+    """Wrong: normalises the corpus along dim 0 (each column, not each sentence)."""
+    v, s = F.normalize(image, dim=-1), F.normalize(corpus, dim=0)
+    return (t * v @ s.T).softmax(-1) @ s
+
+
+def scst_loss(logp, mask, reward, baseline=None):
+    """Wrong: detaches everything, the log-probabilities too."""
+    b = baseline[:, None] if baseline is not None else reward.mean(1, keepdim=True)
+    return -((reward - b) * ((logp * mask).sum(-1) / mask.sum(-1))).mean().detach()
+
+
+def caption_loss(logits, labels):
+    """Wrong: cross_entropy's default ignore_index (-100) reads the padding -1 as a class."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def bpe(word, ranks):
+    """Wrong: merges only the first occurrence of the chosen pair per round."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = list(zip(parts, parts[1:]))
+        best = min(pairs, key=lambda pair: ranks.get(pair, math.inf))
+        if best not in ranks:
+            break
+        i = pairs.index(best)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+'''
+
+
+def test_grader_explains_the_known_mistakes(tmp_path):
+    student = tmp_path / "student.py"
+    student.write_text(TEACHING)
+    results = run_grader(str(student), tmp_path / "report.xml", "-k",
+                         "clip_agg_target or scst_loss or caption_loss or bpe")
+    messages = {exercise_of(n): m for n, (o, m) in results.items() if o == "failed"}
+    assert "along dim 0" in results["test_clip_agg_target_worked_example"][1]
+    assert "along dim 0" in results["test_clip_agg_target_random"][1]
+    assert "along dim 0" in results["test_clip_agg_target_stable_at_high_temperature"][1]
+    assert "detach only the advantage" in messages["scst_loss"]
+    assert "ignore_index=-1" in results["test_caption_loss_worked_example"][1]
+    assert "Traceback" not in messages["caption_loss"]
+    assert "only its first occurrence" in results["test_bpe_worked_example"][1]
+
+
+def test_grader_refuses_without_a_student_file(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CGTGAN_STUDENT"}
+    env["CGTGAN_STUDNET"] = "my_solution.py"  # a typo the message points out
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/exercises", "-q", "-p",
+                           "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode != 0 and len(lines) == 1, lines
+    assert "CGTGAN_STUDENT=" in lines[0] and "CGTGAN_STUDNET is set: a typo?" in lines[0]
+    proc = subprocess.run([sys.executable, "classroom.py", "check"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "CGTGAN_STUDENT" in proc.stderr
+
+
+def test_check_prints_one_line_per_exercise_and_passes_the_solutions():
+    proc = subprocess.run([sys.executable, "classroom.py", "check", "docs/exercises_solutions.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [line.split()[:2] for line in lines[1:-1]] == [["PASS", name] for name in EXERCISES]
+    assert lines[-1] == "10 of 10 exercises pass"

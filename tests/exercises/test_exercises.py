@@ -18,8 +18,10 @@ import evaluate
 ATOL = 1e-5
 
 
-def check_close(got, want, what: str, atol: float = ATOL, rtol: float = 1e-5) -> None:
-    """Fail with the quantity, the shapes, the worst entry and both values when they differ."""
+def check_close(got, want, what: str, atol: float = ATOL, rtol: float = 1e-5,
+                mistakes: dict | None = None) -> None:
+    """Fail with the quantity, the shapes, the worst entry and both values when they differ; when
+    `got` equals what a known mistake computes (mistakes: {what to say: its value}), say that."""
     want = torch.as_tensor(want, dtype=torch.float64)
     if not isinstance(got, torch.Tensor):
         try:
@@ -34,6 +36,10 @@ def check_close(got, want, what: str, atol: float = ATOL, rtol: float = 1e-5) ->
                     "is an exp() overflowing or a division by zero?", pytrace=False)
     diff = (got - want).abs()
     bad = diff > atol + rtol * want.abs()
+    for advice, value in (mistakes or {}).items():
+        value = torch.as_tensor(value, dtype=torch.float64)
+        if bad.any() and value.shape == got.shape and torch.allclose(got, value, atol=atol, rtol=rtol):
+            pytest.fail(f"{what}: {advice}", pytrace=False)
     if bad.any():
         i = int(diff.flatten().argmax())
         index = tuple(torch.unravel_index(torch.tensor(i), want.shape)) if want.dim() else ()
@@ -83,6 +89,21 @@ def test_clip_agg_target_worked_example(student):
     w = 1 / (1 + math.exp(-1.0))  # softmax(1 * (1, 0)) = (w, 1 - w)
     check_close(f(image, corpus * 5, 1.0), [[w, 1 - w]],
                 "agg at t = 1 over a corpus of norm 5 (normalise the corpus rows first)")
+    # Rows (3, 4) and (0, 1) normalise to (0.6, 0.8) and (0, 1); at t = 0 the target is their mean.
+    corpus = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    check_close(f(image, corpus, 0.0), [[0.3, 0.9]], "agg at t = 0 over corpus [[3, 4], [0, 1]] "
+                "(the mean of the unit sentences)", mistakes=_agg_mistakes(image, corpus, 0.0))
+
+
+WRONG_AXIS = ("you normalised the corpus along dim 0 (each column); a sentence is a row of corpus "
+              "(M, D): normalise along dim -1")
+
+
+def _agg_mistakes(image, corpus, t) -> dict:
+    """What clip_agg_target computes with the corpus normalised along the wrong axis."""
+    v = torch.nn.functional.normalize(image.double(), dim=-1)
+    s = torch.nn.functional.normalize(corpus.double(), dim=0)
+    return {WRONG_AXIS: (t * v @ s.T).softmax(-1) @ s}
 
 
 def test_clip_agg_target_random(student, reference):
@@ -91,7 +112,8 @@ def test_clip_agg_target_random(student, reference):
     image, corpus = torch.randn(4, 16, generator=g) * 3, torch.randn(50, 16, generator=g) * 2
     for t in (1.0, 10.0, 100.0):
         want = reference.clip_agg_target(image, corpus, t)
-        check_close(f(image, corpus, t), want, f"agg on random (B=4, M=50, D=16), t={t}", atol=1e-5)
+        check_close(f(image, corpus, t), want, f"agg on random (B=4, M=50, D=16), t={t}", atol=1e-5,
+                    mistakes=_agg_mistakes(image, corpus, t))
     # The reference itself against the equation in float64 (a direct softmax).
     v = torch.nn.functional.normalize(image.double(), dim=-1)
     s = torch.nn.functional.normalize(corpus.double(), dim=-1)
@@ -105,7 +127,7 @@ def test_clip_agg_target_stable_at_high_temperature(student, reference):
     image, corpus = torch.randn(3, 8, generator=g), torch.randn(200, 8, generator=g)
     check_close(f(image, corpus, 1000.0), reference.clip_agg_target(image, corpus, 1000.0),
                 "agg at t = 1000 (exp(1000) overflows: subtract the row maximum before exp)",
-                atol=1e-4)
+                atol=1e-4, mistakes=_agg_mistakes(image, corpus, 1000.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,22 +181,21 @@ def test_scst_loss_random_values_and_gradients(student, reference):
     reward, baseline = torch.randn(B, K, generator=g) * 10, torch.randn(B, generator=g) * 10
     for base in (baseline, None):
         name = "greedy baseline" if base is not None else "leave-one-out baseline"
-        got_logp, want_logp = logp0.clone().requires_grad_(), logp0.clone().requires_grad_()
-        got, want = f(got_logp, mask, reward, base), reference.scst_loss(want_logp, mask, reward, base)
+        got, (got_grad,) = f.grad(logp0, mask, reward, base, wrt=(0,))
+        want, (want_grad,) = reference.scst_loss.grad(logp0, mask, reward, base, wrt=(0,))
         check_close(got, want, f"loss on random (B={B}, K={K}, T={T}), {name}")
-        got.backward()
-        want.backward()
-        check_close(got_logp.grad, want_logp.grad, f"d loss / d logp, {name}")
+        check_close(got_grad, want_grad, f"d loss / d logp, {name}", mistakes={
+            "no gradient reaches logp: detach only the advantage (r - b), not the log-probabilities":
+            torch.zeros_like(want_grad)})
 
 
 def test_scst_loss_advantage_is_detached(student):
     f = student("scst_loss")
-    logp = -torch.rand(2, 3, 4).requires_grad_()
-    reward = torch.randn(2, 3).requires_grad_()
-    baseline = torch.randn(2).requires_grad_()
-    f(logp, torch.ones(2, 3, 4), reward, baseline).backward()
-    for name, x in (("reward", reward), ("baseline", baseline)):
-        if x.grad is not None and x.grad.abs().max() > 0:
+    g = seeded(12)
+    logp, reward, baseline = -torch.rand(2, 3, 4, generator=g), torch.randn(2, 3, generator=g), torch.randn(2, generator=g)
+    _, grads = f.grad(logp, torch.ones(2, 3, 4), reward, baseline, wrt=(0, 2, 3))
+    for name, grad in zip(("reward", "baseline"), grads[1:]):
+        if grad.abs().max() > 0:
             pytest.fail(f"the loss sends gradient into the {name}: the advantage (r - b) is a "
                         "constant weight, detach it", pytrace=False)
 
@@ -200,16 +221,13 @@ def test_discriminator_loss_random_values_and_gradients(student, reference):
     f = student("discriminator_loss")
     g = seeded(6)
     real0, fake0 = torch.randn(7, generator=g) * 3, torch.randn(13, generator=g) * 3
-    real, fake = real0.clone().requires_grad_(), fake0.clone().requires_grad_()
-    rr, rf = real0.clone().requires_grad_(), fake0.clone().requires_grad_()
-    (got, got_stats), (want, want_stats) = f(real, fake), reference.discriminator_loss(rr, rf)
+    (got, got_stats), got_grads = f.grad(real0, fake0, wrt=(0, 1))
+    (want, want_stats), want_grads = reference.discriminator_loss.grad(real0, fake0, wrt=(0, 1))
     check_close(got, want, "loss on 7 real and 13 fake logits (average the two halves' means)")
     for key in ("d_loss", "d_acc"):
         check_close(got_stats[key], want_stats[key], f"stats[{key!r}]")
-    got.backward()
-    want.backward()
-    check_close(real.grad, rr.grad, "d loss / d real_logits")
-    check_close(fake.grad, rf.grad, "d loss / d fake_logits")
+    check_close(got_grads[0], want_grads[0], "d loss / d real_logits")
+    check_close(got_grads[1], want_grads[1], "d loss / d fake_logits")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,12 +273,10 @@ def test_caption_loss_random_values_and_gradients(student, reference):
     logits0 = torch.randn(4, 7, 11, generator=g) * 2
     labels = torch.randint(0, 11, (4, 7), generator=g)
     labels[torch.rand(4, 7, generator=g) < 0.3] = -1
-    got_logits, want_logits = logits0.clone().requires_grad_(), logits0.clone().requires_grad_()
-    got, want = f(got_logits, labels), reference.caption_loss(want_logits, labels)
+    got, (got_grad,) = f.grad(logits0, labels, wrt=(0,))
+    want, (want_grad,) = reference.caption_loss.grad(logits0, labels, wrt=(0,))
     check_close(got, want, "loss on random (N=4, T=7, V=11) with 30% padding")
-    got.backward()
-    want.backward()
-    check_close(got_logits.grad, want_logits.grad, "d loss / d logits")
+    check_close(got_grad, want_grad, "d loss / d logits")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,12 +293,10 @@ def test_contrastive_loss_random_values_and_gradients(student, reference):
     f = student("contrastive_loss")
     g = seeded(8)
     x0 = torch.randn(5, 5, generator=g) * 4  # not symmetric: the text-side term differs
-    got_x, want_x = x0.clone().requires_grad_(), x0.clone().requires_grad_()
-    got, want = f(got_x), reference.contrastive_loss(want_x)
+    got, (got_grad,) = f.grad(x0, wrt=(0,))
+    want, (want_grad,) = reference.contrastive_loss.grad(x0, wrt=(0,))
     check_close(got, want, "loss on random 5x5 logits (average image->text and text->image CE)")
-    got.backward()
-    want.backward()
-    check_close(got_x.grad, want_x.grad, "d loss / d logits")
+    check_close(got_grad, want_grad, "d loss / d logits")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,12 +373,12 @@ def _cider_d_from_vectors(vector, candidates, references, sigma=6.0):
     return scores
 
 
-def test_tfidf_vector_gives_evaluate_cider_d(student):
+def test_tfidf_vector_gives_evaluate_cider_d(student, reference):
     f = student("tfidf_vector")
     rng = random.Random(10)
     references = [_random_captions(rng, 4) for _ in range(15)]
     candidates = _random_captions(rng, 15)[:10] + [refs[0] for refs in references[10:]]
-    _, want = evaluate.cider_d(candidates, references)
+    _, want = reference.cider_d(candidates, references)
     check_close(_cider_d_from_vectors(f, candidates, references), want,
                 "CIDEr-D per image built on your tf-idf vectors vs evaluate.cider_d", atol=1e-9)
 
@@ -381,14 +395,34 @@ def test_bpe_worked_example(student):
          "the lowest-ranked pair goes first, not the leftmost"),
         ("aaaa", {("a", "a"): 0}, ["aa", "a", "a</w>"],
          "a pair is merged left to right without overlap; 'a a</w>' is another pair"),
+        ("ababx", {("a", "b"): 1, ("ab", "a"): 0}, ["ab", "ab", "x</w>"], FIRST_ONLY),
         ("x", {("x", "y"): 0}, ["x</w>"], "a one-symbol word is just its end symbol"),
         ("cab", {}, ["c", "a", "b</w>"], "no merges: the symbols, the last one marked </w>"),
     ]
     for word, ranks, want, why in cases:
         got = f(word, dict(ranks))
         if list(got) != want:
+            if list(got) == _bpe_first_only(word, ranks):
+                why = FIRST_ONLY
             pytest.fail(f"bpe({word!r}, {ranks}) = {list(got)}, expected {want}: {why}",
                         pytrace=False)
+
+
+FIRST_ONLY = ("merge every occurrence of the chosen pair in the same round, before looking at "
+              "the ranks again (this result merges only its first occurrence)")
+
+
+def _bpe_first_only(word: str, ranks: dict) -> list:
+    """The mistake: each round merges only the first occurrence of the lowest-ranked pair."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = list(zip(parts, parts[1:]))
+        best = min(pairs, key=lambda pair: ranks.get(pair, math.inf))
+        if best not in ranks:
+            return parts
+        i = pairs.index(best)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
 
 
 def _random_ranks(rng: random.Random, words: list[str]) -> dict:
@@ -413,5 +447,6 @@ def test_bpe_random(student, reference):
         for word in words[:10]:
             got, want = f(word, dict(ranks)), reference.bpe(word, ranks)
             if list(got) != want:
-                pytest.fail(f"bpe({word!r}, <random table {trial}>) = {list(got)}, expected {want}",
-                            pytrace=False)
+                why = f": {FIRST_ONLY}" if list(got) == _bpe_first_only(word, ranks) else ""
+                pytest.fail(f"bpe({word!r}, <random table {trial}>) = {list(got)}, expected "
+                            f"{want}{why}", pytrace=False)
