@@ -81,7 +81,8 @@ class CaptionData:
         return self.image_loader(image_id)
 
     def check(self, captions: dict[str, str], split: str) -> dict | None:
-        """Ground-truth fluency/faithfulness of captions for a split; None when there is no checker."""
+        """Ground-truth fluency/faithfulness of captions for a split; None when there is no checker.
+        ShapesWorld's also gives "per_image": {id: each word false or not (None: unparseable)}."""
         if self.checker is None:
             return None
         return self.checker(captions, split)

@@ -73,14 +73,39 @@ def test_checker_counts_false_facts_and_rejects_ungrammatical_captions():
         ("rel", ("some", "circle", "red", None), "above", (2, "square", "blue", None))]
 
 
+def test_false_words_mark_the_wrong_word_of_each_false_fact():
+    scene = (grammar.Obj("circle", "red", "small", 2, 0), grammar.Obj("square", "blue", "large", 0, 0))
+
+    def wrong(caption):
+        marks = grammar.false_words(caption, scene)
+        return None if marks is None else [w for w, bad in zip(grammar.normalise(caption), marks) if bad]
+
+    assert grammar.parse_spans("a red circle above a blue square") == [
+        (("np", ("some", "circle", "red", None)), (0, 3)),
+        (("np", ("some", "square", "blue", None)), (4, 7)),
+        (("rel", ("some", "circle", "red", None), "above", ("some", "square", "blue", None)), (3, 4))]
+    assert wrong("a blue square above a red circle") == []
+    assert wrong("a small red circle in the bottom left corner") == []
+    assert wrong("a large red circle above a blue square") == ["large", "above"]
+    assert wrong("a red circle at the top") == ["at", "the", "top"]
+    assert wrong("two red circles") == ["two"]  # there is exactly one
+    assert wrong("a red triangle") == ["triangle"]
+    assert wrong("a pink circle") == ["pink"]
+    assert wrong("a green star") == ["a", "green", "star"]  # no single word fixes it
+    assert wrong("three shapes including a crimson ball") == ["three"]
+    assert wrong("circle circle") is None and wrong("") is None
+    assert grammar.false_words("a red circle.", scene) == [False] * 3
+
+
 def test_world_references_are_distinct_and_check_fully(world):
     cfg, d = world
     for split in ("val", "test"):
         refs = d.splits[split].references
         assert all(len(set(r)) == cfg.n_references for r in refs.values())
         for k in range(cfg.n_references):
-            assert d.check({i: r[k] for i, r in refs.items()}, split) == {
-                "fluency": 1.0, "faithfulness": 1.0}
+            checked = d.check({i: r[k] for i, r in refs.items()}, split)
+            assert (checked["fluency"], checked["faithfulness"]) == (1.0, 1.0)
+            assert checked["per_image"] == {i: [False] * len(r[k].split()) for i, r in refs.items()}
 
 
 def test_checker_rejects_unknown_split_or_id(world):
