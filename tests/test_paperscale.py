@@ -65,7 +65,9 @@ def in_domain(fx, tmp_path_factory):
     outputs = {"prepare": cli(["prepare"] + argv),
                "init": cli(["init", "--name", "coco"] + argv),
                "train": cli(["train", "--name", "coco"] + argv),
-               "eval": cli(["eval", "--run", str(root / "runs" / "coco"), "--split", "test"])}
+               "eval": cli(["eval", "--run", str(root / "runs" / "coco"), "--split", "test"]),
+               "caption": cli(["caption", str(next(Path(fx.image_root).rglob("*.jpg"))),
+                               "--run", str(root / "runs" / "coco")])}
     return root, root / "runs" / "coco", outputs
 
 
@@ -84,8 +86,9 @@ def test_cli_prepare_writes_caches_and_references(fx, in_domain):
 
 def test_cli_init_then_train_then_eval(fx, in_domain):
     _, run_dir, outputs = in_domain
-    for command in ("init", "train", "eval"):
+    for command in ("init", "train", "eval", "caption"):
         assert outputs[command][0] == 0, (command, outputs[command][2])
+    assert len(outputs["caption"][1].splitlines()) == 1  # a paper-scale run captions a file too
     assert "text-only init" in outputs["init"][1] and "CIDEr-D" in outputs["init"][1]
     # train reuses the initialisation `init` wrote (same data, seed, generator and init settings).
     assert "reusing the text-only initialisation" in outputs["train"][1]
