@@ -128,11 +128,14 @@ def eval_config(args) -> tuple[Config, Path]:
 
 
 def caption(args, commands) -> int:
-    """Print a caption for every good image file and one error line for each bad one."""
+    """Print a caption for every good image file (with a warning line after it when the image is
+    unlike the training images) and one error line for each bad one."""
     cfg, run_dir = run_config(args.run)
     captions, errors = commands.run_caption(cfg, run_dir, args.images)
-    for path, text in captions:
-        print(f"{path}: {text}")
+    for path, text, warning in captions:
+        print(f"{path}: {text}", flush=True)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     return 2 if errors else 0

@@ -28,7 +28,7 @@ import realdata
 import runs
 import train
 from config import Config, ConfigError, RealDataConfig, Reward, config_dict
-from data import CaptionData, DataError, write_json
+from data import CaptionData, DataError, Familiarity, write_json
 from shapesworld import build_shapesworld
 from train import TrainingError
 
@@ -298,12 +298,13 @@ def read_image(path: str):
         return None, str(err)
 
 
-def run_caption(cfg: Config, run_dir: Path, images: list[str],
-                data: CaptionData | None = None) -> tuple[list[tuple[str, str]], list[str]]:
+def run_caption(cfg: Config, run_dir: Path, images: list[str], data: CaptionData | None = None
+                ) -> tuple[list[tuple[str, str, str | None]], list[str]]:
     """Captions for image files: CLIP image embedding -> generator (best.pt), greedy.
 
-    Returns (path, caption) for each readable file, in order, and a one-line error for each file
-    that is missing, a directory, or not an image; the model is loaded only if one is readable.
+    Returns (path, caption, warning) for each readable file, in order, the warning a line when the
+    image is unlike the training images (data.Familiarity), else None; and a one-line error for
+    each file that is missing, a directory, or not an image. The model loads only if one is readable.
     """
     opened = [(path, *read_image(path)) for path in images]
     good = [(path, image) for path, image, error in opened if error is None]
@@ -317,7 +318,10 @@ def run_caption(cfg: Config, run_dir: Path, images: list[str],
     with torch.no_grad():
         pixels = preprocess([image for _, image in good]).to(run.device)
         feats = F.normalize(clip.encode_image(pixels).float(), dim=-1)  # (n, D)
-    return list(zip([path for path, _ in good], train.caption_feats(run, feats))), errors
+    unlike = Familiarity(data, run.device).unlike(feats)
+    warnings = [why and f"{path} is unlike the training images of {data.name} ({why}); its caption "
+                "is a guess" for (path, _), why in zip(good, unlike)]
+    return list(zip([path for path, _ in good], train.caption_feats(run, feats), warnings)), errors
 
 
 def run_corpus(kind: str, source: str, output: str, seed: int = 0,

@@ -307,7 +307,10 @@ def _noun_phrases(tokens: list[str], i: int):
 
 
 def _match(parts: list[str], k: int, tokens: list[str], i: int, facts: tuple, last, rel):
-    """Yield the facts of every way tokens[i:] matches template parts[k:] (backtracking)."""
+    """Yield every way tokens[i:] matches template parts[k:] (backtracking), as the facts it claims,
+    each with the (start, end) token span of the words that state it: a noun phrase's own words, a
+    position's or relation's phrase. `rel` is (np, relation, span) while a relation waits for its
+    second noun phrase."""
     if k == len(parts):
         if i == len(tokens):
             yield facts
@@ -317,7 +320,9 @@ def _match(parts: list[str], k: int, tokens: list[str], i: int, facts: tuple, la
         for np, j in _noun_phrases(tokens, i):
             if part == "{GNP}" and np[1] is not None:
                 continue
-            new = facts + (("np", np),) + ((("rel", rel[0], rel[1], np),) if rel else ())
+            new = facts + ((("np", np), (i, j)),)
+            if rel:
+                new += ((("rel", rel[0], rel[1], np), rel[2]),)
             if part == "{NPL}" and j < len(tokens) and tokens[j] == "and":
                 # More noun phrases may follow in the list, or the list may end here.
                 yield from _match(parts, k, tokens, j + 1, new, np, None)
@@ -327,10 +332,10 @@ def _match(parts: list[str], k: int, tokens: list[str], i: int, facts: tuple, la
             if tuple(tokens[i:i + len(phrase)]) == phrase and last is not None:
                 j = i + len(phrase)
                 if part == "{POS}":
-                    yield from _match(parts, k + 1, tokens, j, facts + (("pos", last, meaning),),
-                                      last, None)
+                    yield from _match(parts, k + 1, tokens, j,
+                                      facts + ((("pos", last, meaning), (i, j)),), last, None)
                 else:
-                    yield from _match(parts, k + 1, tokens, j, facts, last, (last, meaning))
+                    yield from _match(parts, k + 1, tokens, j, facts, last, (last, meaning, (i, j)))
     elif i < len(tokens) and tokens[i] in part.split("|"):
         yield from _match(parts, k + 1, tokens, i + 1, facts, last, rel)
 
@@ -338,6 +343,21 @@ def _match(parts: list[str], k: int, tokens: list[str], i: int, facts: tuple, la
 def normalise(caption: str) -> list[str]:
     """Caption -> tokens: lowercase, split on spaces, a final period (a decoder's end mark) dropped."""
     return caption.lower().strip().rstrip(".").split()
+
+
+def parse_spans(caption: str) -> list[tuple[tuple, tuple[int, int]]] | None:
+    """The facts a caption claims, each with the (start, end) span of normalise(caption)'s tokens
+    that states it, or None when neither grammar accepts the caption.
+
+    Example: parse_spans("a red circle above a blue square") ==
+    [(("np", ("some", "circle", "red", None)), (0, 3)), (("np", ("some", "square", "blue", None)), (4, 7)),
+     (("rel", ("some", "circle", "red", None), "above", ("some", "square", "blue", None)), (3, 4))]
+    """
+    tokens = normalise(caption)
+    for parts in _TEMPLATES:
+        for facts in _match(parts, 0, tokens, 0, (), None, None):
+            return list(facts)
+    return None
 
 
 def parse(caption: str) -> list[tuple] | None:
@@ -349,11 +369,8 @@ def parse(caption: str) -> list[tuple] | None:
     [("np", ("some", "circle", "red", None)), ("np", (2, "square", "blue", None)),
      ("rel", ("some", "circle", "red", None), "above", (2, "square", "blue", None))]
     """
-    tokens = normalise(caption)
-    for parts in _TEMPLATES:
-        for facts in _match(parts, 0, tokens, 0, (), None, None):
-            return list(facts)
-    return None
+    spans = parse_spans(caption)
+    return None if spans is None else [fact for fact, _ in spans]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,3 +420,51 @@ def check(captions: dict[str, str], scenes: dict[str, Scene]) -> dict[str, float
         claimed += len(facts)
         true += sum(fact_holds(f, scenes[image_id]) for f in facts)
     return {"fluency": fluent / len(captions), "faithfulness": true / claimed if claimed else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# One caption's false words, for figures: which words the checker finds false
+
+_FIELDS = {"count": 0, "shape": 1, "colour": 2, "size": 3}  # a noun phrase's fields
+
+
+def _np_words(np: tuple, span: tuple[int, int]) -> dict[str, list[int]]:
+    """The token positions of a noun phrase ("det [size] [colour] noun") that state each field."""
+    _, _, colour, size = np
+    noun = span[1] - 1
+    colour_at = [noun - 1] if colour is not None else []
+    size_at = [noun - 1 - len(colour_at)] if size is not None else []
+    det_end = noun - len(colour_at) - len(size_at)
+    return {"count": list(range(span[0], det_end)), "shape": [noun], "colour": colour_at,
+            "size": size_at}
+
+
+def _blame(np: tuple, span: tuple[int, int], scene: Scene) -> list[int]:
+    """The words to blame for a false noun phrase: each word whose loosening alone makes it true
+    (a number -> "a", a shape, colour or size word -> left out), or all its words if none does."""
+    words, blamed = _np_words(np, span), []
+    for field, index in _FIELDS.items():
+        loose = SOME if field == "count" else None
+        if np[index] != loose and fact_holds(("np", np[:index] + (loose,) + np[index + 1:]), scene):
+            blamed += words[field]
+    return blamed or list(range(*span))
+
+
+def false_words(caption: str, scene: Scene) -> list[bool] | None:
+    """For each token of normalise(caption), whether it states something false of the scene; None
+    when neither grammar accepts the caption (check counts it against fluency).
+
+    A false fact marks the words that state it: a position's or relation's phrase, or in a noun
+    phrase the wrong word (_blame). Example, check's scene (a small red circle in the bottom left
+    corner, a large blue square at the top left): "a large red circle above a blue square" ->
+    [F, T, F, F, T, F, F, F]: "large" (the circle is small) and "above" (no large red circle is).
+    """
+    facts = parse_spans(caption)
+    if facts is None:
+        return None
+    marks = [False] * len(normalise(caption))
+    for fact, span in facts:
+        if not fact_holds(fact, scene):
+            for i in _blame(fact[1], span, scene) if fact[0] == "np" else range(*span):
+                marks[i] = True
+    return marks

@@ -387,7 +387,8 @@ def _split_of(image_id: str, known: dict) -> tuple[str, int]:
 def caption_data(cfg: ShapesWorldConfig, root: Path, world: dict, scenes: dict, images: dict,
                  feats: dict) -> data.CaptionData:
     """The built parts as the method's data.CaptionData, with an image loader and the
-    ground-truth checker (shapes_grammar.check against each split's scenes)."""
+    ground-truth checker (shapes_grammar.check against each split's scenes, and per image
+    shapes_grammar.false_words: each word's verdict, None for a caption the grammar rejects)."""
     by_split = {split: {f"{split}_{i:05d}": s for i, s in enumerate(v)} for split, v in scenes.items()}
 
     def image_loader(image_id: str) -> Image.Image:
@@ -400,7 +401,9 @@ def caption_data(cfg: ShapesWorldConfig, root: Path, world: dict, scenes: dict, 
         unknown = [i for i in captions if i not in by_split[split]]
         if unknown:
             raise data.DataError(f"ShapesWorld split {split!r} has no image {unknown[0]!r}")
-        return grammar.check(captions, by_split[split])
+        scenes = by_split[split]
+        return {**grammar.check(captions, scenes), "per_image": {
+            i: grammar.false_words(c, scenes[i]) for i, c in captions.items()}}
 
     def tensor(name):
         return torch.from_numpy(np.ascontiguousarray(feats[name], dtype=np.float32))

@@ -28,6 +28,7 @@ from cgtgan import (IGNORE_INDEX, caption_loss, clip_agg_reward, clip_agg_target
                     clip_cos_reward, decode_captions, discriminator_loss, encode_sentences,
                     lambda_schedule, naturalness_reward, scst_loss, semantic_reward)
 from config import ConfigError, GANConfig
+from data import nearest
 from evaluate import score
 from runs import Run
 
@@ -158,13 +159,7 @@ def evaluate_generator(run: Run, split: str, limit: int = 0) -> tuple[dict, list
 def retrieval_captions(data, feats: torch.Tensor, chunk: int = 8192) -> list[str]:
     """The CLIPRe-like baseline: for each image (n, D), the corpus sentence whose CLIP text
     embedding is nearest. It shows what the corpus alone can say, without a captioner."""
-    best = torch.full((feats.shape[0],), -2.0)
-    arg = torch.zeros(feats.shape[0], dtype=torch.long)
-    for start in range(0, data.corpus_feats.shape[0], chunk):
-        sims = feats @ data.corpus_feats[start:start + chunk].T  # (n, c)
-        value, index = sims.max(1)
-        better = value > best
-        best[better], arg[better] = value[better], index[better] + start
+    _, arg = nearest(feats, data.corpus_feats, chunk)  # (n,)
     return [data.corpus[i] for i in arg.tolist()]
 
 

@@ -69,6 +69,38 @@ def test_image_without_loader_is_a_clear_error():
 # Caches
 
 
+def test_nearest_finds_the_best_row_across_chunks():
+    keys = _unit(10, 8, 5)
+    queries = torch.nn.functional.normalize(keys[[7, 2, 9]] + 0.05 * _unit(3, 8, 6), dim=1)
+    best, arg = data.nearest(queries, keys, chunk=3)
+    assert arg.tolist() == [7, 2, 9]
+    assert torch.allclose(best, (queries @ keys.T).max(1).values)
+
+
+def _cloud(n, seed, spread=(0.3, 0.3, 0.3, 0.01, 0.01, 0.01, 0.01, 0.01)):
+    """Unit vectors around the first axis, spread along axes 1-3 and hardly at all along 4-7."""
+    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed)) * torch.tensor((0.0,) + spread[1:])
+    x[:, 0] = 1.0
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def test_familiarity_flags_images_far_from_or_off_the_spread_of_the_training_images():
+    train, test = _cloud(400, 1), _cloud(300, 2)
+    ids = [f"t{i}" for i in range(300)]
+    d = _tiny_data(train_ids=[f"x{i}" for i in range(400)], train_feats=train,
+                   splits={"val": EvalSplit(ids[:1], test[:1], {"t0": ["x"]}),
+                           "test": EvalSplit(ids, test, {i: ["x"] for i in ids})}).validate()
+    familiar = data.Familiarity(d)
+    assert sum(why is not None for why in familiar.unlike(test)) <= 0.02 * len(ids) + 1
+    assert familiar.unlike(train[:20]).count(None) >= 19
+    opposite = -train[:1]  # a photo: far from every training image
+    off_spread = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0, 0, 0.1, 0, 0, 0]]), dim=1)
+    assert (off_spread @ train.T).max() > familiar.min_cos  # close in cosine...
+    far, off = familiar.unlike(torch.cat([opposite, off_spread]))
+    assert far.startswith("nearest training image at cosine -")
+    assert off.startswith("Mahalanobis distance")  # ...but along a direction they never vary in
+
+
 def test_cache_key_is_stable_and_sensitive():
     a = data.cache_key(model="ViT-B/32", t=100.0, path=Path("x/y"), arr=np.arange(3))
     assert a == data.cache_key(arr=np.arange(3), path="x/y", t=100.0, model="ViT-B/32")

@@ -66,7 +66,9 @@ def in_domain(fx, tmp_path_factory):
     argv = sets({**real_options(fx, root / "cache"), **TINY, "runs_dir": root / "runs"})
     outputs = {"prepare": cli(["prepare"] + argv),
                "init": cli(["init", "--name", "coco"] + argv),
-               "train": cli(["train", "--name", "coco"] + argv)}
+               "train": cli(["train", "--name", "coco"] + argv),
+               "caption": cli(["caption", str(next(Path(fx.image_root).rglob("*.jpg"))),
+                               "--run", str(root / "runs" / "coco")])}
     # eval as a user runs it (METEOR and SPICE where they can run), here as on a machine without
     # Java, so that it stays fast; test_eval_meteor_through_java runs the real thing.
     with pytest.MonkeyPatch.context() as patch:
@@ -90,8 +92,9 @@ def test_cli_prepare_writes_caches_and_references(fx, in_domain):
 
 def test_cli_init_then_train_then_eval(fx, in_domain):
     _, run_dir, outputs = in_domain
-    for command in ("init", "train", "eval"):
+    for command in ("init", "train", "eval", "caption"):
         assert outputs[command][0] == 0, (command, outputs[command][2])
+    assert len(outputs["caption"][1].splitlines()) == 1  # a paper-scale run captions a file too
     assert "text-only init" in outputs["init"][1] and "CIDEr-D" in outputs["init"][1]
     # train reuses the initialisation `init` wrote (same data, seed, generator and init settings).
     assert "reusing the text-only initialisation" in outputs["train"][1]

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import clip_model
 import clip_tokenizer
+import data
 import shapes_clip
 import shapes_grammar as grammar
 import shapes_scenes
@@ -73,14 +75,39 @@ def test_checker_counts_false_facts_and_rejects_ungrammatical_captions():
         ("rel", ("some", "circle", "red", None), "above", (2, "square", "blue", None))]
 
 
+def test_false_words_mark_the_wrong_word_of_each_false_fact():
+    scene = (grammar.Obj("circle", "red", "small", 2, 0), grammar.Obj("square", "blue", "large", 0, 0))
+
+    def wrong(caption):
+        marks = grammar.false_words(caption, scene)
+        return None if marks is None else [w for w, bad in zip(grammar.normalise(caption), marks) if bad]
+
+    assert grammar.parse_spans("a red circle above a blue square") == [
+        (("np", ("some", "circle", "red", None)), (0, 3)),
+        (("np", ("some", "square", "blue", None)), (4, 7)),
+        (("rel", ("some", "circle", "red", None), "above", ("some", "square", "blue", None)), (3, 4))]
+    assert wrong("a blue square above a red circle") == []
+    assert wrong("a small red circle in the bottom left corner") == []
+    assert wrong("a large red circle above a blue square") == ["large", "above"]
+    assert wrong("a red circle at the top") == ["at", "the", "top"]
+    assert wrong("two red circles") == ["two"]  # there is exactly one
+    assert wrong("a red triangle") == ["triangle"]
+    assert wrong("a pink circle") == ["pink"]
+    assert wrong("a green star") == ["a", "green", "star"]  # no single word fixes it
+    assert wrong("three shapes including a crimson ball") == ["three"]
+    assert wrong("circle circle") is None and wrong("") is None
+    assert grammar.false_words("a red circle.", scene) == [False] * 3
+
+
 def test_world_references_are_distinct_and_check_fully(world):
     cfg, d = world
     for split in ("val", "test"):
         refs = d.splits[split].references
         assert all(len(set(r)) == cfg.n_references for r in refs.values())
         for k in range(cfg.n_references):
-            assert d.check({i: r[k] for i, r in refs.items()}, split) == {
-                "fluency": 1.0, "faithfulness": 1.0}
+            checked = d.check({i: r[k] for i, r in refs.items()}, split)
+            assert (checked["fluency"], checked["faithfulness"]) == (1.0, 1.0)
+            assert checked["per_image"] == {i: [False] * len(r[k].split()) for i, r in refs.items()}
 
 
 def test_checker_rejects_unknown_split_or_id(world):
@@ -228,19 +255,46 @@ def test_scene_shape_probe_reads_each_object_with_a_colour_of_its_own(world):
     assert both["scene_shape_acc"] in (0.0, 0.5)
 
 
+@pytest.fixture(scope="module")
+def clip_world(tmp_path_factory):
+    """The default CLIP settings on fewer pairs (a slow build), and enough training and test
+    images for the caption command's percentiles."""
+    cfg = sw.ShapesWorldConfig(n_clip_pairs=6000, n_clip_heldout=300, n_train=1000, n_corpus=10,
+                               n_val=2, n_test=300, root=str(tmp_path_factory.mktemp("clip_world")))
+    return cfg, sw.build_shapesworld(cfg, progress=False)
+
+
 @pytest.mark.slow
-def test_default_tiny_clip_reads_shapes_and_colours(tmp_path):
-    # The default CLIP settings on fewer pairs. A shape-blind CLIP (the earlier ViT, or the ResNet
-    # without close-ups) scored 14-22% on shapes, chance being 17%.
-    cfg = sw.ShapesWorldConfig(n_clip_pairs=6000, n_clip_heldout=300, n_train=10, n_corpus=10,
-                               n_val=2, n_test=2, root=str(tmp_path))
-    sw.build_shapesworld(cfg, progress=False)
+def test_default_tiny_clip_reads_shapes_and_colours(clip_world):
+    # A shape-blind CLIP (the earlier ViT, or the ResNet without close-ups) scored 14-22% on
+    # shapes, chance being 17%.
+    cfg, _ = clip_world
     figures = sw.load_report(cfg)["clip"]
     assert figures["r1"] > 10 * figures["chance_r1"]
     assert figures["colour_acc"] > 0.9
     assert figures["shape_acc"] > 2.5 / len(grammar.SHAPES)
     # Inside crowded scenes too: the 48-px default of version 3 read them at chance (25%, 17%).
     assert figures["scene_shape_acc"] > 2 / len(grammar.SHAPES)
+
+
+@pytest.mark.slow
+def test_blank_images_are_unlike_the_training_images_and_rendered_scenes_are_not(clip_world,
+                                                                                tmp_path):
+    # What `python cgtgan.py caption` warns about: image files, read and encoded as it does.
+    _, d = clip_world
+    model, preprocess = clip_model.load(str(d.clip_path))
+    rng = random.Random("caption-test")
+    files = [tmp_path / "blank.png", tmp_path / "dot.png"] + [tmp_path / f"scene{k}.png" for k in range(20)]
+    Image.new("RGB", (96, 96), (128, 128, 128)).save(files[0])
+    Image.new("RGB", (1, 1), (255, 255, 255)).save(files[1])
+    for k, path in enumerate(files[2:]):
+        pixels = shapes_scenes.render(grammar.sample_scene(rng), 96, np.random.default_rng(k))
+        Image.fromarray(pixels).save(path)
+    with torch.no_grad():
+        feats = F.normalize(model.encode_image(preprocess([clip_model.load_image(f) for f in files])), dim=-1)
+    unlike = data.Familiarity(d).unlike(feats)
+    assert unlike[0] and unlike[1], unlike[:2]
+    assert sum(why is not None for why in unlike[2:]) <= 2, unlike[2:]  # ~2% of test images are
 
 
 def test_stale_or_truncated_caches_are_rebuilt(tmp_path):

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 import cgtgan
 import cli
@@ -127,7 +128,14 @@ def test_cli_eval_caption_and_errors(world, trained, monkeypatch, capsys, tmp_pa
     image = tmp_path / "img.png"
     world.image("img0").save(image)
     assert cli.main(["caption", str(image), "--run", str(run_dir)]) == 0
-    assert capsys.readouterr().out.startswith(f"{image}: ")
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{image}: ") and err == ""
+    # A 1x1 image is unlike the training images: captioned all the same, with a one-line warning.
+    Image.new("RGB", (1, 1), (128, 128, 128)).save(tmp_path / "dot.png")
+    assert cli.main(["caption", str(tmp_path / "dot.png"), "--run", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{tmp_path / 'dot.png'}: ") and err.count("\n") == 1
+    assert err.startswith(f"warning: {tmp_path / 'dot.png'} is unlike the training images of tiny")
     assert cli.main(["caption", str(tmp_path / "missing.png"), "--run", str(run_dir)]) == 2
     assert "missing.png not found" in capsys.readouterr().err
     assert cli.main(["train", "--set", "gan.nope=1"]) == 2

@@ -1,0 +1,92 @@
+"""figures.py: samples.png marks the checker's false words; curves.png has ticks, labels and legends."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFont
+
+import figures
+from data import CaptionData, EvalSplit
+
+RED = (0xd6, 0x27, 0x28)  # figures.FALSE
+
+
+def _data(checker=None, n_test=12):
+    feats = torch.nn.functional.normalize(torch.randn(n_test, 4, generator=torch.Generator().manual_seed(0)))
+    ids = [f"t{i}" for i in range(n_test)]
+    return CaptionData(
+        name="tiny", clip_path=Path("clip.pt"), clip_bpe_path=None, gpt2_path=Path("g"),
+        roberta_path=Path("r"), train_ids=ids, train_feats=feats, corpus=["a red circle"],
+        corpus_feats=feats[:1], splits={s: EvalSplit(ids, feats, {i: ["a red circle"] for i in ids})
+                                        for s in ("val", "test")},
+        image_loader=lambda i: Image.new("RGB", (8, 8), "white"), checker=checker).validate()
+
+
+def _red_pixels(path) -> int:
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+    return int((np.abs(pixels.astype(int) - RED).sum(1) < 30).sum())
+
+
+def test_caption_words_colour_false_words_and_unparseable_captions():
+    assert figures.caption_words("a red circle", [False, True, False], True) == [
+        ("a", figures.BLACK), ("red", figures.FALSE), ("circle", figures.BLACK)]
+    assert figures.caption_words("circle circle", None, True) == [
+        ("circle", figures.UNPARSEABLE), ("circle", figures.UNPARSEABLE),
+        ("(unparseable)", figures.UNPARSEABLE)]
+    assert figures.caption_words("a red circle", None, False) == [
+        ("a", figures.BLACK), ("red", figures.BLACK), ("circle", figures.BLACK)]
+
+
+def test_samples_draw_8_images_and_the_checkers_false_words_in_red(tmp_path):
+    def checker(captions, split):
+        return {"fluency": 1.0, "faithfulness": 0.5,
+                "per_image": {i: [False, True, False] for i in captions}}
+
+    figures.draw_samples(_data(checker), ["a red circle"] * 12, tmp_path / "marked.png")
+    figures.draw_samples(_data(), ["a red circle"] * 12, tmp_path / "plain.png")
+    sheet = Image.open(tmp_path / "marked.png")
+    assert sheet.width == 4 * 240 and sheet.height > 2 * 240  # 8 images, 4 a row
+    assert _red_pixels(tmp_path / "marked.png") > 8 * 20  # "red" in red under each image
+    assert _red_pixels(tmp_path / "plain.png") == 0  # no checker: nothing marked
+
+
+def test_figures_draw_without_any_truetype_font(tmp_path, monkeypatch):
+    # Pillow's bitmap font (what load_default gives on Pillow < 10.1 or without FreeType).
+    bitmap = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+
+    def old_pillow(size=None):  # Pillow < 10.1 takes no size
+        if size is not None:
+            raise TypeError("load_default() got an unexpected keyword argument 'size'")
+        return bitmap
+
+    def no_fonts(*args, **kwargs):
+        raise OSError("cannot open resource")
+
+    monkeypatch.setattr(ImageFont, "load_default", old_pillow)
+    monkeypatch.setattr(ImageFont, "truetype", no_fonts)
+    assert figures.load_font(17) is not None
+    figures.draw_samples(_data(), ["a red circle"] * 3, tmp_path / "s.png")
+    figures.draw_curves([], tmp_path / "c.png")
+    assert Image.open(tmp_path / "s.png").width == 3 * 240
+
+
+def test_nice_ticks_and_the_best_step():
+    assert figures.nice_ticks(0, 300) == [0, 100, 200, 300]
+    assert figures.nice_ticks(169, 225) == [160, 180, 200, 220, 240]
+    assert figures.nice_ticks(0.43, 0.91) == pytest.approx([0.4, 0.6, 0.8, 1.0])
+    assert figures.nice_ticks(5, 5)[0] <= 5 <= figures.nice_ticks(5, 5)[-1]
+    gan = [{"stage": "gan", "step": s, "val_CIDEr-D": v} for s, v in ((0, 1.0), (100, 3.0),
+                                                                      (200, 3.0), (300, 2.0))]
+    assert figures.best_step(gan) == 100  # the first of equal scores, as train._validate keeps
+    assert figures.best_step([]) is None
+
+
+def test_curves_plot_steps_and_validation(tmp_path):
+    records = [{"stage": "init", "step": 1, "loss": 3.0}]
+    records += [{"stage": "gan", "step": s, "r_nat": 0.1 * s, "r_cos": 80.0, "r_agg": 95.0,
+                 "d_acc": 0.5, "lambda": min(0.5, s / 100)} for s in range(1, 31)]
+    records += [{"stage": "gan", "step": s, "val_CIDEr-D": 100.0 + s, "val_fluency": 90.0,
+                 "val_faithfulness": 40.0} for s in (0, 10, 20, 30)]
+    figures.draw_curves(records, tmp_path / "c.png")
+    assert _red_pixels(tmp_path / "c.png") > 100  # CLIP-agg and faithfulness in red
