@@ -675,7 +675,8 @@ class Preprocess:
     OpenAI converts to RGB after cropping; converting first gives the same pixels for RGB and
     grayscale images and lets palette images be resized bicubically (PIL would fall back to
     nearest-neighbour for mode "P"). Transparent pixels are composited onto white rather than
-    keeping whatever colour hides under alpha 0. Both choices are Hugging Face's CLIPImageProcessor's.
+    keeping whatever colour hides under alpha 0. Both choices are Hugging Face's CLIPImageProcessor's
+    (the second since transformers 5).
     """
 
     def __init__(self, resolution: int = 224):

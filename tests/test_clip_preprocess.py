@@ -51,6 +51,9 @@ def openai_reference(image, R):
     return ((x - MEAN.astype(np.float64)) / STD.astype(np.float64)).transpose(2, 0, 1)
 
 
+# Before transformers 5 the processor dropped alpha instead of compositing it onto white, and its
+# PIL backend had no name of its own; the CI check on the oldest transformers skips this test.
+@pytest.mark.skipif(not hasattr(transformers, "CLIPImageProcessorPil"), reason="needs transformers>=5")
 @pytest.mark.parametrize("R", [224, 64])
 def test_matches_openai_recipe_and_transformers(R):
     processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": R}, crop_size={"height": R, "width": R})
