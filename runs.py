@@ -235,7 +235,21 @@ def rng_state(generator: torch.Generator) -> dict:
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def gather_rng_state(run: Run, generator: torch.Generator) -> list[dict]:
+    """Every data-parallel process's rng_state, by rank (a list of one in one process), for the
+    master to save: each process's own torch and CUDA states differ once they draw different
+    numbers (the generator's dropout), and --resume gives each its own back. All processes call it."""
+    if not run.distributed:
+        return [rng_state(generator)]
+    states = [None] * run.world_size
+    torch.distributed.all_gather_object(states, rng_state(generator))
+    return states
+
+
+def set_rng_state(states: list[dict] | dict, generator: torch.Generator, rank: int = 0) -> None:
+    """Restore this rank's entry of gather_rng_state's list (a checkpoint made by fewer processes
+    gives its entries round-robin; one made before states were gathered holds a single dict)."""
+    state = states[rank % len(states)] if isinstance(states, list) else states
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
