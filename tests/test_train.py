@@ -217,7 +217,7 @@ def test_cli_train_on_a_tiny_shapesworld(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "retrieval (nearest corpus sentence)" in out and "CgT-GAN (agg+gan)" in out
-    run_dir = tmp_path / "runs" / "shapesworld_seed1"
+    (run_dir,) = (tmp_path / "runs").glob("shapesworld_seed1_*")  # the tiny settings' digest
     for name in ("config.json", "init.pt", "last.pt", "best.pt", "metrics.jsonl", "results.json",
                  "samples.png", "curves.png"):
         assert (run_dir / name).is_file(), name
@@ -251,3 +251,20 @@ def test_reward_lambda_per_reward_and_baseline_layout():
     # then its own greedy caption, so every reward is compared with its own image's baseline.
     rows = torch.tensor([0, 1, 10, 11, 20, 21, 100, 110, 120])  # B=3, K=2: image b's are b*10 + k
     assert train.with_baseline(rows, 3, 2).tolist() == [[0, 1, 100], [10, 11, 110], [20, 21, 120]]
+
+
+def test_discriminator_dropout_depends_on_each_images_seed_alone(world):
+    """With dropout on, an image's logits are the same whichever other images are in the batch
+    (as when another process holds them) and change with its own seed: what makes 2 processes
+    equal 1 (test_two_process_ddp_matches_one_process)."""
+    run = runs.build_run(tiny_config(**{"disc.dropout": 0.5}), world, with_clip=False)
+    run.discriminator.train()
+    texts = world.corpus[:5]  # image 0: rows 0, 1, 4; image 1: rows 2, 3
+    image_of_row, seeds = torch.tensor([0, 0, 1, 1, 0]), torch.tensor([11, 22])
+    both = train.discriminate(run, texts, image_of_row, seeds)
+    alone = train.discriminate(run, [texts[i] for i in (0, 1, 4)], torch.zeros(3, dtype=torch.long),
+                               seeds[:1])
+    torch.testing.assert_close(both[[0, 1, 4]], alone)
+    again = train.discriminate(run, texts, image_of_row, torch.tensor([11, 23]))
+    torch.testing.assert_close(again[[0, 1, 4]], both[[0, 1, 4]])
+    assert not torch.allclose(again[[2, 3]], both[[2, 3]])
