@@ -418,12 +418,14 @@ def _resume_gan(run: Run, run_dir: Path, resume: bool, opt_g, opt_d,
 
 
 def _validate(run: Run, best_path: Path, step: int, best: float, log) -> float:
-    """Validation CIDEr-D of the generator (master process); best.pt is replaced when it beats
-    the best so far, which is returned. The paper tests the checkpoint with the best val CIDEr."""
+    """Validation CIDEr-D of the generator (master process); after step 0, best.pt is replaced
+    when it beats the best so far, which is returned. The paper tests the CgT-GAN checkpoint with
+    the best val CIDEr. Step 0 is the text-only initialisation itself: logged for the curves, but
+    no candidate, so best.pt (the table's CgT-GAN row) always holds a CgT-GAN-trained generator."""
     if run.master_process:
         metrics, _ = evaluate_generator(run, "val", run.cfg.gan.eval_images)
         log({"stage": "gan", "step": step, **{f"val_{k}": v for k, v in metrics.items()}})
-        if metrics["CIDEr-D"] > best:
+        if step > 0 and metrics["CIDEr-D"] > best:
             best = metrics["CIDEr-D"]
             runs.save_checkpoint(best_path, run, step=step, stage="gan", val=metrics)
     run.barrier()
