@@ -273,24 +273,26 @@ def discriminate(run: Run, texts: list[str], image_of_row: torch.Tensor,
     rows beside it, so any number of processes computes the logits that one process computes.
     Without dropout the rows go through in one forward.
     """
+    tokens = run.roberta_tokenizer(texts, padding=True, return_tensors="pt").to(run.device)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]  # (N, T) each
     if not (run.discriminator.training and any(
             isinstance(m, torch.nn.Dropout) and m.p > 0 for m in run.discriminator.modules())):
-        return _discriminator_logits(run, texts)
+        return _discriminator_logits(run, ids, mask)
     logits = torch.empty(len(texts), device=run.device)  # (N,)
     devices = [run.device] if run.device.type == "cuda" else []
     for b, seed in enumerate(seeds.tolist()):
-        rows = (image_of_row == b).nonzero().squeeze(1)  # (rows of image b,)
+        rows = (image_of_row == b).nonzero().squeeze(1).to(run.device)  # (rows of image b,)
+        used = mask[rows].any(0)  # (T,) the columns of the image's texts, without extra padding
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            logits[rows.to(run.device)] = _discriminator_logits(run, [texts[i] for i in rows.tolist()])
+            logits[rows] = _discriminator_logits(run, ids[rows][:, used], mask[rows][:, used])
     return logits
 
 
-def _discriminator_logits(run: Run, texts: list[str]) -> torch.Tensor:
-    """The discriminator's logits (N,) of texts in one forward, padded to the longest."""
-    tokens = run.roberta_tokenizer(texts, padding=True, return_tensors="pt").to(run.device)
+def _discriminator_logits(run: Run, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The discriminator's logits (n,) of RoBERTa tokens ids (n, T) with attention mask (n, T)."""
     with run.autocast():
-        return run.discriminator(tokens["input_ids"], tokens["attention_mask"]).float()  # (N,)
+        return run.discriminator(ids, mask).float()  # (n,)
 
 
 def with_baseline(x: torch.Tensor, b: int, k: int) -> torch.Tensor:
