@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from config import (EVAL_DATASETS, PRESETS, Config, ConfigError, Reward, apply_overrides,
-                    config_from_dict, parse_sets)
+                    config_from_dict, parse_sets, run_name)
 
 REWARDS = [r.value for r in Reward]
 # What `corpus` builds (corpora.py): a corpus text file from a public file, or the ZS-IC image list.
@@ -35,10 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--preset", help=f"paper-scale settings: {', '.join(PRESETS)}")
         p.add_argument("--seed", type=int, help="random seed of the run (default 0)")
-        p.add_argument("--name", help="run folder name under runs/ (default: from data, reward, seed)")
+        p.add_argument("--name", help="run folder name under runs/ (default: from data or preset, "
+                       "reward, seed, and a digest of any other changed settings)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config field, e.g. --set gan.lr=1e-4 (repeatable)")
         p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+        p.add_argument("--overwrite", action="store_true",
+                       help="start again in a run folder that holds a run (its checkpoints and "
+                            "results are removed)")
         if name == "train":
             p.add_argument("--reward", choices=REWARDS, help="the generator's reward (ablation)")
             p.add_argument("--ablation", action="store_true",
@@ -96,8 +100,7 @@ def config_from_args(args) -> Config:
     if args.name:
         cfg.name = args.name
     elif args.preset:
-        reward = "" if cfg.gan.reward == Reward.AGG_GAN else f"_{cfg.gan.reward}"
-        cfg.name = f"{args.preset}{reward}_seed{cfg.seed}"
+        cfg.name = run_name(cfg, args.preset)
     return cfg
 
 
@@ -143,17 +146,18 @@ def caption(args, commands) -> int:
 
 def interrupted(args, argv: list[str], commands) -> str:
     """The line Ctrl-C prints: what the run folder holds, and the exact command that continues."""
-    again = shlex.join(["python", "cgtgan.py", *argv])
+    command = ["python", "cgtgan.py", *[a for a in argv if a not in ("--resume", "--overwrite")]]
     if args.command not in ("train", "init") or getattr(args, "ablation", False):
-        return f"interrupted; run `{again}` again to start over"
+        # An ablation's reward runs that finished or saved a state refuse a plain train.
+        again = command + ["--overwrite"] if getattr(args, "ablation", False) else command
+        return f"interrupted; run `{shlex.join(again)}` to start over"
     cfg = config_from_args(args)
     saved = commands.saved_progress(cfg, args.command)
     if saved is None:
-        fresh = shlex.join(["python", "cgtgan.py", *[a for a in argv if a != "--resume"]])
+        fresh = command + (["--overwrite"] if "--overwrite" in argv else [])
         return (f"interrupted before anything was saved in {commands.runs.run_dir_for(cfg)}; "
-                f"start again with: {fresh}")
-    resume = again if "--resume" in argv else f"{again} --resume"
-    return f"interrupted; {saved}; resume with: {resume}"
+                f"start again with: {shlex.join(fresh)}")
+    return f"interrupted; {saved}; resume with: {shlex.join(command + ['--resume'])}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     import commands
 
     try:
+        if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+            raise ConfigError("--resume continues the run and --overwrite starts it again; choose one")
         if args.command == "eval":
             cfg, run_dir = eval_config(args)
             commands.run_eval(cfg, run_dir, args.split, args.checkpoint, java=not args.fast)
@@ -177,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "prepare":
                 print(json.dumps(commands.run_prepare(cfg), indent=2))
             elif args.command == "init":
-                commands.run_init(cfg, resume=args.resume)
+                commands.run_init(cfg, resume=args.resume, overwrite=args.overwrite)
             elif args.ablation:
-                commands.run_ablation(cfg)
+                commands.run_ablation(cfg, overwrite=args.overwrite)
             else:
-                commands.run_train(cfg, resume=args.resume)
+                commands.run_train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, commands.DataError, commands.TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -140,29 +140,50 @@ def saved_progress(cfg: Config, command: str = "train") -> str | None:
 
 
 def open_run_dir(run: runs.Run, run_dir: Path, resume: bool) -> runs.MetricsLog:
-    """The run folder with its config.json, and its metrics log: continued (cut back to last.pt's
-    step) with --resume, else started afresh (an earlier run's last.pt removed, so that a later
-    --resume continues this run, not that one)."""
+    """The run folder with its config.json, and its metrics log: continued with --resume (cut
+    back to what the checkpoints it resumes from had logged), else started afresh (an earlier
+    run's files removed, so that a later --resume continues this run, not that one)."""
     log = runs.MetricsLog(run_dir / "metrics.jsonl", enabled=run.master_process)
     if run.master_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.write_config(run_dir, run.cfg, resume)
-        if resume and (run_dir / "last.pt").is_file():
-            log.truncate("gan", torch.load(run_dir / "last.pt", weights_only=True)["step"])
-        elif not resume:
-            log.path.unlink(missing_ok=True)
-            (run_dir / "last.pt").unlink(missing_ok=True)
+        if resume:
+            log.truncate("init", resume_step(run_dir / "init_last.pt", run_dir / "init.pt",
+                                             run.cfg.init.steps))
+            log.truncate("gan", resume_step(run_dir / "last.pt"))
+        else:
+            for name in (log.path.name, *runs.TRAINED):
+                (run_dir / name).unlink(missing_ok=True)
     return log
+
+
+def resume_step(last: Path, done: Path | None = None, steps: int = 0) -> int:
+    """The step a stage resumes at: its checkpoint `last`'s, else `steps` when the stage's final
+    checkpoint `done` exists, else 0 (the stage starts again)."""
+    if last.is_file():
+        return torch.load(last, map_location="cpu", weights_only=True, mmap=True)["step"]
+    return steps if done is not None and done.is_file() else 0
 
 
 def run_train(cfg: Config, data: CaptionData | None = None, resume: bool = False,
               stop_after: int | None = None, run_dir: Path | None = None,
-              table: bool = True) -> dict | None:
-    """The full pipeline: text-only init -> CgT-GAN -> test table, figures and results.json."""
-    t0, cpu0 = time.time(), time.process_time()
+              table: bool = True, overwrite: bool = False) -> dict | None:
+    """The full pipeline: text-only init -> CgT-GAN -> test table, figures and results.json.
+    The run folder is locked while it runs; a folder holding a run is continued only with
+    --resume and started again only with overwrite."""
     run_dir = run_dir or runs.run_dir_for(cfg)
     if resume:
         check_resumable(run_dir)
+    with runs.folder_lock(run_dir):
+        if not resume:
+            runs.check_fresh(run_dir, overwrite)
+        return _train_and_test(cfg, data, resume, stop_after, run_dir, table)
+
+
+def _train_and_test(cfg: Config, data: CaptionData | None, resume: bool, stop_after: int | None,
+                    run_dir: Path, table: bool) -> dict | None:
+    """run_train's stages in the locked folder; the table has no CgT-GAN row without best.pt."""
+    t0, cpu0 = time.time(), time.process_time()
     runs.init_distributed(cfg)
     data = data if data is not None else load_data(cfg)
     run = runs.build_run(cfg, data)
@@ -174,31 +195,45 @@ def run_train(cfg: Config, data: CaptionData | None = None, resume: bool = False
     if not run.master_process or stop_after:
         return None
     print(f"CgT-GAN ({cfg.gan.reward}): {cfg.gan.steps} steps in {time.time() - t1:.0f}s")
-    label = f"CgT-GAN ({cfg.gan.reward})"
-    result = test_table(run, {"retrieval (nearest corpus sentence)": None,
-                              "text-only init": run_dir / "init.pt", label: run_dir / "best.pt"})
-    figures.draw_samples(data, result["captions"][label], run_dir / "samples.png")
+    label, best = f"CgT-GAN ({cfg.gan.reward})", run_dir / "best.pt"
+    rows = {"retrieval (nearest corpus sentence)": None, "text-only init": run_dir / "init.pt"}
+    if best.is_file():
+        rows[label] = best
+    result = test_table(run, rows)
+    if best.is_file():
+        figures.draw_samples(data, result["captions"][label], run_dir / "samples.png")
     figures.draw_curves(log.records(), run_dir / "curves.png")
     wall, cpu = time.time() - t0, time.process_time() - cpu0
-    best = torch.load(run_dir / "best.pt", weights_only=True)
-    results = {"test": result["metrics"], "best_step": best["step"], "wall_s": round(wall, 1),
+    best_step = torch.load(best, weights_only=True)["step"] if best.is_file() else None
+    results = {"test": result["metrics"], "best_step": best_step, "wall_s": round(wall, 1),
                "cpu_s": round(cpu, 1), "config": config_dict(cfg)}
     write_json(run_dir / "results.json", results, indent=2)
     if table:
         print(format_table(result["metrics"], f"{dataset_title(cfg, data)} test split "
                            f"({len(data.splits['test'].ids)} images), seed {cfg.seed}; "
                            "x100 except length (words)"))
+        if best_step is None:
+            print(f"no {label} row: {best} does not exist (no validation after step 0 was "
+                  "recorded; see metrics.jsonl)")
         print(f"run folder {run_dir}; wall time {wall / 60:.1f} min (CPU time {cpu / 60:.1f} min, "
               f"{torch.get_num_threads()} threads)")
     return results
 
 
-def run_ablation(cfg: Config, data: CaptionData | None = None) -> dict:
-    """The paper's reward ablation from one initialisation: CLIP-cos, CLIP-agg, CLIP-agg + GAN."""
+def run_ablation(cfg: Config, data: CaptionData | None = None, overwrite: bool = False) -> dict:
+    """The paper's reward ablation from one initialisation: CLIP-cos, CLIP-agg, CLIP-agg + GAN.
+    Its folder is locked, and refused before any work, as train's, when a reward's run folder
+    holds a run (unless overwrite)."""
+    base = runs.run_dir_for(cfg).with_name(runs.run_dir_for(cfg).name + "_ablation")
+    for reward in ABLATION:
+        runs.check_fresh(base / reward.value, overwrite)
+    with runs.folder_lock(base):
+        return _ablation(cfg, data, base, overwrite)
+
+
+def _ablation(cfg: Config, data: CaptionData | None, base: Path, overwrite: bool) -> dict:
     t0 = time.time()
     data = data if data is not None else load_data(cfg)
-    base = runs.run_dir_for(cfg).with_name(runs.run_dir_for(cfg).name + "_ablation")
-    base.mkdir(parents=True, exist_ok=True)
     run = runs.build_run(cfg, data)
     ensure_init(run, base, runs.MetricsLog(base / "metrics.jsonl"))
     rows = {"text-only init": base / "init.pt"}
@@ -206,7 +241,8 @@ def run_ablation(cfg: Config, data: CaptionData | None = None) -> dict:
         sub = base / reward.value
         sub.mkdir(exist_ok=True)
         shutil.copyfile(base / "init.pt", sub / "init.pt")
-        run_train(replace(cfg, gan=replace(cfg.gan, reward=reward)), data, run_dir=sub, table=False)
+        run_train(replace(cfg, gan=replace(cfg.gan, reward=reward)), data, run_dir=sub, table=False,
+                  overwrite=overwrite)
         rows[label] = sub / "best.pt"
     metrics = test_table(run, rows)["metrics"]
     write_json(base / "ablation.json", metrics, indent=2)
@@ -220,17 +256,19 @@ def run_ablation(cfg: Config, data: CaptionData | None = None) -> dict:
 # The other commands: init only, prepare, eval, caption, corpus
 
 
-def run_init(cfg: Config, data: CaptionData | None = None, resume: bool = False) -> Path:
-    """The text-only stage alone, then its validation scores."""
+def run_init(cfg: Config, data: CaptionData | None = None, resume: bool = False,
+             overwrite: bool = False) -> Path:
+    """The text-only stage alone, then its validation scores (the folder locked, as for train)."""
     run_dir = runs.run_dir_for(cfg)
     if resume:
         check_resumable(run_dir, "init")
-    data = data if data is not None else load_data(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runs.write_config(run_dir, cfg, resume)
-    run = runs.build_run(cfg, data, with_clip=False)
-    ensure_init(run, run_dir, runs.MetricsLog(run_dir / "metrics.jsonl"), resume)
-    metrics, _ = train.evaluate_generator(run, "val")
+    with runs.folder_lock(run_dir):
+        if not resume:
+            runs.check_fresh(run_dir, overwrite)
+        data = data if data is not None else load_data(cfg)
+        run = runs.build_run(cfg, data, with_clip=False)
+        ensure_init(run, run_dir, open_run_dir(run, run_dir, resume), resume)
+        metrics, _ = train.evaluate_generator(run, "val")
     print(format_table({"text-only init": metrics}, "validation split"))
     return run_dir / "init.pt"
 
@@ -264,7 +302,7 @@ def run_eval(cfg: Config, run_dir: Path, split: str, checkpoint: str = "best",
         data = realdata.load_eval_data(real_config(cfg), split)
     data = data if data is not None else load_data(cfg)
     run = runs.build_run(cfg, data, with_clip=False)
-    runs.load_checkpoint(run_dir / f"{checkpoint}.pt", run, sections=("gen",))
+    load_own_checkpoint(run, run_dir, f"{checkpoint}.pt")
     metrics, captions = train.evaluate_generator(run, split)
     ids, title = data.splits[split].ids, dataset_title(cfg, data)
     captions = dict(zip(ids, captions))
@@ -284,6 +322,15 @@ def run_eval(cfg: Config, run_dir: Path, split: str, checkpoint: str = "best",
                                             references)
     print(f"COCO result file {results}; score it with: python evaluate.py {results} {annotations}")
     return metrics
+
+
+def load_own_checkpoint(run: runs.Run, run_dir: Path, name: str) -> None:
+    """The generator of run_dir/name, after checking it belongs to the run in run_dir (its
+    config.json, and the data it trained on when run.data holds training embeddings: a paper-scale
+    eval reads only the scored split)."""
+    checkpoint = runs.load_checkpoint(run_dir / name, run, sections=("gen",))
+    own_data = run.data.train_feats.shape[0] > 0
+    runs.check_belongs(run_dir / name, checkpoint, run_dir, run.data_fingerprint if own_data else None)
 
 
 def read_image(path: str):
@@ -313,7 +360,7 @@ def run_caption(cfg: Config, run_dir: Path, images: list[str], data: CaptionData
         return [], errors
     data = data if data is not None else load_data(cfg)
     run = runs.build_run(cfg, data, with_clip=False)
-    runs.load_checkpoint(run_dir / "best.pt", run, sections=("gen",))
+    load_own_checkpoint(run, run_dir, "best.pt")
     clip, preprocess = clip_model.load(str(data.clip_path), device=run.device)
     with torch.no_grad():
         pixels = preprocess([image for _, image in good]).to(run.device)

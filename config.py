@@ -12,6 +12,7 @@ other module can import it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -280,7 +281,7 @@ def _stem(path: str) -> str:
 
 @dataclass
 class Config:
-    name: str = ""  # run folder runs/<name>; "" derives one from the data, reward and seed
+    name: str = ""  # run folder runs/<name>; "" derives one (run_name): data, reward, seed, settings
     runs_dir: str = "runs"
     data: str = "shapesworld"  # shapesworld | real (a paper-scale dataset made by `prepare`)
     seed: int = 0
@@ -495,6 +496,26 @@ def config_diff(a: dict, b: dict) -> tuple | None:
         if flat_a.get(key) != flat_b.get(key):
             return key, flat_a.get(key), flat_b.get(key)
     return None
+
+
+# Settings a run's default name leaves out: what the name already says (data or preset, reward,
+# seed), and where files are kept or how fast the work runs, which change no result.
+NOT_IN_RUN_NAME = ("name", "runs_dir", "data", "seed", "gan.reward", "device", "threads",
+                   "world.root", "world.threads", "real.cache_dir", "real.workers", "real.device",
+                   "real.progress")
+
+
+def run_name(cfg: Config, preset: str = "") -> str:
+    """The default run name: <preset or data>[_<reward>]_seed<seed>, then, when other settings
+    differ from the defaults (the preset's, with a preset), "_" and 6 hex digits of a digest of
+    them, so two runs with other settings never share a folder: "shapesworld_seed0" for the
+    defaults, "shapesworld_seed0_914773" with --set gan.steps=600."""
+    base = apply_overrides(Config(), PRESETS[preset]) if preset else Config()
+    mine, defaults = flat_dict(config_dict(cfg)), flat_dict(config_dict(base))
+    changed = {k: v for k, v in mine.items() if v != defaults.get(k) and k not in NOT_IN_RUN_NAME}
+    digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:6]
+    reward = "" if cfg.gan.reward == Reward.AGG_GAN else f"_{cfg.gan.reward}"
+    return f"{preset or cfg.data}{reward}_seed{cfg.seed}" + (f"_{digest}" if changed else "")
 
 
 def parse_sets(items: list[str] | None) -> dict[str, str]:

@@ -18,17 +18,18 @@ import functools
 import hashlib
 import json
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 import clip_model
 import clip_tokenizer
 from cgtgan import (CaptionGenerator, ClipText, Discriminator, build_discriminator,
                     build_generator, load_tokenizer)
-from config import Config, ConfigError, config_dict, config_diff
+from config import Config, ConfigError, config_dict, config_diff, run_name
 from data import CaptionData, atomic_write, pick_device, read_json, write_json
 
 # ----------------------------------------------------------------------------------------------
@@ -124,9 +125,42 @@ def build_run(cfg: Config, data: CaptionData, with_clip: bool = True) -> Run:
 
 
 def run_dir_for(cfg: Config) -> Path:
-    """runs/<name>, or runs/<data>[_<reward>]_seed<seed> when the config names no run."""
-    reward = "" if cfg.gan.reward == "agg+gan" else f"_{cfg.gan.reward}"
-    return Path(cfg.runs_dir) / (cfg.name or f"{cfg.data}{reward}_seed{cfg.seed}")
+    """runs/<name>, or runs/<config.run_name(cfg)> when the config names no run."""
+    return Path(cfg.runs_dir) / (cfg.name or run_name(cfg))
+
+
+@contextmanager
+def folder_lock(run_dir: Path):
+    """Hold run_dir/.lock while this command writes in run_dir, so that a second process starting
+    there is refused in one line. Under torchrun the master process holds it (RANK is read from
+    the environment: the lock is taken before the process group is joined)."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"{run_dir} is in use by another process training there; wait for it "
+                          "to finish, or train in another folder with --name NEW") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# What a run folder holds once CgT-GAN has trained in it: its state, best checkpoint or results.
+TRAINED = ("results.json", "best.pt", "last.pt")
+
+
+def check_fresh(run_dir: Path, overwrite: bool = False) -> None:
+    """A plain train or init (not --resume) never overwrites a run: refused in one line when
+    run_dir holds one, unless overwrite (open_run_dir then removes the earlier run's files)."""
+    held = [name for name in TRAINED if (run_dir / name).is_file()]
+    if held and not overwrite:
+        raise ConfigError(f"{run_dir} holds a run ({', '.join(held)}); continue it with --resume, "
+                          "start a new one with --name NEW, or start this one again with --overwrite")
 
 
 def write_config(run_dir: Path, cfg: Config, resume: bool) -> None:
@@ -211,6 +245,13 @@ def load_checkpoint(path: Path, run: Run, sections=("gen", "disc"), same_data: b
     return checkpoint
 
 
+def init_keys(config: dict) -> tuple[str, ...]:
+    """The settings a text-only initialisation depends on (config_dict form): init.pt is reused,
+    and scored, across runs that share them (the ablation's rewards, other gan.* settings)."""
+    return ("data", "seed", "world" if config["data"] == "shapesworld" else "real", "gen", "disc",
+            "init")
+
+
 def init_is_current(path: Path, run: Run) -> bool:
     """init.pt can be reused when it was made with the same data (config and fingerprint), seed,
     models and init settings."""
@@ -218,9 +259,24 @@ def init_is_current(path: Path, run: Run) -> bool:
         return False
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     saved, now = checkpoint["config"], config_dict(run.cfg)
-    world = "world" if run.cfg.data == "shapesworld" else "real"
     return (checkpoint.get("data") == run.data_fingerprint
-            and all(saved.get(k) == now[k] for k in ("data", "seed", world, "gen", "disc", "init")))
+            and all(saved.get(k) == now[k] for k in init_keys(now)))
+
+
+def check_belongs(path: Path, checkpoint: dict, run_dir: Path, fingerprint: str | None) -> None:
+    """A checkpoint scored as run_dir's must be that run's: made with the settings in its
+    config.json (an init.pt: the initialisation's settings) and, given the fingerprint of the data
+    the run trained on, on that data. One-line ConfigError otherwise."""
+    saved, theirs = read_json(run_dir / "config.json"), checkpoint.get("config", {})
+    if checkpoint.get("stage") == "init":
+        saved, theirs = ({k: c.get(k) for k in init_keys(saved)} for c in (saved, theirs))
+    diff = config_diff(theirs, saved)
+    if diff:
+        raise ConfigError(f"{path} is not this run's: it was made with {diff[0]}={diff[1]!r}, but "
+                          f"{run_dir / 'config.json'} has {diff[2]!r}; score it with its own run")
+    if fingerprint is not None and checkpoint.get("data") != fingerprint:
+        raise ConfigError(f"{path} is not this run's: it was trained on other data (its images' or "
+                          "corpus's CLIP embeddings differ); score it with its own run")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +291,21 @@ def rng_state(generator: torch.Generator) -> dict:
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def gather_rng_state(run: Run, generator: torch.Generator) -> list[dict]:
+    """Every data-parallel process's rng_state, by rank (a list of one in one process), for the
+    master to save: each process's own torch and CUDA states differ once they draw different
+    numbers (the generator's dropout), and --resume gives each its own back. All processes call it."""
+    if not run.distributed:
+        return [rng_state(generator)]
+    states = [None] * run.world_size
+    torch.distributed.all_gather_object(states, rng_state(generator))
+    return states
+
+
+def set_rng_state(states: list[dict] | dict, generator: torch.Generator, rank: int = 0) -> None:
+    """Restore this rank's entry of gather_rng_state's list (a checkpoint made by fewer processes
+    gives its entries round-robin; one made before states were gathered holds a single dict)."""
+    state = states[rank % len(states)] if isinstance(states, list) else states
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
@@ -260,7 +330,13 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def truncate(self, stage: str, step: int) -> None:
-        """Drop records of `stage` after `step` (what an interrupted run logged past its checkpoint)."""
-        keep = [r for r in self.records() if r["stage"] != stage or r["step"] <= step]
+        """Drop what an interrupted run logged past its checkpoint at `step`, which a resumed run
+        logs again: `stage`'s records of later steps, and its validation records from `step` on
+        (a step's checkpoint is written before that step's validation)."""
+        def past(r: dict) -> bool:
+            validation = any(key.startswith("val_") for key in r)
+            return r["stage"] == stage and (r["step"] > step or (validation and r["step"] == step))
+
+        keep = [r for r in self.records() if not past(r)]
         text = "".join(json.dumps(r) + "\n" for r in keep)
         atomic_write(self.path, lambda tmp: tmp.write_text(text))

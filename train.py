@@ -205,8 +205,9 @@ def train_init(run: Run, run_dir: Path, log, stop_after: int | None = None) -> N
         bar.set_postfix(loss=f"{loss:.3f}")
         done, stopping = step + 1 == cfg.steps, stop_after == step + 1
         if done or stopping or (step + 1) % INIT_CKPT_EVERY == 0:
-            runs.save_checkpoint(run_dir / "init_last.pt", run, opt_g=opt.state_dict(),
-                                 rng=runs.rng_state(sentences), step=step + 1, stage="init")
+            rng = runs.gather_rng_state(run, sentences)  # every process takes part
+            runs.save_checkpoint(run_dir / "init_last.pt", run, opt_g=opt.state_dict(), rng=rng,
+                                 step=step + 1, stage="init")
         if stopping and not done:
             return
     bar.close()
@@ -222,7 +223,7 @@ def _resume_init(run: Run, path: Path, opt, sentences: torch.Generator) -> int:
         return 0
     checkpoint = runs.load_checkpoint(path, run, same_data=True)
     opt.load_state_dict(checkpoint["opt_g"])
-    runs.set_rng_state(checkpoint["rng"], sentences)
+    runs.set_rng_state(checkpoint["rng"], sentences, run.rank)
     return checkpoint["step"]
 
 
@@ -238,26 +239,55 @@ class Batch:
     agg_targets: torch.Tensor  # (B, D) CLIP-agg targets a of the same images
     uniforms: torch.Tensor  # (B, K, max_len) the random numbers behind the K samples' tokens
     real: list[str]  # B*K corpus sentences, the discriminator's real examples
+    seeds: torch.Tensor  # (B,) int64: each image's seed of the discriminator's dropout masks
 
 
 def draw_batch(run: Run, agg_targets: torch.Tensor, generator: torch.Generator) -> Batch:
-    """A global batch of cfg.gan.batch random training images, with their samples' random numbers
-    and K corpus sentences per image, drawn from `generator`; this process keeps its shard."""
+    """A global batch of cfg.gan.batch random training images, with their samples' random numbers,
+    K corpus sentences per image and a dropout seed per image, drawn from `generator`; this
+    process keeps its shard."""
     cfg, data = run.cfg.gan, run.data
     index = torch.randperm(len(data.train_ids), generator=generator)[:cfg.batch]  # (B,)
     uniforms = torch.rand(cfg.batch, cfg.k, run.generator.max_len, generator=generator)
     real = torch.randint(len(data.corpus), (cfg.batch, cfg.k), generator=generator)  # (B, K)
+    seeds = torch.randint(2**62, (cfg.batch,), generator=generator)  # (B,)
     rows = shard(run, cfg.batch)
-    index, uniforms, real = index[rows], uniforms[rows], real[rows]
+    index, uniforms, real, seeds = index[rows], uniforms[rows], real[rows], seeds[rows]
     return Batch(data.train_feats[index].to(run.device), agg_targets[index].to(run.device),
-                 uniforms, [data.corpus[i] for i in real.flatten().tolist()])
+                 uniforms, [data.corpus[i] for i in real.flatten().tolist()], seeds)
 
 
-def discriminate(run: Run, texts: list[str]) -> torch.Tensor:
-    """D(c) for caption strings: RoBERTa tokens of each text -> the discriminator's logit (N,)."""
+def discriminate(run: Run, texts: list[str], image_of_row: torch.Tensor,
+                 seeds: torch.Tensor) -> torch.Tensor:
+    """D(c) for caption strings: RoBERTa tokens of each text -> the discriminator's logit (N,).
+
+    image_of_row (N,) says which of this process's B images each text belongs to. With dropout
+    active, each image's rows go through RoBERTa together, with torch's random state seeded by the
+    image's seed (B,) from draw_batch: every dropout mask (hidden states and attention alike) is
+    then a function of the image's seed alone, never of the process that holds the image or the
+    rows beside it, so any number of processes computes the logits that one process computes.
+    Without dropout the rows go through in one forward.
+    """
     tokens = run.roberta_tokenizer(texts, padding=True, return_tensors="pt").to(run.device)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]  # (N, T) each
+    if not (run.discriminator.training and any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in run.discriminator.modules())):
+        return _discriminator_logits(run, ids, mask)
+    logits = torch.empty(len(texts), device=run.device)  # (N,)
+    devices = [run.device] if run.device.type == "cuda" else []
+    for b, seed in enumerate(seeds.tolist()):
+        rows = (image_of_row == b).nonzero().squeeze(1).to(run.device)  # (rows of image b,)
+        used = mask[rows].any(0)  # (T,) the columns of the image's texts, without extra padding
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            logits[rows] = _discriminator_logits(run, ids[rows][:, used], mask[rows][:, used])
+    return logits
+
+
+def _discriminator_logits(run: Run, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The discriminator's logits (n,) of RoBERTa tokens ids (n, T) with attention mask (n, T)."""
     with run.autocast():
-        return run.discriminator(tokens["input_ids"], tokens["attention_mask"]).float()  # (N,)
+        return run.discriminator(ids, mask).float()  # (n,)
 
 
 def with_baseline(x: torch.Tensor, b: int, k: int) -> torch.Tensor:
@@ -296,7 +326,10 @@ def gan_step(run: Run, opt_g, opt_d, batch: Batch, step: int) -> dict:
 
     # Sec. 3.2: the discriminator's logit on each caption is its naturalness reward; then D's own
     # step, corpus sentences labelled real (1) and the K samples of each image fake (0).
-    d_real, d_fake = discriminate(run, batch.real), discriminate(run, captions)  # (B*K,), (B*K+B,)
+    image = torch.arange(b)
+    image_of_row = torch.cat([image.repeat_interleave(k), image.repeat_interleave(k), image])  # (2BK+B,)
+    d_all = discriminate(run, batch.real + captions, image_of_row, batch.seeds)
+    d_real, d_fake = d_all[:b * k], d_all[b * k:]  # (B*K,), (B*K+B,)
     r_nat = with_baseline(naturalness_reward(d_fake), b, k)  # (B, K+1)
     d_loss, d_stats = discriminator_loss(d_real, d_fake[:b * k])
     update(run, opt_d, run.discriminator, d_loss, cfg.grad_clip)
@@ -355,8 +388,9 @@ def train_gan(run: Run, run_dir: Path, log, resume: bool = False,
                         agg=f"{stats['r_agg']:.1f}", d_acc=f"{stats['d_acc']:.2f}",
                         lam=f"{stats['lambda']:.2f}")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 in (cfg.steps, stop_after):
+            rng = runs.gather_rng_state(run, batches)  # every process takes part
             runs.save_checkpoint(last, run, opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
-                                 rng=runs.rng_state(batches), step=step + 1, best=best, stage="gan")
+                                 rng=rng, step=step + 1, best=best, stage="gan")
         if step + 1 == stop_after:
             break
     bar.close()
@@ -370,22 +404,25 @@ def _resume_gan(run: Run, run_dir: Path, resume: bool, opt_g, opt_d,
         checkpoint = runs.load_checkpoint(run_dir / "last.pt", run, same_data=True)
         opt_g.load_state_dict(checkpoint["opt_g"])
         opt_d.load_state_dict(checkpoint["opt_d"])
-        runs.set_rng_state(checkpoint["rng"], batches)
+        runs.set_rng_state(checkpoint["rng"], batches, run.rank)
         return checkpoint["step"], checkpoint["best"]
     run.barrier()
     runs.load_checkpoint(run_dir / "init.pt", run, sections=("gen",))
-    # The discriminator's dropout draws from torch's global generator: seeded apart from init's.
+    # The generator's dropout (gen.dropout, 0 by default) draws from torch's global generator:
+    # seeded apart from init's. The discriminator's is seeded per image (discriminate).
     torch.manual_seed(run.cfg.seed + 2)
     return 0, -1.0
 
 
 def _validate(run: Run, best_path: Path, step: int, best: float, log) -> float:
-    """Validation CIDEr-D of the generator (master process); best.pt is replaced when it beats
-    the best so far, which is returned. The paper tests the checkpoint with the best val CIDEr."""
+    """Validation CIDEr-D of the generator (master process); after step 0, best.pt is replaced
+    when it beats the best so far, which is returned. The paper tests the CgT-GAN checkpoint with
+    the best val CIDEr. Step 0 is the text-only initialisation itself: logged for the curves, but
+    no candidate, so best.pt (the table's CgT-GAN row) always holds a CgT-GAN-trained generator."""
     if run.master_process:
         metrics, _ = evaluate_generator(run, "val", run.cfg.gan.eval_images)
         log({"stage": "gan", "step": step, **{f"val_{k}": v for k, v in metrics.items()}})
-        if metrics["CIDEr-D"] > best:
+        if step > 0 and metrics["CIDEr-D"] > best:
             best = metrics["CIDEr-D"]
             runs.save_checkpoint(best_path, run, step=step, stage="gan", val=metrics)
     run.barrier()

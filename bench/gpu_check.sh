@@ -126,8 +126,9 @@ else
   echo "=== [ddp] SKIPPED: the bench wrote no $WORK/ps/cli_args.txt"
 fi
 
-# (f) ShapesWorld end to end with the defaults (runs/shapesworld_seed0), on CUDA where there is one.
-step shapesworld 240 python3 cgtgan.py train "${SHAPES_EXTRA[@]}"
+# (f) ShapesWorld end to end with the defaults (runs/shapesworld_seed0, started again if it holds a
+# run), on CUDA where there is one.
+step shapesworld 240 python3 cgtgan.py train --name shapesworld_seed0 --overwrite "${SHAPES_EXTRA[@]}"
 [ -f "$SHAPES_RUNS/shapesworld_seed0/results.json" ] && \
   cp "$SHAPES_RUNS/shapesworld_seed0/results.json" "$OUT/shapesworld_results.json"
 

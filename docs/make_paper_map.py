@@ -175,7 +175,8 @@ ROWS = [
          "the checkpoint with the best validation CIDEr is tested",
          [("train.py", "train_gan"), ("commands.py", "test_table")],
          [(T_TR, "test_end_to_end_writes_every_output")], None,
-         "Same (official: once per epoch; ours: every `gan.eval_every` steps)."),
+         "Same (official: once per epoch; ours: every `gan.eval_every` steps; step 0, the "
+         "text-only init itself, is validated for the curves but is no candidate for best.pt)."),
     ]),
     ("Evaluation (Sec. 4.1)", [
         ("Caption metrics",

@@ -38,9 +38,10 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def short_run(world, tmp_path_factory):
-    """A run folder stopped after one CgT-GAN step: config.json, init.pt, last.pt, best.pt."""
+    """A run folder stopped after three CgT-GAN steps: config.json, init.pt, last.pt, best.pt
+    (step 2's validation)."""
     cfg = tiny_config(runs_dir=str(tmp_path_factory.mktemp("runs")), name="short")
-    commands.run_train(cfg, world, stop_after=1)
+    commands.run_train(cfg, world, stop_after=3)
     return runs.run_dir_for(cfg)
 
 
@@ -109,7 +110,7 @@ def test_changed_discriminator_in_the_same_run_folder_trains(world, tmp_path):
     # text-only initialisation is trained again or reused.
     commands.run_train(tiny_config(runs_dir=str(tmp_path), name="run"), world, stop_after=1)
     wider = tiny_config(runs_dir=str(tmp_path), name="run", **{"disc.hidden": 48})
-    commands.run_train(wider, world, stop_after=1)
+    commands.run_train(wider, world, stop_after=1, overwrite=True)
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert last["config"]["disc"]["hidden"] == 48 and last["step"] == 1
     assert last["discriminator"]["roberta.embeddings.word_embeddings.weight"].shape[1] == 48
@@ -380,13 +381,13 @@ def test_ctrl_c_during_train_says_what_was_saved_and_how_to_resume(world, tmp_pa
 
 def test_ctrl_c_before_any_checkpoint_says_start_again(world, short_run, tmp_path, monkeypatch,
                                                        capsys):
-    # An earlier run's last.pt in the folder: a fresh start removes it, so that a later --resume
-    # cannot continue that run instead of this one, and Ctrl-C says nothing is saved.
+    # An earlier run's last.pt in the folder: a fresh start with --overwrite removes it, so that a
+    # later --resume cannot continue that run instead of this one, and Ctrl-C says nothing is saved.
     monkeypatch.setattr(commands, "load_data", lambda cfg: world)
     (tmp_path / "fresh").mkdir()
     shutil.copyfile(short_run / "last.pt", tmp_path / "fresh" / "last.pt")
     interrupt_at(monkeypatch, train, "train_init", lambda *args: True)
-    argv = tiny_argv(runs_dir=str(tmp_path), name="fresh")
+    argv = tiny_argv(runs_dir=str(tmp_path), name="fresh") + ["--overwrite"]
     assert main_until_ctrl_c(argv) == 130
     err = one_line(capsys.readouterr().err)
     assert err == (f"interrupted before anything was saved in {tmp_path / 'fresh'}; start again "

@@ -243,7 +243,7 @@ def test_every_preset_is_tested():
 @pytest.mark.parametrize("preset", sorted(PRESET_SETTINGS))
 def test_preset_has_the_paper_settings(preset, monkeypatch):
     seen = []
-    monkeypatch.setattr(commands, "run_train", lambda cfg, resume=False: seen.append(cfg))
+    monkeypatch.setattr(commands, "run_train", lambda cfg, **options: seen.append(cfg))
     code, _, err = cli(["train", "--preset", preset])
     assert code == 0, err
     cfg = seen[0]

@@ -150,7 +150,11 @@ def test_curves_and_samples_draw_without_data(tmp_path, world):
     assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
 
 
-def _ddp_worker(rank: int, world_dir: str, runs_dir: str, port: int) -> None:
+def _ddp_worker(rank: int, world_dir: str, runs_dir: str, port: int, sets: dict, runs: list,
+                skew: bool) -> None:
+    """One of 2 gloo processes: the tiny world, then each (name, stop_after, resume) of `runs`.
+    With skew, rank r draws r extra numbers from torch's generator before each CgT-GAN step, so
+    the ranks' random states (which the generator's dropout draws from) differ."""
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -159,30 +163,57 @@ def _ddp_worker(rank: int, world_dir: str, runs_dir: str, port: int) -> None:
 
     torch.set_num_threads(1)
     world = tiny_world(Path(world_dir) / f"rank{rank}")
-    commands.run_train(tiny_config(runs_dir=runs_dir, name="ddp", **{"gan.batch": 4}), world)
+    if skew:
+        step = train.gan_step
+        train.gan_step = lambda *args: (torch.rand(rank), step(*args))[1]
+    for name, stop_after, resume in runs:
+        commands.run_train(tiny_config(runs_dir=runs_dir, name=name, **sets), world,
+                           resume=resume, stop_after=stop_after)
     assert torch.distributed.get_world_size() == 2  # the run really joined the process group
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process(world, tmp_path):
-    """torchrun-style data parallel (gloo, 2 CPU processes) gives the losses of one process with
-    the same global batch: ranks share one draw of the random numbers and DDP averages gradients."""
-    import shutil
+def _spawn_two_processes(tmp_path, sets: dict, runs: list, skew: bool = False) -> None:
     import socket
 
     import torch.multiprocessing as mp
 
-    single = tiny_config(runs_dir=str(tmp_path), name="single", **{"gan.batch": 4})
-    commands.run_train(single, world)
-    (tmp_path / "ddp").mkdir()
-    shutil.copyfile(tmp_path / "single" / "init.pt", tmp_path / "ddp" / "init.pt")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "worlds"), str(tmp_path), port), nprocs=2)
-    torch.testing.assert_close(torch.tensor(gan_losses(tmp_path / "ddp")),
-                               torch.tensor(gan_losses(tmp_path / "single")), atol=1e-4, rtol=1e-4)
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "worlds"), str(tmp_path), port, sets, runs, skew),
+             nprocs=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_two_process_ddp_matches_one_process(world, tmp_path, dropout):
+    """torchrun-style data parallel (gloo, 2 CPU processes) gives the losses of one process with
+    the same global batch: ranks share one draw of the random numbers, average their gradients,
+    and the discriminator's dropout masks are seeded per image (train.discriminate)."""
+    sets = {"gan.batch": 4, "gan.steps": 3, "disc.dropout": dropout}
+    commands.run_train(tiny_config(runs_dir=str(tmp_path), name="single", **sets), world)
+    (tmp_path / "ddp").mkdir()
+    shutil.copyfile(tmp_path / "single" / "init.pt", tmp_path / "ddp" / "init.pt")
+    _spawn_two_processes(tmp_path, sets, [("ddp", None, False)])
+    one, two = gan_losses(tmp_path / "single"), gan_losses(tmp_path / "ddp")
+    print(f"disc.dropout={dropout}: (step, loss_g, d_loss) 1 process {one}; 2 processes {two}")
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_resume_matches_uninterrupted(tmp_path):
+    """2 processes stopped after 2 steps and resumed give the losses of 2 processes uninterrupted:
+    last.pt holds every rank's random state, and each rank restores its own (the ranks' states
+    differ here: the generator's dropout is on and the ranks draw differently, see skew)."""
+    sets = {"gan.batch": 4, "gan.steps": 4, "disc.dropout": 0.1, "gen.dropout": 0.1}
+    _spawn_two_processes(tmp_path, sets, [("full", None, False), ("part", 2, False),
+                                          ("part", None, True)], skew=True)
+    rng = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["rng"]
+    assert isinstance(rng, list) and len(rng) == 2, "last.pt must hold one random state per rank"
+    full, part = gan_losses(tmp_path / "full"), gan_losses(tmp_path / "part")
+    print(f"2 processes uninterrupted {full}; stopped after 2 steps and resumed {part}")
+    torch.testing.assert_close(torch.tensor(part), torch.tensor(full), atol=1e-5, rtol=1e-5)
 
 
 def test_cli_train_on_a_tiny_shapesworld(tmp_path, capsys):
@@ -201,7 +232,7 @@ def test_cli_train_on_a_tiny_shapesworld(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "retrieval (nearest corpus sentence)" in out and "CgT-GAN (agg+gan)" in out
-    run_dir = tmp_path / "runs" / "shapesworld_seed1"
+    (run_dir,) = (tmp_path / "runs").glob("shapesworld_seed1_*")  # the tiny settings' digest
     for name in ("config.json", "init.pt", "last.pt", "best.pt", "metrics.jsonl", "results.json",
                  "samples.png", "curves.png"):
         assert (run_dir / name).is_file(), name
@@ -235,3 +266,20 @@ def test_reward_lambda_per_reward_and_baseline_layout():
     # then its own greedy caption, so every reward is compared with its own image's baseline.
     rows = torch.tensor([0, 1, 10, 11, 20, 21, 100, 110, 120])  # B=3, K=2: image b's are b*10 + k
     assert train.with_baseline(rows, 3, 2).tolist() == [[0, 1, 100], [10, 11, 110], [20, 21, 120]]
+
+
+def test_discriminator_dropout_depends_on_each_images_seed_alone(world):
+    """With dropout on, an image's logits are the same whichever other images are in the batch
+    (as when another process holds them) and change with its own seed: what makes 2 processes
+    equal 1 (test_two_process_ddp_matches_one_process)."""
+    run = runs.build_run(tiny_config(**{"disc.dropout": 0.5}), world, with_clip=False)
+    run.discriminator.train()
+    texts = world.corpus[:5]  # image 0: rows 0, 1, 4; image 1: rows 2, 3
+    image_of_row, seeds = torch.tensor([0, 0, 1, 1, 0]), torch.tensor([11, 22])
+    both = train.discriminate(run, texts, image_of_row, seeds)
+    alone = train.discriminate(run, [texts[i] for i in (0, 1, 4)], torch.zeros(3, dtype=torch.long),
+                               seeds[:1])
+    torch.testing.assert_close(both[[0, 1, 4]], alone)
+    again = train.discriminate(run, texts, image_of_row, torch.tensor([11, 23]))
+    torch.testing.assert_close(again[[0, 1, 4]], both[[0, 1, 4]])
+    assert not torch.allclose(again[[2, 3]], both[[2, 3]])
