@@ -42,7 +42,7 @@ def load_data(cfg: Config) -> CaptionData:
     if cfg.data == "shapesworld":
         return build_shapesworld(cfg.world).validate()
     if cfg.data == "real":
-        return realdata.load_real_data(real_config(cfg))
+        return realdata.load_real_data(real_config(cfg), cfg.gan.agg_raw)
     raise ConfigError(f"data must be shapesworld or real, not {cfg.data!r}")
 
 
@@ -103,7 +103,8 @@ def ensure_init(run: runs.Run, run_dir: Path, log, resume: bool = False) -> None
     t0 = time.time()
     train.train_init(run, run_dir, log)
     if run.master_process:
-        print(f"text-only initialisation: {run.cfg.init.steps} steps in {time.time() - t0:.0f}s")
+        steps = train.total_steps(run.cfg.init, len(run.data.corpus))
+        print(f"text-only initialisation: {steps} steps in {time.time() - t0:.0f}s")
 
 
 # What `--resume` continues from, in the order it looks: the CgT-GAN state (train only), then the
@@ -127,10 +128,12 @@ def saved_progress(cfg: Config, command: str = "train") -> str | None:
         if name == "init.pt":
             return f"the finished text-only initialisation is saved in {path}"
         try:  # the step only: mmap reads no weights
-            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            step = saved["step"]
         except (RuntimeError, OSError, EOFError, KeyError):
             return f"{path} is unreadable"
         stage, total = ("CgT-GAN", cfg.gan.steps) if name == "last.pt" else ("text-only", cfg.init.steps)
+        total = saved.get("total", total)  # the steps of its epochs, when it trains in epochs
         return f"{stage} step {step} of {total} is saved in {path}"
     return None
 
@@ -169,7 +172,8 @@ def run_train(cfg: Config, data: CaptionData | None = None, resume: bool = False
     run.barrier()
     if not run.master_process or stop_after:
         return None
-    print(f"CgT-GAN ({cfg.gan.reward}): {cfg.gan.steps} steps in {time.time() - t1:.0f}s")
+    steps = train.total_steps(cfg.gan, len(data.train_ids))
+    print(f"CgT-GAN ({cfg.gan.reward}): {steps} steps in {time.time() - t1:.0f}s")
     label = f"CgT-GAN ({cfg.gan.reward})"
     result = test_table(run, {"retrieval (nearest corpus sentence)": None,
                               "text-only init": run_dir / "init.pt", label: run_dir / "best.pt"})
@@ -233,7 +237,7 @@ def run_init(cfg: Config, data: CaptionData | None = None, resume: bool = False)
 
 def run_prepare(cfg: Config) -> dict:
     """Paper scale: CLIP embeddings and CLIP-agg targets of a dataset (realdata.prepare)."""
-    return realdata.prepare(real_config(cfg))
+    return realdata.prepare(real_config(cfg), cfg.gan.agg_raw)
 
 
 def run_eval(cfg: Config, run_dir: Path, split: str, checkpoint: str = "best",
@@ -287,5 +291,7 @@ def run_caption(cfg: Config, run_dir: Path, images: list[str],
     clip, preprocess = clip_model.load(str(data.clip_path), device=run.device)
     with torch.no_grad():
         pixels = preprocess([image for _, image in good]).to(run.device)
-        feats = F.normalize(clip.encode_image(pixels).float(), dim=-1)  # (n, D)
+        feats = clip.encode_image(pixels).float()  # (n, D), raw as the official code feeds it
+        if cfg.gen.normalize_prefix:
+            feats = F.normalize(feats, dim=-1)
     return list(zip([path for path, _ in good], train.caption_feats(run, feats))), errors

@@ -46,7 +46,6 @@ import commands  # noqa: E402
 import config  # noqa: E402
 import runs  # noqa: E402
 import data  # noqa: E402
-import realdata  # noqa: E402
 import train  # noqa: E402
 from fixtures import (SPLITS, build_paperscale_fixture, save_full_size_clip,  # noqa: E402
                       save_full_size_models)
@@ -286,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
             " ".join(f"--set {k}={v}" for k, v in options.items()) + "\n")
         cfg = make_config(options, args)
         t1 = time.perf_counter()
-        summary = realdata.prepare(commands.real_config(cfg))
+        summary = commands.run_prepare(cfg)
         t2 = time.perf_counter()
         dataset = commands.load_data(cfg)
         parts = runs.build_run(cfg, dataset)
