@@ -426,6 +426,8 @@ BEHAVIOUR_DIFFERENCES = [
      "weight decay before it", "a difference of lr * weight_decay * update per step"),
     ("initialisation loss", "ignore_index=0, which also drops GPT-2's token '!'",
      "padding labelled IGNORE_INDEX = -1", "'!' is a token like any other"),
+    ("model selection", "the best of the epochs' validation CIDEr", "the initialisation (step 0) "
+     "is validated too and may be kept", "the test table shows whether the GAN stage helped"),
 ]
 
 
