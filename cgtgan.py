@@ -207,20 +207,42 @@ def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torc
 
 
 class Discriminator(nn.Module):
-    """Sec. 3.2: transformers' RobertaModel (submodule `roberta`) + an MLP head on the <s> token.
+    """Sec. 3.2: transformers' RobertaModel (submodule `roberta`) + an MLP head with tanh.
 
+    head "cls" (ours): H -> H -> 1 on the <s> token's last hidden state. head "pooler" (the
+    official code's): RoBERTa's pooler (dense + tanh on <s>, pretrained with the model), then
+    H -> H/2 -> 1 (768 -> 384 -> 1 for RoBERTa-base).
     forward(input_ids (N, T), attention_mask (N, T)) -> logits (N,): > 0 means "real sentence".
     """
 
-    def __init__(self, roberta):
+    def __init__(self, roberta, head: str = "cls"):
         super().__init__()
-        self.roberta = roberta
+        self.roberta, self.pooled = roberta, head == "pooler"
         width = roberta.config.hidden_size
-        self.head = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
+        hidden = width // 2 if self.pooled else width
+        self.head = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.roberta(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(hidden[:, 0]).squeeze(-1)  # (N,)
+        out = self.roberta(input_ids=input_ids, attention_mask=attention_mask)
+        state = out.pooler_output if self.pooled else out.last_hidden_state[:, 0]  # (N, H)
+        return self.head(state).squeeze(-1)  # (N,)
+
+
+def roberta_inputs(tokenizer, texts: list[str], max_tokens: int = 0):
+    """RoBERTa token ids (N, T) of texts, <s> ... </s>, right-padded with the tokenizer's pad id,
+    and their attention mask (N, T). max_tokens > 0 cuts a longer text to max_tokens tokens, the
+    last two "." and </s>, as the official code cuts the discriminator's inputs at 22.
+    Example (max_tokens 5): <s> a b c d </s> -> <s> a b . </s>.
+    """
+    rows = tokenizer(texts)["input_ids"]
+    if max_tokens:
+        (dot,) = tokenizer.encode(".", add_special_tokens=False)
+        rows = [r if len(r) <= max_tokens else r[:max_tokens - 2] + [dot, r[-1]] for r in rows]
+    ids = torch.full((len(rows), max(len(r) for r in rows)), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return ids, mask  # (N, T), (N, T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,11 +250,16 @@ class Discriminator(nn.Module):
 
 
 def _from_pretrained(cls, name: str, what: str, download: str, **config):
+    """cls.from_pretrained(name), or a one-line ConfigError that says how to download it."""
     try:
         return cls.from_pretrained(name, **config)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{what} not found at {name!r} ({type(err).__name__}); download it with "
-                          f"`huggingface-cli download {download} --local-dir {name}` and pass that "
+        reason = type(err).__name__
+        if Path(name).is_dir() and not any(Path(name).glob("*.safetensors")) and \
+                not any(Path(name).glob("*.bin")) and "tokenizer" not in what:
+            reason = "the folder holds no weights: no model.safetensors or pytorch_model.bin"
+        raise ConfigError(f"{what} not found at {name!r} ({reason}); download it with "
+                          f"`hf download {download} --local-dir {name}` and pass that "
                           "directory") from None
 
 
@@ -283,7 +310,7 @@ def build_generator(cfg: GeneratorConfig, tokenizer, clip_dim: int) -> CaptionGe
 
 
 def build_discriminator(cfg: DiscriminatorConfig, tokenizer) -> Discriminator:
-    """Discriminator over released RoBERTa weights or a fresh small RoBERTa."""
+    """Discriminator over released RoBERTa weights or a fresh small RoBERTa, with cfg.head."""
     from transformers import RobertaConfig, RobertaModel
 
     if cfg.pretrained:
@@ -291,9 +318,9 @@ def build_discriminator(cfg: DiscriminatorConfig, tokenizer) -> Discriminator:
         drop = {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout}
         roberta = _from_pretrained(RobertaModel, cfg.pretrained, "RoBERTa", "roberta-base", **drop)
         # The released weights include a pooler, which the head on <s> does not use; dropped (as
-        # add_pooling_layer=False does), or DistributedDataParallel stops at the second step on
-        # parameters that never receive a gradient.
-        roberta.pooler = None
+        # add_pooling_layer=False does), so that no parameter goes without a gradient.
+        if cfg.head == "cls":
+            roberta.pooler = None
     else:
         roberta = RobertaModel(RobertaConfig(
             vocab_size=len(tokenizer), hidden_size=cfg.hidden, num_hidden_layers=cfg.n_layer,
@@ -301,8 +328,8 @@ def build_discriminator(cfg: DiscriminatorConfig, tokenizer) -> Discriminator:
             max_position_embeddings=ROBERTA_MAX_TOKENS + 2, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout),
-            add_pooling_layer=False)
-    return Discriminator(roberta)
+            add_pooling_layer=cfg.head == "pooler")
+    return Discriminator(roberta, cfg.head)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,14 +367,16 @@ def encode_sentences(tokenizer, sentences: list[str], end_id: int, max_len: int)
 
 
 class ClipText:
-    """E_T of Sec. 3.3: CLIP text embeddings (N, D), L2-normalised, of caption strings.
+    """E_T of Sec. 3.3: CLIP text embeddings (N, D) of caption strings, L2-normalised (or raw, as
+    CLIP's text tower gives them, with normalize=False: the official L1 term compares those).
 
     Memoised by string, because sampled captions repeat often and the text tower is the costliest
     reward term; the memo is bounded (max_cache strings) and emptied when it would overflow.
     """
 
-    def __init__(self, clip, tokenizer, device, max_cache: int = 200_000):
+    def __init__(self, clip, tokenizer, device, max_cache: int = 200_000, normalize: bool = True):
         self.clip, self.tokenizer, self.device, self.max_cache = clip, tokenizer, device, max_cache
+        self.normalize = normalize
         self.cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -361,7 +390,8 @@ class ClipText:
         if todo:
             tokens = clip_tokenizer.tokenize(todo, self.clip.config.context_length, truncate=True,
                                              tokenizer=self.tokenizer).to(self.device)  # (n, L)
-            emb = F.normalize(self.clip.encode_text(tokens).float(), dim=-1).cpu()  # (n, D)
+            emb = self.clip.encode_text(tokens).float()  # (n, D)
+            emb = (F.normalize(emb, dim=-1) if self.normalize else emb).cpu()
             self.cache.update(zip(todo, emb))
         return torch.stack([self.cache[t] for t in texts]).to(self.device)  # (N, D)
 
@@ -393,12 +423,14 @@ def clip_cos_reward(image: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
 # exercise: clip_agg_target (docs/exercises.md)
 @torch.no_grad()
 def clip_agg_target(image, corpus, t: float, image_chunk: int = 2048, corpus_chunk: int = 16384,
-                    progress: bool = False) -> torch.Tensor:
+                    progress: bool = False, raw: bool = False) -> torch.Tensor:
     """Sec. 3.3, the CLIP-agg target: a_i = sum_j softmax_j(t * cos(v_i, s_j)) * s_j over the corpus.
 
     image (N, D) and corpus (M, D) are anything sliceable by rows (tensors, numpy arrays, memory
-    maps, realdata's sharded caches), any float dtype; rows are L2-normalised here. Returns (N, D)
-    float32 on the image's device (not normalised, like the equation).
+    maps, realdata's sharded caches), any float dtype. The cosines compare L2-normalised rows;
+    the sum takes the corpus rows normalised too, or with raw=True as given (the official code
+    sums raw CLIP text embeddings). Returns (N, D) float32 on the image's device (not normalised,
+    like the equation).
 
     The N x M matrix of weights never exists: the corpus is read once, chunk by chunk (outer
     loop), and for each chunk the images are visited in chunks (inner loop), each image's softmax
@@ -421,7 +453,9 @@ def clip_agg_target(image, corpus, t: float, image_chunk: int = 2048, corpus_chu
     agg = torch.zeros(n, d, device=image.device)  # (N, D)
     for j0 in tqdm(range(0, corpus.shape[0], corpus_chunk), desc="CLIP-agg targets",
                    unit="chunk", disable=not progress):
-        sents = _unit_rows(corpus[j0:j0 + corpus_chunk], image.device)  # (bj, D)
+        rows = corpus[j0:j0 + corpus_chunk]
+        sents = _unit_rows(rows, image.device)  # (bj, D)
+        values = _as_tensor(rows).to(image.device, torch.float32) if raw else sents  # (bj, D)
         for i0 in range(0, n, image_chunk):
             i1 = min(i0 + image_chunk, n)
             logits = t * _unit_rows(image[i0:i1], image.device) @ sents.T  # (bi, bj)
@@ -429,7 +463,7 @@ def clip_agg_target(image, corpus, t: float, image_chunk: int = 2048, corpus_chu
             rescale = torch.exp(run_max[i0:i1] - new_max)  # (bi,), 0 on the first chunk
             weights = logits.sub_(new_max[:, None]).exp_()  # (bi, bj), in place: one tile alive
             norm[i0:i1] = norm[i0:i1] * rescale + weights.sum(dim=1)
-            agg[i0:i1] = agg[i0:i1] * rescale[:, None] + weights @ sents  # (bi, D)
+            agg[i0:i1] = agg[i0:i1] * rescale[:, None] + weights @ values  # (bi, D)
             run_max[i0:i1] = new_max
     return agg / norm[:, None]  # (N, D)
 
@@ -445,15 +479,21 @@ def _unit_rows(x, device: torch.device) -> torch.Tensor:
 
 
 # exercise: clip_agg_reward (docs/exercises.md)
-def clip_agg_reward(target: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
+def clip_agg_reward(target: torch.Tensor, caption: torch.Tensor, raw: bool = False) -> torch.Tensor:
     """r_agg = 0.5 * 100 * cos(a, t) + 0.5 * 100 * (1 - mean_d |a_d - t_d|). (B, D), (B, K, D) -> (B, K).
 
-    Both a and t are L2-normalised first, so the L1 term compares directions, like the cosine
-    (the aggregated target itself has norm < 1). Example: t == a gives 100.
+    By default a and t are L2-normalised first, so the L1 term compares directions, like the
+    cosine (the aggregated target itself has norm < 1). raw=True takes them as given, as the
+    official code does: its L1 term compares the raw target with the raw caption embedding.
+    Example: t == a gives 100.
     """
-    a = F.normalize(target.float(), dim=-1)[:, None]  # (B, 1, D)
-    c = F.normalize(caption.float(), dim=-1)  # (B, K, D)
-    cos = (a * c).sum(-1)  # (B, K)
+    if raw:
+        a, c = target.float()[:, None], caption.float()  # (B, 1, D), (B, K, D)
+        cos = F.cosine_similarity(a, c, dim=-1)  # (B, K)
+    else:
+        a = F.normalize(target.float(), dim=-1)[:, None]  # (B, 1, D)
+        c = F.normalize(caption.float(), dim=-1)  # (B, K, D)
+        cos = (a * c).sum(-1)  # (B, K)
     l1 = (a - c).abs().mean(-1)  # (B, K)
     return 0.5 * 100 * cos + 0.5 * 100 * (1 - l1)
 

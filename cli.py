@@ -15,8 +15,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from config import (EVAL_DATASETS, PRESETS, Config, ConfigError, Reward, apply_overrides,
-                    config_from_dict, parse_sets, run_name)
+from config import (BEHAVIOUR_DIFFERENCES, EVAL_DATASETS, PRESETS, Config, ConfigError, Reward,
+                    apply_overrides, config_dict, config_from_dict, differences, parse_sets,
+                    run_name)
 
 REWARDS = [r.value for r in Reward]
 # What `corpus` builds (corpora.py): a corpus text file from a public file, or the ZS-IC image list.
@@ -31,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in [("train", "text-only init + CgT-GAN + test table (default: ShapesWorld)"),
                        ("init", "text-only initialisation only"),
-                       ("prepare", "paper scale: CLIP embeddings and CLIP-agg targets of a dataset")]:
+                       ("prepare", "paper scale: CLIP embeddings and CLIP-agg targets of a dataset"),
+                       ("config", "print the resolved settings as JSON and how they differ from "
+                                  "the official code")]:
         p = sub.add_parser(name, help=text)
         p.add_argument("--preset", help=f"paper-scale settings: {', '.join(PRESETS)}")
         p.add_argument("--seed", type=int, help="random seed of the run (default 0)")
@@ -39,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "reward, seed, and a digest of any other changed settings)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config field, e.g. --set gan.lr=1e-4 (repeatable)")
-        p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-        p.add_argument("--overwrite", action="store_true",
-                       help="start again in a run folder that holds a run (its checkpoints and "
-                            "results are removed)")
+        if name != "config":
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the run's last checkpoint")
+            p.add_argument("--overwrite", action="store_true",
+                           help="start again in a run folder that holds a run (its checkpoints "
+                                "and results are removed)")
         if name == "train":
             p.add_argument("--reward", choices=REWARDS, help="the generator's reward (ablation)")
             p.add_argument("--ablation", action="store_true",
@@ -102,6 +107,24 @@ def config_from_args(args) -> Config:
     elif args.preset:
         cfg.name = run_name(cfg, args.preset)
     return cfg
+
+
+def show_config(args) -> int:
+    """`config`: the resolved settings as JSON, then every setting that differs from the official
+    code (config.differences) and the differences that are no setting, each with its reason."""
+    cfg = config_from_args(args)
+    print(json.dumps(config_dict(cfg), indent=2))
+    rows = [(key, repr(official), repr(ours), why) for key, official, ours, why in differences(cfg)]
+    print(f"\nsettings that differ from the official code (Lihr747/CgtGAN): {len(rows)}")
+    if rows:
+        width = [max(len(r[i]) for r in rows + [("key", "official", "ours")]) for i in range(3)]
+        print(f"{'key':{width[0]}}  {'official':{width[1]}}  {'ours':{width[2]}}  why")
+        for key, official, ours, why in rows:
+            print(f"{key:{width[0]}}  {official:{width[1]}}  {ours:{width[2]}}  {why}")
+    print("\nwhat differs and is no setting:")
+    for what, official, ours, why in BEHAVIOUR_DIFFERENCES:
+        print(f"- {what}: official {official}; ours {ours}. Why: {why}")
+    return 0
 
 
 def run_config(run: str) -> tuple[Config, Path]:
@@ -165,7 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C says what was saved and how to resume (exit code 130)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    # The pipelines import torch and the models: only after parsing, so --help answers at once.
+    if args.command == "config":
+        try:
+            return show_config(args)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    # The pipelines import torch and the models: only after parsing, so --help and `config`
+    # answer at once.
     import commands
 
     try:

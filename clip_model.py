@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from tqdm import tqdm
 
+import clip_convert
 from data import atomic_write, file_sha256
 
 # ---------------------------------------------------------------------------------------------------
@@ -615,20 +616,20 @@ def save(model: CLIP, path):
 
 
 def load(name_or_path, device="cpu", cache_dir=None):
-    """A released model name (see MODEL_URLS) or a checkpoint file -> (CLIP in eval mode, Preprocess).
+    """A released name (MODEL_URLS), a checkpoint file or a Hugging Face CLIP folder -> (CLIP, Preprocess).
 
-    Names are downloaded once into cache_dir (default: default_cache_dir()). On the CPU weights are
-    float32 (OpenAI ships fp16); on an accelerator they keep the checkpoint's float dtype.
+    Names download once into cache_dir (default_cache_dir()); folders go through clip_convert. The
+    model is in eval mode, float32 on the CPU (OpenAI ships fp16), else in the checkpoint's dtype.
     """
     if name_or_path in MODEL_URLS:
         url = MODEL_URLS[name_or_path]
         path = download(url, Path(cache_dir or default_cache_dir()) / url.split("/")[-1], url.split("/")[-2])
     else:
         path = Path(name_or_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such checkpoint file, and not a released model name "
-                                    f"({', '.join(MODEL_URLS)})")
-    state = read_state_dict(path)
+        if not path.is_file() and not clip_convert.is_hf_folder(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint file or Hugging Face CLIP folder, and "
+                                    f"not a released model name ({', '.join(MODEL_URLS)})")
+    state = clip_convert.read_hf_folder(path) if path.is_dir() else read_state_dict(path)
     try:
         model = build_model(state)
     except ValueError as e:

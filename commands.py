@@ -44,7 +44,7 @@ def load_data(cfg: Config) -> CaptionData:
     if cfg.data == "shapesworld":
         return build_shapesworld(cfg.world).validate()
     if cfg.data == "real":
-        return realdata.load_real_data(real_config(cfg))
+        return realdata.load_real_data(real_config(cfg), cfg.gan.agg_raw)
     raise ConfigError(f"data must be shapesworld or real, not {cfg.data!r}")
 
 
@@ -107,7 +107,8 @@ def ensure_init(run: runs.Run, run_dir: Path, log, resume: bool = False) -> None
     t0 = time.time()
     train.train_init(run, run_dir, log)
     if run.master_process:
-        print(f"text-only initialisation: {run.cfg.init.steps} steps in {time.time() - t0:.0f}s")
+        steps = train.total_steps(run.cfg.init, len(run.data.corpus))
+        print(f"text-only initialisation: {steps} steps in {time.time() - t0:.0f}s")
 
 
 # What `--resume` continues from, in the order it looks: the CgT-GAN state (train only), then the
@@ -131,10 +132,12 @@ def saved_progress(cfg: Config, command: str = "train") -> str | None:
         if name == "init.pt":
             return f"the finished text-only initialisation is saved in {path}"
         try:  # the step only: mmap reads no weights
-            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            step = saved["step"]
         except (RuntimeError, OSError, EOFError, KeyError):
             return f"{path} is unreadable"
         stage, total = ("CgT-GAN", cfg.gan.steps) if name == "last.pt" else ("text-only", cfg.init.steps)
+        total = saved.get("total", total)  # the steps of its epochs, when it trains in epochs
         return f"{stage} step {step} of {total} is saved in {path}"
     return None
 
@@ -194,7 +197,8 @@ def _train_and_test(cfg: Config, data: CaptionData | None, resume: bool, stop_af
     run.barrier()
     if not run.master_process or stop_after:
         return None
-    print(f"CgT-GAN ({cfg.gan.reward}): {cfg.gan.steps} steps in {time.time() - t1:.0f}s")
+    steps = train.total_steps(cfg.gan, len(data.train_ids))
+    print(f"CgT-GAN ({cfg.gan.reward}): {steps} steps in {time.time() - t1:.0f}s")
     label, best = f"CgT-GAN ({cfg.gan.reward})", run_dir / "best.pt"
     rows = {"retrieval (nearest corpus sentence)": None, "text-only init": run_dir / "init.pt"}
     if best.is_file():
@@ -275,7 +279,7 @@ def run_init(cfg: Config, data: CaptionData | None = None, resume: bool = False,
 
 def run_prepare(cfg: Config) -> dict:
     """Paper scale: CLIP embeddings and CLIP-agg targets of a dataset (realdata.prepare)."""
-    return realdata.prepare(real_config(cfg))
+    return realdata.prepare(real_config(cfg), cfg.gan.agg_raw)
 
 
 def write_coco_files(run_dir: Path, split_name: str, checkpoint: str, captions: dict[str, str],
@@ -364,8 +368,11 @@ def run_caption(cfg: Config, run_dir: Path, images: list[str], data: CaptionData
     clip, preprocess = clip_model.load(str(data.clip_path), device=run.device)
     with torch.no_grad():
         pixels = preprocess([image for _, image in good]).to(run.device)
-        feats = F.normalize(clip.encode_image(pixels).float(), dim=-1)  # (n, D)
-    unlike = Familiarity(data, run.device).unlike(feats)
+        feats = clip.encode_image(pixels).float()  # (n, D), raw as the official code feeds it
+    unit = F.normalize(feats, dim=-1)  # (n, D)
+    if cfg.gen.normalize_prefix:
+        feats = unit
+    unlike = Familiarity(data, run.device).unlike(unit)
     warnings = [why and f"{path} is unlike the training images of {data.name} ({why}); its caption "
                 "is a guess" for (path, _), why in zip(good, unlike)]
     return list(zip([path for path, _ in good], train.caption_feats(run, feats), warnings)), errors

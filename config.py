@@ -63,6 +63,10 @@ class GeneratorConfig:
     dropout: float = 0.0
     max_len: int = 20  # the paper caps captions at 20 tokens
     end_token: str = "."  # the paper ends captions at "."
+    # The mapping network reads CLIP embeddings L2-normalised (ours: one scale for text embeddings
+    # at initialisation and image embeddings later), or raw, as the official code does (its
+    # --normalize_prefix is off); raw needs the norms a prepared real dataset stores.
+    normalize_prefix: bool = True
 
 
 @dataclass
@@ -72,16 +76,28 @@ class DiscriminatorConfig:
     hidden: int = 64  # H
     n_head: int = 2
     dropout: float = 0.1
+    # "cls": a head H -> H -> 1 on the <s> state (ours); "pooler": RoBERTa's pooler (dense + tanh
+    # on <s>, pretrained), then H -> H/2 -> 1, as the official code (768 -> 384 -> 1).
+    head: str = "cls"
+    # RoBERTa inputs cut to this many tokens, "." and </s> last, for corpus sentences and
+    # captions alike (official: 22 = 20 + <s> + </s>); 0 cuts nothing.
+    max_tokens: int = 0
 
 
 @dataclass
 class InitConfig:
     """Text-only initialisation (Sec. 3.1): reconstruct corpus sentences from their CLIP text embedding."""
 
-    steps: int = 600
-    batch: int = 64
+    steps: int = 600  # i.i.d. batches of corpus sentences, when epochs is 0
+    epochs: int = 0  # > 0: shuffled passes over the corpus instead, epochs * (M // batch) steps
+    batch: int = 64  # global: split over data-parallel processes
     lr: float = 2e-3
+    warmup: int = 0  # steps of linear learning-rate warm-up from 0 (official: 5000)
     weight_decay: float = 0.01
+    # Comma-separated parts of parameter names left out of weight decay (official:
+    # "bias,LayerNorm.weight"; GPT-2 names its LayerNorms ln_*, so their weights are decayed).
+    no_decay: str = ""
+    grad_clip: float = 1.0  # max gradient norm; 0 clips nothing (the official initialisation)
     noise: float = 0.0  # std of Gaussian noise on the text embedding (CapDec); off as in the paper
 
 
@@ -89,21 +105,28 @@ class InitConfig:
 class GANConfig:
     """Adversarial self-critical training on unpaired images (Sec. 3.4)."""
 
-    steps: int = 300
-    batch: int = 16  # B images per step
+    steps: int = 300  # i.i.d. batches of training images, when epochs is 0
+    epochs: int = 0  # > 0: shuffled passes over the images instead, epochs * (N // batch) steps
+    batch: int = 16  # B images per step, global: split over data-parallel processes
     k: int = 5  # K samples per image (and K real sentences per image for the discriminator)
     lr: float = 1e-4
     d_lr: float = 1e-3  # from scratch the discriminator must learn fast to keep captions fluent
+    warmup: int = 0  # steps of linear warm-up of G's learning rate (official: 150); D has none
     weight_decay: float = 0.01
+    no_decay: str = ""  # as InitConfig.no_decay, for G and D
     grad_clip: float = 1.0
     reward: Reward = Reward.AGG_GAN
     agg_weight: float = 1.0  # semantic reward = w * CLIP-agg + (1 - w) * CLIP-cos
     temperature: float = 100.0  # t of the CLIP-agg softmax
+    # The CLIP-agg target sums raw sentence embeddings and r_agg's L1 term compares raw vectors,
+    # as the official code does; False: unit vectors throughout (needs no stored norms).
+    agg_raw: bool = False
     baseline: str = "greedy"  # greedy | loo (leave-one-out mean of the other samples)
     lambda_hold: int = 30  # steps with lambda = 0 (naturalness reward only)
     lambda_ramp: int = 120  # steps of the linear ramp to lambda_final
     lambda_final: float = 0.5
-    eval_every: int = 100  # validation CIDEr-D every this many steps (best checkpoint kept)
+    # Validation CIDEr-D every this many steps (the best checkpoint is kept); 0: after each epoch.
+    eval_every: int = 100
     eval_images: int = 300  # validation images used (0: all)
     ckpt_every: int = 50
 
@@ -204,6 +227,7 @@ AGG_TEMPERATURE = {
     "coco/shutterstock": 100.0,
     "flickr30k/flickr30k": 125.0,
     "coco/flickr30k": 125.0,
+    "flickr30k/coco": 125.0,
     "coco/gcc": 175.0,
 }
 
@@ -287,6 +311,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     bf16: bool = False  # bf16 autocast on CUDA
+    tf32: bool = False  # TF32 matrix multiplies on CUDA (torch 1.11, the official code's, did them)
     # torch CPU threads; 0 keeps torch's default. One thread is fastest for the tiny ShapesWorld
     # models on a 2-core machine (measured: 2 threads ran an init step several times slower when
     # other jobs shared the cores). Raise it for larger models on a many-core CPU.
@@ -300,17 +325,30 @@ class Config:
     real: RealDataConfig = field(default_factory=RealDataConfig)
 
 
-# The paper's settings (Sec. 4.1): ViT-L/14 features, GPT-2 124M with a prefix of 10, RoBERTa-base,
-# batch 64, K = 5, lr 1e-5 (initialisation 2e-5), 20 tokens; t per corpus as the authors used.
-# Models and data are read from local directories.
-_PAPER = {"data": "real", "real.clip": "ViT-L/14", "real.gpt2": "models/gpt2",
-          "real.roberta": "models/roberta-base", "gen.prefix_len": 10, "gen.dropout": 0.0,
-          "gan.batch": 64, "gan.k": 5, "gan.lr": 1e-5, "gan.d_lr": 1e-5, "init.lr": 2e-5,
-          "init.batch": 64, "init.steps": 30000, "gan.steps": 20000, "gan.eval_every": 1000,
-          "gan.eval_images": 0, "gan.ckpt_every": 500, "gan.lambda_hold": 150,
-          "gan.lambda_ramp": 2350, "gan.weight_decay": 0.05, "init.weight_decay": 0.05}
+# The paper's settings (Sec. 4.1) as the official code runs them (Lihr747/CgtGAN; its README
+# commands and defaults): ViT-L/14 features fed raw to the mapping network, GPT-2 124M with a prefix
+# of 10, RoBERTa-base with the pooler head and 22-token inputs, K = 5, 20-token captions. The
+# initialisation: one epoch of batches of 16, lr 2e-5 after 5000 warm-up steps, no clipping. The
+# GAN: 50 epochs (80 with GCC) of 128 images (64 on each of 2 GPUs), lr 1e-5 for G (150 warm-up
+# steps) and D, validation after each epoch. AdamW with weight decay 0.05 except on biases and
+# RoBERTa's LayerNorm weights. Corpora are used as written (no lowercasing, length filter or
+# de-duplication). DIFFERENCES lists what still differs. Models and data are read from local
+# directories.
+_NO_DECAY = "bias,LayerNorm.weight"
+_PAPER = {"data": "real", "tf32": True, "real.clip": "ViT-L/14", "real.gpt2": "models/gpt2",
+          "real.roberta": "models/roberta-base", "real.lowercase": False, "real.min_words": 1,
+          "real.max_words": 1000, "real.dedupe": False,
+          "gen.prefix_len": 10, "gen.dropout": 0.0, "gen.normalize_prefix": False,
+          "disc.head": "pooler", "disc.max_tokens": 22,
+          "init.epochs": 1, "init.batch": 16, "init.lr": 2e-5, "init.warmup": 5000,
+          "init.weight_decay": 0.05, "init.no_decay": _NO_DECAY, "init.grad_clip": 0.0,
+          "gan.epochs": 50, "gan.batch": 128, "gan.k": 5, "gan.lr": 1e-5, "gan.d_lr": 1e-5,
+          "gan.warmup": 150, "gan.weight_decay": 0.05, "gan.no_decay": _NO_DECAY,
+          "gan.agg_raw": True, "gan.eval_every": 0, "gan.eval_images": 0, "gan.ckpt_every": 500,
+          "gan.lambda_hold": 150, "gan.lambda_ramp": 2350}
 _COCO = {"real.split_file": "data/dataset_coco.json", "real.image_root": "data/coco"}
 _FLICKR = {"real.split_file": "data/dataset_flickr30k.json", "real.image_root": "data/flickr30k"}
+_GCC = {"real.corpus": "data/gcc.txt", "gan.epochs": 80, "gan.temperature": 175.0}
 PRESETS = {
     "coco": {**_PAPER, **_COCO, "real.setting": "coco/coco", "gan.temperature": 100.0},
     "flickr30k": {**_PAPER, **_FLICKR, "real.setting": "flickr30k/flickr30k",
@@ -319,13 +357,14 @@ PRESETS = {
                           "real.setting": "coco/shutterstock", "gan.temperature": 100.0},
     "coco-flickr30k": {**_PAPER, **_COCO, "real.corpus": "data/flickr30k_captions.txt",
                        "real.setting": "coco/flickr30k", "gan.temperature": 125.0},
-    "coco-gcc": {**_PAPER, **_COCO, "real.corpus": "data/gcc.txt", "real.setting": "coco/gcc",
-                 "gan.temperature": 175.0},
+    "flickr30k-coco": {**_PAPER, **_FLICKR, "real.corpus": "data/coco_captions.txt",
+                       "real.setting": "flickr30k/coco", "gan.temperature": 125.0},
+    "coco-gcc": {**_PAPER, **_COCO, **_GCC, "real.setting": "coco/gcc"},
     # ZS-IC: nothing in-domain in training. Web images (a Karpathy-format file listing them, all
     # "train") and the GCC corpus; validation and the test table on COCO's Karpathy split, as the
     # official code validates its GCC run on COCO; `eval --dataset flickr30k` scores Flickr30k.
-    "zsic": {**_PAPER, "real.split_file": "data/dataset_web.json", "real.image_root": "data/web",
-             "real.corpus": "data/gcc.txt", "real.setting": "web/gcc", "gan.temperature": 175.0,
+    "zsic": {**_PAPER, **_GCC, "real.split_file": "data/dataset_web.json",
+             "real.image_root": "data/web", "real.setting": "web/gcc",
              "real.eval_split_file": _COCO["real.split_file"],
              "real.eval_image_root": _COCO["real.image_root"]},
 }
@@ -334,6 +373,93 @@ PRESETS = {
 EVAL_DATASETS = {name: {"real.eval_split_file": paths["real.split_file"],
                         "real.eval_image_root": paths["real.image_root"]}
                  for name, paths in (("coco", _COCO), ("flickr30k", _FLICKR))}
+
+
+# ----------------------------------------------------------------------------------------------
+# The official code's values, and why ours differ
+
+# What the official code runs (its defaults and README commands), in this config's keys;
+# `official_values` adds the temperature and epochs of a setting. "real.max_words": 1000 stands
+# for its "no length filter".
+OFFICIAL = {
+    "data": "real", "seed": 0, "bf16": False, "tf32": True, "decode": "greedy",
+    "real.clip": "ViT-L/14", "real.lowercase": False, "real.strip_period": False,
+    "real.min_words": 1, "real.max_words": 1000, "real.dedupe": False,
+    "gen.prefix_len": 10, "gen.mapping_hidden": 0, "gen.dropout": 0.1, "gen.max_len": 20,
+    "gen.end_token": ".", "gen.normalize_prefix": False,
+    "disc.dropout": 0.1, "disc.head": "pooler", "disc.max_tokens": 22,
+    "init.epochs": 1, "init.batch": 16, "init.lr": 2e-5, "init.warmup": 5000,
+    "init.weight_decay": 0.05, "init.no_decay": _NO_DECAY, "init.grad_clip": 0.0, "init.noise": 0.0,
+    "gan.epochs": 50, "gan.batch": 128, "gan.k": 5, "gan.lr": 1e-5, "gan.d_lr": 1e-5,
+    "gan.warmup": 150, "gan.weight_decay": 0.05, "gan.no_decay": _NO_DECAY, "gan.grad_clip": 1.0,
+    "gan.reward": "agg+gan", "gan.agg_weight": 1.0, "gan.agg_raw": True, "gan.baseline": "greedy",
+    "gan.lambda_hold": 150, "gan.lambda_ramp": 2350, "gan.lambda_final": 0.5,
+    "gan.eval_every": 0, "gan.eval_images": 0,
+}
+
+# The presets' settings that still differ from the official code: key -> (official, ours, why).
+DIFFERENCES = {
+    "gen.dropout": (0.1, 0.0, "the official code samples with GPT-2's dropout on; here tokens "
+                    "are drawn under no_grad with a KV cache and a second, teacher-forced pass "
+                    "gives their log-probs, which with dropout would see other masks than the "
+                    "draw did"),
+    "real.strip_period": (False, True, "the official code appends '.' to every sentence; here "
+                          "the generator's end token '.' ends every sentence instead (the same "
+                          "GPT-2 tokens), and the discriminator sees real and generated "
+                          "sentences alike without it"),
+}
+
+# What differs and is no setting: (what, official, ours, why).
+BEHAVIOUR_DIFFERENCES = [
+    ("naturalness reward", "D's logits from a second pass, in eval mode (no dropout)",
+     "the logits of D's own training pass (dropout on)", "one RoBERTa pass over the B*(K+1) "
+     "captions instead of two; both are taken before D's update"),
+    ("discriminator's real sentences", "shuffled passes over the corpus, K per image",
+     "K per image, drawn uniformly with replacement each step", "every random draw of a step "
+     "comes from one generator, so --resume and data parallel repeat a step exactly"),
+    ("RoBERTa inputs over 22 tokens", "tokenizer.encode('.')[0] written before </s>: that is "
+     "<s> (id 0), not '.'", "'.' before </s>", "what the official code means to write"),
+    ("corpus case", "first letter capitalised (COCO, Flickr30k captions)", "as written",
+     "realdata.clean_sentences has no capitalisation; most captions start with a capital"),
+    ("lambda ramp", "lambda > 0 from the 151st step", "from the 152nd",
+     "lambda_schedule counts steps from 0: one step in 2,350"),
+    ("AdamW", "transformers.AdamW: weight decay after the Adam update", "torch.optim.AdamW: "
+     "weight decay before it", "a difference of lr * weight_decay * update per step"),
+    ("initialisation loss", "ignore_index=0, which also drops GPT-2's token '!'",
+     "padding labelled IGNORE_INDEX = -1", "'!' is a token like any other"),
+    ("model selection", "the best of the epochs' validation CIDEr", "the initialisation (step 0) "
+     "is validated too and may be kept", "the test table shows whether the GAN stage helped"),
+]
+
+
+def official_values(cfg: Config) -> dict[str, object]:
+    """OFFICIAL, with the CLIP-agg temperature of cfg.real.setting and 80 epochs with GCC."""
+    values = dict(OFFICIAL)
+    if cfg.real.setting in AGG_TEMPERATURE:
+        values["gan.temperature"] = AGG_TEMPERATURE[cfg.real.setting]
+    if cfg.real.setting.endswith("/gcc"):
+        values["gan.epochs"] = 80
+    return values
+
+
+def differences(cfg: Config) -> list[tuple[str, object, object, str]]:
+    """Every setting of cfg that differs from the official code's: (key, official, ours, why).
+
+    Why: DIFFERENCES' reason where cfg has the value it documents, else the value's origin (a
+    --set, or the ShapesWorld demo's own default)."""
+    ours = flat_dict(config_dict(cfg))
+    rows = []
+    for key, official in official_values(cfg).items():
+        if ours[key] == official:
+            continue
+        if key in DIFFERENCES and DIFFERENCES[key][1] == ours[key]:
+            why = DIFFERENCES[key][2]
+        elif cfg.data == "shapesworld":
+            why = "the ShapesWorld demo's own value (small models from scratch on a laptop CPU)"
+        else:
+            why = "changed from the preset (--set)"
+        rows.append((key, official, ours[key], why))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,21 +541,24 @@ def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
 _RANGES = [
     (("gen.prefix_len", "gen.n_layer", "gen.n_embd", "gen.n_head", "gen.max_len", "disc.n_layer",
       "disc.hidden", "disc.n_head", "init.steps", "init.batch", "gan.steps", "gan.batch", "gan.k",
-      "gan.eval_every", "gan.ckpt_every", "real.min_words", "real.batch_size", "real.shard_size",
+      "gan.ckpt_every", "real.min_words", "real.batch_size", "real.shard_size",
       "real.image_chunk", "real.corpus_chunk", "world.n_references", "world.clip_steps",
       "world.clip_batch_size"), lambda v: v >= 1, "at least 1"),
     (("threads", "gen.mapping_hidden", "gan.lambda_hold", "gan.lambda_ramp", "gan.eval_images",
+      "gan.eval_every", "init.epochs", "gan.epochs", "init.warmup", "gan.warmup",
       "real.workers"), lambda v: v >= 0, "at least 0"),
     (("init.lr", "gan.lr", "gan.d_lr", "gan.grad_clip", "gan.temperature",
       "real.agg_temperature", "world.clip_lr"), lambda v: math.isfinite(v) and v > 0,
      "a finite number > 0"),
-    (("init.weight_decay", "gan.weight_decay", "init.noise"),
+    (("init.weight_decay", "gan.weight_decay", "init.noise", "init.grad_clip"),
      lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     (("gan.lambda_final", "gan.agg_weight"), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("gen.dropout", "disc.dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("disc.max_tokens",), lambda v: v == 0 or v >= 3, "0 (no cut) or at least 3 (<s>, '.', </s>)"),
 ]
 _CHOICES = {"data": ("shapesworld", "real"), "decode": ("greedy", "beam"),
-            "gan.baseline": ("greedy", "loo"), "real.missing_images": ("stop", "skip")}
+            "gan.baseline": ("greedy", "loo"), "real.missing_images": ("stop", "skip"),
+            "disc.head": ("cls", "pooler")}
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -452,6 +581,9 @@ def check_config(cfg: Config) -> Config:
     if cfg.gan.baseline == "loo" and cfg.gan.k < 2:
         raise ConfigError(f"gan.baseline=loo averages the other samples of an image, so it needs "
                           f"gan.k of at least 2, not {cfg.gan.k}; raise gan.k or use greedy")
+    if cfg.gan.eval_every == 0 and not cfg.gan.epochs:
+        raise ConfigError("gan.eval_every=0 validates after each epoch, so it needs gan.epochs "
+                          "of at least 1; set gan.epochs or a step count")
     for part, width, heads in (("gen", "n_embd", "n_head"), ("disc", "hidden", "n_head")):
         if values[f"{part}.{width}"] % values[f"{part}.{heads}"]:
             raise ConfigError(f"{part}.{width} ({values[f'{part}.{width}']}) must be a multiple "

@@ -47,6 +47,7 @@ class EvalSplit:
     ids: list[str]
     feats: torch.Tensor  # (n, D) float32, L2-normalised
     references: dict[str, list[str]]
+    norms: torch.Tensor | None = None  # (n,) the raw embeddings' L2 norms, where stored
 
 
 @dataclass
@@ -56,7 +57,10 @@ class CaptionData:
     `image_loader(id)` returns an RGB PIL image for any train/val/test id; `checker(captions, split)`
     is ShapesWorld's ground-truth checker, None for real data. `train_agg_targets` optionally holds
     the precomputed CLIP-agg targets (N, D) for the training images (real data's `prepare` computes
-    them over the whole corpus; the method may compute its own when it is None).
+    them over the whole corpus; the method may compute its own when it is None), made at
+    `agg_temperature`, over raw sentence embeddings when `agg_raw`. `train_norms` and
+    `corpus_norms` hold the L2 norms of the raw CLIP embeddings behind the unit rows (real data
+    stores them; ShapesWorld does not), for what the official code feeds raw (`raw_rows`).
     """
 
     name: str
@@ -73,6 +77,9 @@ class CaptionData:
     checker: Callable[[dict[str, str], str], dict] | None = None
     train_agg_targets: torch.Tensor | None = None  # (N, D) float32, or None
     agg_temperature: float | None = None
+    agg_raw: bool = False
+    train_norms: torch.Tensor | None = None  # (N,) float32, or None
+    corpus_norms: torch.Tensor | None = None  # (M,) float32, or None
 
     def image(self, image_id: str) -> Image.Image:
         """The RGB image with this id (train, val or test)."""
@@ -116,6 +123,7 @@ class CaptionData:
         for label in ("train_feats", "corpus_feats") + tuple(
                 f"splits[{k!r}].feats" for k in self.splits):
             _check_normalised(who, label, feats[label])
+        self._check_norms(who)
         missing = {"val", "test"} - set(self.splits)
         if missing:
             raise DataError(f"{who}: splits lack {sorted(missing)}; both 'val' and 'test' are needed")
@@ -127,6 +135,26 @@ class CaptionData:
                 raise DataError(f"{who}: {len(lacking)} {key} image(s) have no reference captions "
                                 f"(first: {lacking[:3]})")
         return self
+
+    def _check_norms(self, who: str) -> None:
+        """Stored norms, where present, are one positive number per row of their features."""
+        norms = {"train_norms": (self.train_norms, self.train_feats),
+                 "corpus_norms": (self.corpus_norms, self.corpus_feats)}
+        norms.update({f"splits[{k!r}].norms": (s.norms, s.feats) for k, s in self.splits.items()})
+        for label, (x, rows) in norms.items():
+            if x is not None and (x.shape != rows.shape[:1] or not bool((x > 0).all())):
+                raise DataError(f"{who}: {label} must be {rows.shape[0]} positive norms, got "
+                                f"shape {tuple(x.shape)}; rebuild its cache")
+
+
+def raw_rows(feats: torch.Tensor, norms: torch.Tensor | None, what: str) -> torch.Tensor:
+    """The raw CLIP embeddings (n, D) behind unit rows feats (n, D) and their norms (n,). A
+    DataError when the dataset stores no norms (ShapesWorld): `what` names the setting."""
+    if norms is None:
+        raise DataError(f"{what}, but this dataset stores unit CLIP embeddings only, without "
+                        "their norms (ShapesWorld, or a cache prepared before norms were "
+                        "stored: run prepare again); keep the default")
+    return feats * norms.to(feats.dtype)[:, None]
 
 
 def _same_count(who: str, a: str, count: int, b: str, x: torch.Tensor) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import clip_convert
 import clip_model
 import clip_tokenizer
 import data
@@ -44,6 +45,10 @@ from data import CaptionData, DataError, EvalSplit
 
 # Karpathy's "restval" images (COCO val2014 images outside the 5k val/test) are training images.
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+
+# What each embedding shard holds (in its cache key, so shards of an older layout are rebuilt):
+# unit rows, which rows are valid, and the raw embeddings' norms.
+SHARD_ARRAYS = "feats,valid,norm"
 
 # Files from which transformers' from_pretrained builds a byte-level BPE tokenizer.
 TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
@@ -183,14 +188,16 @@ def check_model_dir(path: str, what: str) -> None:
 
 
 class ShardedRows:
-    """Rows of a sequence of (rows, D) shard files, sliceable like one (R, D) array.
+    """Rows of a sequence of (rows, D) shard files, sliceable like one (R, D) array: the unit
+    embeddings as stored, or with raw=True the raw ones (each row times its stored norm).
 
     Only the shards a slice touches are read (and verified), so a 3M-sentence corpus can be
     streamed without holding it in memory.
     """
 
-    def __init__(self, paths: list[Path], keys: list[str], counts: list[int], dim: int):
-        self.paths, self.keys, self.counts = paths, keys, counts
+    def __init__(self, paths: list[Path], keys: list[str], counts: list[int], dim: int,
+                 raw: bool = False):
+        self.paths, self.keys, self.counts, self.raw = paths, keys, counts, raw
         self.starts = np.cumsum([0] + counts)
         self.shape = (int(self.starts[-1]), dim)
 
@@ -207,11 +214,14 @@ class ShardedRows:
         for k in range(len(self.paths)):
             lo, hi = max(start, self.starts[k]), min(stop, self.starts[k + 1])
             if lo < hi:
-                parts.append(self.shard(k)["feats"][lo - self.starts[k]: hi - self.starts[k]])
+                arrays, rows = self.shard(k), slice(lo - self.starts[k], hi - self.starts[k])
+                feats = arrays["feats"][rows]  # (r, D) fp16, unit rows
+                parts.append(feats * arrays["norm"][rows, None] if self.raw else feats)
         return np.concatenate(parts) if parts else np.zeros((0, self.shape[1]), np.float16)
 
     def load(self) -> dict[str, np.ndarray]:
-        """Every array ("feats" (R, D) fp16, "valid" (R,) uint8) across all shards."""
+        """Every array ("feats" (R, D) fp16 unit rows, "valid" (R,) uint8, "norm" (R,) float32,
+        the raw embeddings' norms) across all shards."""
         shards = [self.shard(k) for k in range(len(self.paths))]
         return {name: np.concatenate([s[name] for s in shards]) for name in shards[0]}
 
@@ -222,7 +232,7 @@ def _shard_plan(items: list[str], cfg: RealDataConfig, folder: Path, stem: str,
     for k, start in enumerate(range(0, len(items), cfg.shard_size)):
         chunk = items[start: start + cfg.shard_size]
         paths.append(folder / f"{stem}-{k:05d}.safetensors")
-        keys.append(data.cache_key(model=model_key, items=chunk))
+        keys.append(data.cache_key(model=model_key, items=chunk, arrays=SHARD_ARRAYS))
         counts.append(len(chunk))
     return paths, keys, counts
 
@@ -231,8 +241,9 @@ def _fill_shards(items: list[str], plan, encode: Callable[[list[str]], Iterator[
                  cfg: RealDataConfig, what: str) -> None:
     """Embed every shard of `plan` whose file is missing, stale or corrupt; keep the others.
 
-    encode(items) yields (feats (b, D) float, valid (b,) bool) per batch, in order. Each shard is written atomically, so an
-    interruption loses at most the shard in progress.
+    encode(items) yields (feats (b, D) unit rows, valid (b,) bool, norms (b,)) per batch, in
+    order. Each shard is written atomically, so an interruption loses at most the shard in
+    progress.
     """
     from tqdm import tqdm
 
@@ -251,13 +262,15 @@ def _fill_shards(items: list[str], plan, encode: Callable[[list[str]], Iterator[
                desc=f"CLIP {what}", unit=what.split()[0], disable=not cfg.progress)
     for k in todo:
         chunk = items[starts[k]: starts[k + 1]]
-        feats, valid = [], []
-        for f, v in encode(chunk):
+        feats, valid, norms = [], [], []
+        for f, v, n in encode(chunk):
             feats.append(f)
             valid.append(v)
+            norms.append(n)
             bar.update(len(f))
         data.save_arrays(paths[k], {"feats": np.concatenate(feats).astype(np.float16),
-                                    "valid": np.concatenate(valid).astype(np.uint8)}, keys[k])
+                                    "valid": np.concatenate(valid).astype(np.uint8),
+                                    "norm": np.concatenate(norms).astype(np.float32)}, keys[k])
     bar.close()
 
 
@@ -283,15 +296,18 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def _normalised(x: torch.Tensor) -> np.ndarray:
-    return _unit(x.float()).cpu().numpy()  # (b, D)
+def _unit_and_norms(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(unit rows (b, D), their norms (b,)) of CLIP embeddings x (b, D), as numpy float32."""
+    x = x.float()
+    return _unit(x).cpu().numpy(), x.norm(dim=1).cpu().numpy()
 
 
 class ClipEncoder:
     """CLIP embeddings of image files and sentences, batch by batch, for `_fill_shards`.
 
     The model loads on first use, so `eval` on a split whose shards are all cached never loads it.
-    `images(paths)` and `texts(sentences)` yield (feats (b, D) normalised, valid (b,) bool).
+    `images(paths)` and `texts(sentences)` yield (feats (b, D) normalised, valid (b,) bool,
+    norms (b,) of the raw embeddings).
     """
 
     def __init__(self, cfg: RealDataConfig):
@@ -303,7 +319,7 @@ class ClipEncoder:
         if self._loaded is None:
             try:
                 model, preprocess = clip_model.load(self.cfg.clip, device=str(self.device))
-                tokenizer = clip_tokenizer.Tokenizer(self.cfg.clip_bpe)
+                tokenizer = clip_tokenizer.Tokenizer(clip_bpe_file(self.cfg))
             except (OSError, ValueError, RuntimeError) as e:
                 raise DataError(f"cannot load CLIP: {e}") from None
             self._loaded = (model.to(self.device).eval(), preprocess, tokenizer)
@@ -324,7 +340,8 @@ class ClipEncoder:
                 raise DataError(f"{bad[0]}; or set missing_images='skip'")
             with torch.no_grad(), self._amp():
                 feats = model.encode_image(torch.stack(pixels).to(self.device))  # (b, D)
-            yield _normalised(feats), np.array([not e for e in errors])
+            unit, norms = _unit_and_norms(feats)
+            yield unit, np.array([not e for e in errors]), norms
 
     def texts(self, texts: list[str]):
         model, _, tokenizer = self.model()
@@ -334,7 +351,8 @@ class ClipEncoder:
                                              tokenizer=tokenizer)
             with torch.no_grad(), self._amp():
                 feats = model.encode_text(tokens.to(self.device))  # (b, D)
-            yield _normalised(feats), np.ones(len(feats), bool)
+            unit, norms = _unit_and_norms(feats)
+            yield unit, np.ones(len(feats), bool), norms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,14 +401,28 @@ def _eval_images(cfg: RealDataConfig, splits: tuple[str, ...]) -> dict[str, list
                          "real.eval_split_file")
 
 
+def clip_bpe_file(cfg: RealDataConfig) -> str | None:
+    """CLIP's merges file: real.clip_bpe, else a Hugging Face CLIP folder's merges.txt (OpenAI's
+    merges, the same format), else None (OpenAI's own file, clip_tokenizer's default)."""
+    merges = Path(cfg.clip) / "merges.txt"
+    if cfg.clip_bpe or not (clip_convert.is_hf_folder(cfg.clip) and merges.is_file()):
+        return cfg.clip_bpe
+    return str(merges)
+
+
 def _model_key(cfg: RealDataConfig) -> str:
     """The cache key of the CLIP checkpoint and vocabulary (file digests, or a released name)."""
-    if not Path(cfg.clip).is_file() and cfg.clip not in clip_model.MODEL_URLS:
-        raise DataError(f"CLIP checkpoint {cfg.clip} does not exist and is not a released model "
-                        f"name ({', '.join(clip_model.MODEL_URLS)})")
-    model_id = data.file_digest(cfg.clip) if Path(cfg.clip).is_file() else cfg.clip
-    bpe_id = data.file_digest(cfg.clip_bpe) if cfg.clip_bpe else None
-    return data.cache_key(clip=model_id, bpe=bpe_id)
+    clip = Path(cfg.clip)
+    if clip_convert.is_hf_folder(clip):
+        weights = [clip / f for f in clip_convert.HF_WEIGHTS if (clip / f).is_file()]
+        model_id = data.file_digest(weights[0]) if weights else str(clip)
+    elif clip.is_file() or cfg.clip in clip_model.MODEL_URLS:
+        model_id = data.file_digest(clip) if clip.is_file() else cfg.clip
+    else:
+        raise DataError(f"CLIP checkpoint {cfg.clip} does not exist and is neither a Hugging Face "
+                        f"CLIP folder nor a released model name ({', '.join(clip_model.MODEL_URLS)})")
+    bpe = clip_bpe_file(cfg)
+    return data.cache_key(clip=model_id, bpe=data.file_digest(bpe) if bpe else None)
 
 
 def _image_plans(images: dict[str, list[KarpathyImage]], cfg: RealDataConfig, folder: Path,
@@ -399,7 +431,9 @@ def _image_plans(images: dict[str, list[KarpathyImage]], cfg: RealDataConfig, fo
             for s, ims in images.items()}
 
 
-def _plan(cfg: RealDataConfig) -> _Plan:
+def _plan(cfg: RealDataConfig, agg_raw: bool = False) -> _Plan:
+    """Which files hold what for cfg: images by split, corpus, caches, and the CLIP-agg targets
+    at cfg's temperature, summed over unit or raw (agg_raw) sentence embeddings."""
     own = ("train",) if cfg.eval_split_file else ("train", "val", "test")
     images = _split_images(cfg, cfg.split_file, cfg.image_root, own, "real.split_file")
     corpus = read_corpus(cfg, images["train"])
@@ -414,41 +448,50 @@ def _plan(cfg: RealDataConfig) -> _Plan:
     source = "indomain" if cfg.corpus == "in-domain" else re.sub(r"\W+", "_", Path(cfg.corpus).stem)
     corpus_plan = _shard_plan(corpus, cfg, folder / f"corpus-{source}", "corpus", model_key)
     agg_key = data.cache_key(images=image_plans["train"][1], corpus=corpus_plan[1],
-                             t=cfg.temperature())
+                             t=cfg.temperature(), raw=agg_raw)
     return _Plan(images, corpus, folder, model_key, image_plans, corpus_plan,
                  folder / f"agg-{agg_key}.safetensors", agg_key, eval_folder)
 
 
-def _rows(plan_part: tuple, dim: int = 0) -> ShardedRows:
-    return ShardedRows(*plan_part, dim=dim)
+def _rows(plan_part: tuple, dim: int = 0, raw: bool = False) -> ShardedRows:
+    return ShardedRows(*plan_part, dim=dim, raw=raw)
 
 
-def _readable(cached: dict[str, np.ndarray], images: list[KarpathyImage]) -> tuple[np.ndarray, list]:
-    """Features (n, D) and images of the readable images of one split (others were zero rows)."""
+def _readable(cached: dict[str, np.ndarray],
+              images: list[KarpathyImage]) -> tuple[np.ndarray, np.ndarray, list]:
+    """Features (n, D), their raw norms (n,) and the images of the readable images of one split
+    (the others were stored as zero rows)."""
     valid = cached["valid"].astype(bool)
     if not valid.all():
         bad = [im.path for im, ok in zip(images, valid) if not ok]
         warn(f"{len(bad)} unreadable image(s) skipped (first: {', '.join(map(str, bad[:3]))})")
-    return cached["feats"][valid], [im for im, ok in zip(images, valid) if ok]
+    return cached["feats"][valid], cached["norm"][valid], [im for im, ok in zip(images, valid) if ok]
+
+
+def _unit_tensor(x: np.ndarray) -> torch.Tensor:
+    """fp16 unit rows from a cache as float32, renormalised (fp16 rounding moves norms ~1e-3)."""
+    return _unit(torch.from_numpy(x.astype(np.float32)))
 
 
 def _eval_split(cached: dict[str, np.ndarray], images: list[KarpathyImage]) -> EvalSplit:
-    """One val/test split from its cached arrays (float32, normalised) and its references."""
-    x, kept = _readable(cached, images)
-    x = _unit(torch.from_numpy(x.astype(np.float32)))  # (n, D)
-    return EvalSplit([im.id for im in kept], x, {im.id: im.sentences for im in kept})
+    """One val/test split from its cached arrays (float32, normalised, with the raw norms) and
+    its references."""
+    x, norms, kept = _readable(cached, images)
+    return EvalSplit([im.id for im in kept], _unit_tensor(x),
+                     {im.id: im.sentences for im in kept}, torch.from_numpy(norms))
 
 
 # ----------------------------------------------------------------------------------------------
 # prepare, load_real_data and load_eval_data
 
 
-def prepare(cfg: RealDataConfig) -> dict:
-    """Embed every image and corpus sentence with CLIP (fp16 shards, resumable), write the
-    reference files, and compute the CLIP-agg targets of the training images. Returns a summary
-    (counts, paths). Safe to rerun: finished shards are reused, stale ones rebuilt. With
+def prepare(cfg: RealDataConfig, agg_raw: bool = False) -> dict:
+    """Embed every image and corpus sentence with CLIP (fp16 unit rows and the raw norms, in
+    shards, resumable), write the reference files, and compute the CLIP-agg targets of the
+    training images (over raw sentence embeddings with agg_raw, the official target). Returns a
+    summary (counts, paths). Safe to rerun: finished shards are reused, stale ones rebuilt. With
     eval_split_file set, the val/test images embedded are that dataset's (ZS-IC)."""
-    plan = _plan(cfg)
+    plan = _plan(cfg, agg_raw)
     for folder in (plan.folder, plan.eval_folder):
         folder.mkdir(parents=True, exist_ok=True)
     for s in ("val", "test"):
@@ -461,24 +504,26 @@ def prepare(cfg: RealDataConfig) -> dict:
     _fill_shards(plan.corpus, plan.corpus_plan, encoder.texts, cfg, "sentences")
 
     dim = model.config.embed_dim
-    train_feats, train = _readable(_rows(plan.image_plans["train"], dim).load(), plan.images["train"])
+    train_feats, _, train = _readable(_rows(plan.image_plans["train"], dim).load(),
+                                      plan.images["train"])
     if data.load_arrays(plan.agg_path, plan.agg_key) is None:
         agg = clip_agg_target(torch.from_numpy(np.asarray(train_feats)).to(encoder.device),
-                              _rows(plan.corpus_plan, dim), cfg.temperature(), cfg.image_chunk,
-                              cfg.corpus_chunk, cfg.progress)  # (N, D)
+                              _rows(plan.corpus_plan, dim, agg_raw), cfg.temperature(),
+                              cfg.image_chunk, cfg.corpus_chunk, cfg.progress, agg_raw)  # (N, D)
         data.save_arrays(plan.agg_path, {"agg": agg.cpu().numpy().astype(np.float16)}, plan.agg_key)
     return {"name": cfg.dataset_name(), "folder": str(plan.folder),
             "eval_dataset": cfg.eval_dataset_name(), "train": len(train),
             "val": len(plan.images["val"]), "test": len(plan.images["test"]),
             "corpus": len(plan.corpus), "dim": dim, "agg_temperature": cfg.temperature(),
-            "references": {s: str(plan.eval_folder / f"refs_{s}.json") for s in ("val", "test")}}
+            "agg_raw": agg_raw, "references": {s: str(plan.eval_folder / f"refs_{s}.json") for s in ("val", "test")}}
 
 
-def load_real_data(cfg: RealDataConfig) -> CaptionData:
-    """The prepared dataset as CaptionData (features from the caches, float32, normalised)."""
+def load_real_data(cfg: RealDataConfig, agg_raw: bool = False) -> CaptionData:
+    """The prepared dataset as CaptionData (features from the caches, float32, normalised, with
+    their raw norms; the CLIP-agg targets prepared with agg_raw)."""
     check_model_dir(cfg.gpt2, "GPT-2")
     check_model_dir(cfg.roberta, "RoBERTa")
-    plan = _plan(cfg)
+    plan = _plan(cfg, agg_raw)
     paths = {im.id: im.path for ims in plan.images.values() for im in ims}
 
     def cached(part: tuple) -> dict[str, np.ndarray]:
@@ -488,9 +533,8 @@ def load_real_data(cfg: RealDataConfig) -> CaptionData:
             raise DataError(f"{e}; dataset {cfg.dataset_name()} is not fully prepared: run "
                             "`python cgtgan.py prepare` with the same settings") from None
 
-    train_x, train = _readable(cached(plan.image_plans["train"]), plan.images["train"])
-    train_feats = torch.from_numpy(train_x.astype(np.float32))  # (N, D)
-    corpus_feats = torch.from_numpy(cached(plan.corpus_plan)["feats"].astype(np.float32))  # (M, D)
+    train_x, train_norms, train = _readable(cached(plan.image_plans["train"]), plan.images["train"])
+    corpus = cached(plan.corpus_plan)
     splits = {s: _eval_split(cached(plan.image_plans[s]), plan.images[s]) for s in ("val", "test")}
     agg = data.load_arrays(plan.agg_path, plan.agg_key)
     if agg is None:
@@ -498,13 +542,14 @@ def load_real_data(cfg: RealDataConfig) -> CaptionData:
                         "`python cgtgan.py prepare` with the same settings")
     return CaptionData(
         name=cfg.dataset_name(), clip_path=clip_file(cfg.clip),
-        clip_bpe_path=Path(cfg.clip_bpe) if cfg.clip_bpe else None,
+        clip_bpe_path=Path(clip_bpe_file(cfg)) if clip_bpe_file(cfg) else None,
         gpt2_path=Path(cfg.gpt2), roberta_path=Path(cfg.roberta),
-        train_ids=[im.id for im in train], train_feats=_unit(train_feats),
-        corpus=plan.corpus, corpus_feats=_unit(corpus_feats), splits=splits,
+        train_ids=[im.id for im in train], train_feats=_unit_tensor(train_x),  # (N, D)
+        corpus=plan.corpus, corpus_feats=_unit_tensor(corpus["feats"]), splits=splits,  # (M, D)
         image_loader=lambda i: _load_image(paths, i),
         train_agg_targets=torch.from_numpy(agg["agg"].astype(np.float32)),
-        agg_temperature=cfg.temperature(),
+        agg_temperature=cfg.temperature(), agg_raw=agg_raw,
+        train_norms=torch.from_numpy(train_norms), corpus_norms=torch.from_numpy(corpus["norm"]),
     ).validate()
 
 
@@ -531,7 +576,7 @@ def load_eval_data(cfg: RealDataConfig, split: str) -> CaptionData:
     paths = {im.id: im.path for im in images}
     return CaptionData(
         name=cfg.eval_dataset_name(), clip_path=clip_file(cfg.clip),
-        clip_bpe_path=Path(cfg.clip_bpe) if cfg.clip_bpe else None,
+        clip_bpe_path=Path(clip_bpe_file(cfg)) if clip_bpe_file(cfg) else None,
         gpt2_path=Path(cfg.gpt2), roberta_path=Path(cfg.roberta), train_ids=[],
         train_feats=empty, corpus=[], corpus_feats=empty, splits={split: es},
         image_loader=lambda i: _load_image(paths, i))

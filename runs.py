@@ -91,18 +91,23 @@ def init_distributed(cfg: Config) -> None:
 def build_run(cfg: Config, data: CaptionData, with_clip: bool = True) -> Run:
     """Tokenizers, generator, discriminator and CLIP text tower for this config and dataset.
 
-    A model directory in the data (paper scale) is loaded; a tokenizer-only one (ShapesWorld) means
-    a small model trained from scratch, sized by cfg.gen and cfg.disc.
+    Paper scale (data=real) loads the released models the data names (a folder or a hub name;
+    a folder without weights is refused in one line, never replaced by a random model). A
+    tokenizer-only folder (ShapesWorld) means a small model trained from scratch, sized by
+    cfg.gen and cfg.disc.
     """
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     gpt2_tokenizer = load_tokenizer(cfg.gen.pretrained or data.gpt2_path, "GPT-2")
     roberta_tokenizer = load_tokenizer(cfg.disc.pretrained or data.roberta_path, "RoBERTa")
     gen_cfg, disc_cfg = cfg.gen, cfg.disc
-    if not gen_cfg.pretrained and (Path(data.gpt2_path) / "config.json").is_file():
+    released = cfg.data == "real"
+    if not gen_cfg.pretrained and (released or (Path(data.gpt2_path) / "config.json").is_file()):
         gen_cfg = replace(gen_cfg, pretrained=str(data.gpt2_path))
-    if not disc_cfg.pretrained and (Path(data.roberta_path) / "config.json").is_file():
+    if not disc_cfg.pretrained and (released or (Path(data.roberta_path) / "config.json").is_file()):
         disc_cfg = replace(disc_cfg, pretrained=str(data.roberta_path))
     torch.manual_seed(cfg.seed)
     generator = build_generator(gen_cfg, gpt2_tokenizer, data.train_feats.shape[1]).to(device)
@@ -111,7 +116,8 @@ def build_run(cfg: Config, data: CaptionData, with_clip: bool = True) -> Run:
     if with_clip:
         clip, _ = clip_model.load(str(data.clip_path), device=device)
         bpe = str(data.clip_bpe_path) if data.clip_bpe_path else None
-        clip_text = ClipText(clip, clip_tokenizer.Tokenizer(bpe), device)
+        clip_text = ClipText(clip, clip_tokenizer.Tokenizer(bpe), device,
+                             normalize=not cfg.gan.agg_raw)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world_size = 0, 1
     if distributed:

@@ -26,9 +26,10 @@ from tqdm import tqdm
 import runs
 from cgtgan import (IGNORE_INDEX, caption_loss, clip_agg_reward, clip_agg_target,
                     clip_cos_reward, decode_captions, discriminator_loss, encode_sentences,
-                    lambda_schedule, naturalness_reward, scst_loss, semantic_reward)
-from config import ConfigError, GANConfig
-from data import nearest
+                    lambda_schedule, naturalness_reward, roberta_inputs, scst_loss,
+                    semantic_reward)
+from config import ConfigError, GANConfig, GeneratorConfig, InitConfig
+from data import nearest, raw_rows
 from evaluate import score
 from runs import Run
 
@@ -60,15 +61,17 @@ def update(run: Run, opt: torch.optim.Optimizer, module: torch.nn.Module, loss: 
            grad_clip: float) -> None:
     """Backprop, average over data-parallel processes, clip, update (minGPT's trainer, labelled).
 
-    The paper clips every gradient at norm 1.0 (gan.grad_clip). Under torchrun each process holds
-    the loss of its own rows; averaging the gradients makes the update the one a single process
-    would take on the whole batch, since every process has as many rows.
+    The paper clips every GAN gradient at norm 1.0 (gan.grad_clip; 0 clips nothing, as the
+    official initialisation). Under torchrun each process holds the loss of its own rows;
+    averaging the gradients makes the update the one a single process would take on the whole
+    batch, since every process has as many rows.
     """
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if run.distributed:
         average_gradients(module, run.world_size)
-    torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
     opt.step()
 
 
@@ -106,9 +109,74 @@ def mean_over_processes(run: Run, stats: dict) -> dict:
     return {**stats, **dict(zip(keys, (values / run.world_size).tolist()))}
 
 
-def adamw(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, the paper's optimiser for the generator and the discriminator alike."""
-    return torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+def adamw(module: torch.nn.Module, lr: float, weight_decay: float,
+          no_decay: str = "") -> torch.optim.AdamW:
+    """AdamW, the paper's optimiser for the generator and the discriminator alike.
+
+    Parameters whose name contains one of the comma-separated parts of `no_decay` form a second
+    group without weight decay. The official code's "bias,LayerNorm.weight" exempts every bias
+    and RoBERTa's LayerNorm weights (GPT-2's are named ln_1, ln_2, ln_f, and stay decayed).
+    """
+    parts = [p for p in no_decay.split(",") if p]
+    named = list(module.named_parameters())
+    exempt = [p for n, p in named if any(part in n for part in parts)]
+    groups = [{"params": [p for n, p in named if not any(part in n for part in parts)],
+               "weight_decay": weight_decay}]
+    if exempt:
+        groups.append({"params": exempt, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def warmup_lr(lr: float, step: int, warmup: int) -> float:
+    """The learning rate of update `step` (from 0): linear from 0 over `warmup` updates, then
+    constant (transformers' get_constant_schedule_with_warmup, the official schedule).
+    Example (lr 1e-5, warmup 150): step 0 -> 0, step 75 -> 5e-6, step 150 and later -> 1e-5."""
+    return lr * min(1.0, step / warmup) if warmup > 0 else lr
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------
+# What each step sees: i.i.d. batches or shuffled epochs, and the prefix's CLIP embeddings
+
+
+def total_steps(stage: InitConfig | GANConfig, n: int) -> int:
+    """The steps of a stage over n items (corpus sentences or training images): epochs * (n //
+    batch) in shuffled epochs (the last partial batch of each is dropped, as the official
+    DataLoader's drop_last), else stage.steps."""
+    if not stage.epochs:
+        return stage.steps
+    if n < stage.batch:
+        raise ConfigError(f"an epoch of {n} items holds no batch of {stage.batch}; lower the "
+                          "batch or train for a number of steps (epochs=0)")
+    return stage.epochs * (n // stage.batch)
+
+
+def epoch_rows(step: int, n: int, batch: int, generator: torch.Generator,
+               order: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of `step` in shuffled epochs over n items: rows (batch,) and the epoch's
+    order (n,). A fresh permutation is drawn from `generator` at each epoch's first step; pass the
+    order back for the next step, and keep it in checkpoints, so that --resume ends the epoch it
+    stopped in. Example (n 5, batch 2): steps 0 and 1 take order[0:2] and order[2:4], step 2
+    starts the next epoch with a new order."""
+    per_epoch = n // batch
+    if step % per_epoch == 0 or order is None:
+        order = torch.randperm(n, generator=generator)
+    start = step % per_epoch * batch
+    return order[start:start + batch], order
+
+
+def prefix_input(cfg: GeneratorConfig, feats: torch.Tensor, norms: torch.Tensor | None,
+                 what: str) -> torch.Tensor:
+    """The CLIP embeddings (n, D) the mapping network reads: the unit rows as stored
+    (gen.normalize_prefix), or the raw embeddings the official code feeds it, rebuilt from the
+    unit rows and their norms (n,) (a DataError naming `what` when the data has none)."""
+    if cfg.normalize_prefix:
+        return feats
+    return raw_rows(feats, norms, f"gen.normalize_prefix=false reads raw {what}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +220,9 @@ def evaluate_generator(run: Run, split: str, limit: int = 0) -> tuple[dict, list
     """The generator's metrics on a split (its first `limit` images; 0: all) and its captions."""
     images = run.data.splits[split]
     n = limit or len(images.ids)
-    captions = caption_feats(run, images.feats[:n])
+    norms = None if images.norms is None else images.norms[:n]
+    captions = caption_feats(run, prefix_input(run.cfg.gen, images.feats[:n], norms,
+                                               f"{split} image embeddings"))
     return score_captions(run.data, split, images.ids[:n], captions), captions
 
 
@@ -170,11 +240,37 @@ def retrieval_captions(data, feats: torch.Tensor, chunk: int = 8192) -> list[str
 def init_step(run: Run, opt, feats: torch.Tensor, tokens: torch.Tensor,
               target: torch.Tensor) -> float:
     """One text-only step: the caption cross-entropy of tokens (B, T) from CLIP text embeddings
-    feats (B, D) against target (B, T), then AdamW with clipping at 1.0. Returns the loss."""
+    feats (B, D) against target (B, T), then AdamW (gradients clipped at init.grad_clip). Returns
+    the loss."""
     with run.autocast():
         loss = caption_loss(run.generator(feats, tokens), target)
-    update(run, opt, run.generator, loss, 1.0)
+    update(run, opt, run.generator, loss, run.cfg.init.grad_clip)
     return loss.item()
+
+
+def init_sentences(run: Run, step: int, sentences: torch.Generator,
+                   order: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This process's corpus rows at `step` (B,), and the epoch's order (None for i.i.d. batches):
+    init.batch sentences drawn at random, or the step's slice of a shuffled epoch (init.epochs)."""
+    cfg, m = run.cfg.init, len(run.data.corpus)
+    if cfg.epochs:
+        index, order = epoch_rows(step, m, cfg.batch, sentences, order)
+    else:
+        index = torch.randint(m, (cfg.batch,), generator=sentences)
+    return index[shard(run, cfg.batch)], order
+
+
+def init_prefix(run: Run, index: torch.Tensor, sentences: torch.Generator) -> torch.Tensor:
+    """The prefix embeddings of corpus rows index (B,): their CLIP text embeddings (B, D), unit or
+    raw (gen.normalize_prefix), with CapDec's noise when init.noise > 0 (not the paper's)."""
+    data, cfg = run.data, run.cfg
+    norms = None if data.corpus_norms is None else data.corpus_norms[index]
+    feats = prefix_input(cfg.gen, data.corpus_feats[index], norms, "corpus text embeddings")
+    if cfg.init.noise > 0:
+        feats = feats + cfg.init.noise * torch.randn(feats.shape, generator=sentences)
+        if cfg.gen.normalize_prefix:
+            feats = F.normalize(feats, dim=-1)
+    return feats
 
 
 def train_init(run: Run, run_dir: Path, log, stop_after: int | None = None) -> None:
@@ -185,46 +281,46 @@ def train_init(run: Run, run_dir: Path, log, stop_after: int | None = None) -> N
     """
     cfg, data, gen = run.cfg.init, run.data, run.generator
     ids, labels = encode_sentences(run.gpt2_tokenizer, data.corpus, gen.end_id, gen.max_len)
-    opt = adamw(gen, cfg.lr, cfg.weight_decay)
+    opt = adamw(gen, cfg.lr, cfg.weight_decay, cfg.no_decay)
     sentences = torch.Generator().manual_seed(run.cfg.seed)  # which sentences each step sees
-    start = _resume_init(run, run_dir / "init_last.pt", opt, sentences)
+    steps = total_steps(cfg, len(data.corpus))
+    start, order = _resume_init(run, run_dir / "init_last.pt", opt, sentences)
     gen.train()
-    bar = tqdm(range(start, cfg.steps), desc="text-only init", initial=start, total=cfg.steps,
+    bar = tqdm(range(start, steps), desc="text-only init", initial=start, total=steps,
                dynamic_ncols=True, leave=False)
     for step in bar:
-        index = torch.randint(len(data.corpus), (cfg.batch,), generator=sentences)[shard(run, cfg.batch)]
-        feats = data.corpus_feats[index]  # (B, D)
-        if cfg.noise > 0:  # CapDec's noise injection, an option the paper does not use
-            feats = F.normalize(feats + cfg.noise * torch.randn(feats.shape, generator=sentences), dim=-1)
+        index, order = init_sentences(run, step, sentences, order)
+        feats = init_prefix(run, index, sentences)  # (B, D)
         # Cut the batch to its longest sentence: the rest is padding that no label counts.
         width = int((labels[index] != IGNORE_INDEX).sum(1).max())
+        set_lr(opt, warmup_lr(cfg.lr, step, cfg.warmup))
         loss = init_step(run, opt, feats.to(run.device), ids[index, :width].to(run.device),
                          labels[index, :width].to(run.device))
         check_finite(step + 1, "init", {"caption_loss": loss}, run_dir / "init_last.pt")
         log(mean_over_processes(run, {"stage": "init", "step": step + 1, "loss": loss}))
         bar.set_postfix(loss=f"{loss:.3f}")
-        done, stopping = step + 1 == cfg.steps, stop_after == step + 1
+        done, stopping = step + 1 == steps, stop_after == step + 1
         if done or stopping or (step + 1) % INIT_CKPT_EVERY == 0:
             rng = runs.gather_rng_state(run, sentences)  # every process takes part
             runs.save_checkpoint(run_dir / "init_last.pt", run, opt_g=opt.state_dict(), rng=rng,
-                                 step=step + 1, stage="init")
+                                 step=step + 1, stage="init", order=order, total=steps)
         if stopping and not done:
             return
     bar.close()
-    runs.save_checkpoint(run_dir / "init.pt", run, step=cfg.steps, stage="init")
+    runs.save_checkpoint(run_dir / "init.pt", run, step=steps, stage="init")
     if run.master_process:
         (run_dir / "init_last.pt").unlink(missing_ok=True)
 
 
-def _resume_init(run: Run, path: Path, opt, sentences: torch.Generator) -> int:
-    """The step an interrupted initialisation resumes at (0 without init_last.pt), with its
-    weights, optimiser and random state restored."""
+def _resume_init(run: Run, path: Path, opt, sentences: torch.Generator) -> tuple[int, object]:
+    """The step an interrupted initialisation resumes at (0 without init_last.pt) and its epoch's
+    order (None: i.i.d. batches), with its weights, optimiser and random state restored."""
     if not path.is_file():
-        return 0
+        return 0, None
     checkpoint = runs.load_checkpoint(path, run, same_data=True)
     opt.load_state_dict(checkpoint["opt_g"])
     runs.set_rng_state(checkpoint["rng"], sentences, run.rank)
-    return checkpoint["step"]
+    return checkpoint["step"], checkpoint.get("order")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,31 +331,37 @@ def _resume_init(run: Run, path: Path, opt, sentences: torch.Generator) -> int:
 class Batch:
     """What one CgT-GAN step sees, for this process's B images."""
 
-    feats: torch.Tensor  # (B, D) CLIP image embeddings v
+    feats: torch.Tensor  # (B, D) CLIP image embeddings v (unit or raw: gen.normalize_prefix)
     agg_targets: torch.Tensor  # (B, D) CLIP-agg targets a of the same images
     uniforms: torch.Tensor  # (B, K, max_len) the random numbers behind the K samples' tokens
     real: list[str]  # B*K corpus sentences, the discriminator's real examples
     seeds: torch.Tensor  # (B,) int64: each image's seed of the discriminator's dropout masks
 
 
-def draw_batch(run: Run, agg_targets: torch.Tensor, generator: torch.Generator) -> Batch:
-    """A global batch of cfg.gan.batch random training images, with their samples' random numbers,
-    K corpus sentences per image and a dropout seed per image, drawn from `generator`; this
-    process keeps its shard."""
+def draw_batch(run: Run, agg_targets: torch.Tensor, generator: torch.Generator,
+               images: torch.Tensor | None = None) -> Batch:
+    """A global batch of cfg.gan.batch training images, with their samples' random numbers, K
+    corpus sentences per image and a dropout seed per image, drawn from `generator`; this process
+    keeps its shard. images (B,): the batch's training images, the step's slice of a shuffled
+    epoch (`epoch_rows`); None draws B distinct images at random."""
     cfg, data = run.cfg.gan, run.data
-    index = torch.randperm(len(data.train_ids), generator=generator)[:cfg.batch]  # (B,)
+    if images is None:
+        images = torch.randperm(len(data.train_ids), generator=generator)[:cfg.batch]  # (B,)
     uniforms = torch.rand(cfg.batch, cfg.k, run.generator.max_len, generator=generator)
     real = torch.randint(len(data.corpus), (cfg.batch, cfg.k), generator=generator)  # (B, K)
     seeds = torch.randint(2**62, (cfg.batch,), generator=generator)  # (B,)
     rows = shard(run, cfg.batch)
-    index, uniforms, real, seeds = index[rows], uniforms[rows], real[rows], seeds[rows]
-    return Batch(data.train_feats[index].to(run.device), agg_targets[index].to(run.device),
-                 uniforms, [data.corpus[i] for i in real.flatten().tolist()], seeds)
+    index, uniforms, real, seeds = images[rows], uniforms[rows], real[rows], seeds[rows]
+    norms = None if data.train_norms is None else data.train_norms[index]
+    feats = prefix_input(run.cfg.gen, data.train_feats[index], norms, "training image embeddings")
+    return Batch(feats.to(run.device), agg_targets[index].to(run.device), uniforms,
+                 [data.corpus[i] for i in real.flatten().tolist()], seeds)
 
 
 def discriminate(run: Run, texts: list[str], image_of_row: torch.Tensor,
                  seeds: torch.Tensor) -> torch.Tensor:
-    """D(c) for caption strings: RoBERTa tokens of each text -> the discriminator's logit (N,).
+    """D(c) for caption strings: RoBERTa tokens of each text (cut at disc.max_tokens) -> the
+    discriminator's logit (N,).
 
     image_of_row (N,) says which of this process's B images each text belongs to. With dropout
     active, each image's rows go through RoBERTa together, with torch's random state seeded by the
@@ -268,8 +370,8 @@ def discriminate(run: Run, texts: list[str], image_of_row: torch.Tensor,
     rows beside it, so any number of processes computes the logits that one process computes.
     Without dropout the rows go through in one forward.
     """
-    tokens = run.roberta_tokenizer(texts, padding=True, return_tensors="pt").to(run.device)
-    ids, mask = tokens["input_ids"], tokens["attention_mask"]  # (N, T) each
+    ids, mask = roberta_inputs(run.roberta_tokenizer, texts, run.cfg.disc.max_tokens)  # (N, T)
+    ids, mask = ids.to(run.device), mask.to(run.device)
     if not (run.discriminator.training and any(
             isinstance(m, torch.nn.Dropout) and m.p > 0 for m in run.discriminator.modules())):
         return _discriminator_logits(run, ids, mask)
@@ -321,7 +423,7 @@ def gan_step(run: Run, opt_g, opt_d, batch: Batch, step: int) -> dict:
     # against the image's aggregated corpus embedding, mixed by agg_weight (0: CLIP-cos alone).
     emb = with_baseline(run.clip_text(captions), b, k)  # (B, K+1, D)
     r_cos = clip_cos_reward(batch.feats, emb)  # (B, K+1)
-    r_agg = clip_agg_reward(batch.agg_targets, emb)  # (B, K+1)
+    r_agg = clip_agg_reward(batch.agg_targets, emb, raw=cfg.agg_raw)  # (B, K+1)
     r_sem = semantic_reward(r_cos, r_agg, cfg.agg_weight if cfg.reward.semantic == "agg" else 0.0)
 
     # Sec. 3.2: the discriminator's logit on each caption is its naturalness reward; then D's own
@@ -335,12 +437,14 @@ def gan_step(run: Run, opt_g, opt_d, batch: Batch, step: int) -> dict:
     update(run, opt_d, run.discriminator, d_loss, cfg.grad_clip)
 
     # Sec. 3.4: two self-critical losses, each sample's reward against its image's greedy caption
-    # (or the other samples' mean, baseline=loo), mixed by lambda; then G's step.
+    # (or the other samples' mean, baseline=loo), mixed by lambda; then G's step, its learning
+    # rate warmed up over the first gan.warmup steps.
     loo = cfg.baseline == "loo"
     loss_sem = scst_loss(logp, mask, r_sem[:, :k], None if loo else r_sem[:, k])
     loss_nat = scst_loss(logp, mask, r_nat[:, :k], None if loo else r_nat[:, k])
     lam = reward_lambda(cfg, step)
     loss = lam * loss_sem + (1 - lam) * loss_nat
+    set_lr(opt_g, warmup_lr(cfg.lr, step, cfg.warmup))
     update(run, opt_g, gen, loss, cfg.grad_clip)
     return {"loss_g": loss.item(), "loss_sem": loss_sem.item(), "loss_nat": loss_nat.item(),
             "d_loss": d_loss.item(), **d_stats, "lambda": lam,
@@ -351,67 +455,76 @@ def gan_step(run: Run, opt_g, opt_d, batch: Batch, step: int) -> dict:
 
 def agg_targets(run: Run) -> torch.Tensor:
     """CLIP-agg targets of every training image (N, D): `prepare`'s when it made them at this
-    temperature, else computed once here over the whole corpus."""
-    data, t = run.data, run.cfg.gan.temperature
-    if data.train_agg_targets is not None and data.agg_temperature == t:
+    temperature and in this form (gan.agg_raw), else computed once here over the whole corpus."""
+    data, t, raw = run.data, run.cfg.gan.temperature, run.cfg.gan.agg_raw
+    if data.train_agg_targets is not None and (data.agg_temperature, data.agg_raw) == (t, raw):
         return data.train_agg_targets
-    return clip_agg_target(data.train_feats, data.corpus_feats, t)
+    corpus = data.corpus_feats
+    if raw:
+        corpus = raw_rows(corpus, data.corpus_norms, "gan.agg_raw=true sums raw corpus embeddings")
+    return clip_agg_target(data.train_feats, corpus, t, raw=raw)
 
 
 def train_gan(run: Run, run_dir: Path, log, resume: bool = False,
               stop_after: int | None = None) -> None:
     """Adversarial self-critical training from init.pt; keeps best.pt by validation CIDEr-D."""
     cfg = run.cfg.gan
-    opt_g = adamw(run.generator, cfg.lr, cfg.weight_decay)
-    opt_d = adamw(run.discriminator, cfg.d_lr, cfg.weight_decay)
+    opt_g = adamw(run.generator, cfg.lr, cfg.weight_decay, cfg.no_decay)
+    opt_d = adamw(run.discriminator, cfg.d_lr, cfg.weight_decay, cfg.no_decay)
     # One generator draws every step's images, samples' random numbers and corpus sentences, so a
     # resumed run (which restores it) and any number of processes repeat the same steps.
     batches = torch.Generator().manual_seed(run.cfg.seed + 1)
     targets = agg_targets(run)  # (N, D)
-    last = run_dir / "last.pt"
-    start, best = _resume_gan(run, run_dir, resume, opt_g, opt_d, batches)
+    n, last = len(run.data.train_ids), run_dir / "last.pt"
+    steps = total_steps(cfg, n)
+    eval_every = cfg.eval_every or steps // cfg.epochs  # 0: after each epoch
+    start, best, order = _resume_gan(run, run_dir, resume, opt_g, opt_d, batches)
     run.generator.train()
     run.discriminator.train()
-    bar = tqdm(range(start, cfg.steps), desc=f"CgT-GAN ({cfg.reward})", initial=start,
-               total=cfg.steps, dynamic_ncols=True, leave=False)
-    for step in range(start, cfg.steps + 1):
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+    bar = tqdm(range(start, steps), desc=f"CgT-GAN ({cfg.reward})", initial=start,
+               total=steps, dynamic_ncols=True, leave=False)
+    for step in range(start, steps + 1):
+        if step % eval_every == 0 or step == steps:
             best = _validate(run, run_dir / "best.pt", step, best, log)
-        if step == cfg.steps:
+        if step == steps:
             break
-        stats = mean_over_processes(run, gan_step(run, opt_g, opt_d, draw_batch(run, targets, batches),
-                                                  step))
+        images = None  # i.i.d. batches; in shuffled epochs, the step's slice of the epoch
+        if cfg.epochs:
+            images, order = epoch_rows(step, n, cfg.batch, batches, order)
+        batch = draw_batch(run, targets, batches, images)
+        stats = mean_over_processes(run, gan_step(run, opt_g, opt_d, batch, step))
         check_finite(step + 1, "CgT-GAN", stats, last)
         log({"stage": "gan", "step": step + 1, **stats})
         bar.update(1)
         bar.set_postfix(nat=f"{stats['r_nat']:.2f}", cos=f"{stats['r_cos']:.1f}",
                         agg=f"{stats['r_agg']:.1f}", d_acc=f"{stats['d_acc']:.2f}",
                         lam=f"{stats['lambda']:.2f}")
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 in (cfg.steps, stop_after):
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 in (steps, stop_after):
             rng = runs.gather_rng_state(run, batches)  # every process takes part
             runs.save_checkpoint(last, run, opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
-                                 rng=rng, step=step + 1, best=best, stage="gan")
+                                 rng=rng, step=step + 1, best=best, stage="gan", order=order,
+                                 total=steps)
         if step + 1 == stop_after:
             break
     bar.close()
 
 
 def _resume_gan(run: Run, run_dir: Path, resume: bool, opt_g, opt_d,
-                batches: torch.Generator) -> tuple[int, float]:
-    """(first step, best validation CIDEr-D so far): from last.pt with --resume, else step 0 from
-    the text-only generator in init.pt."""
+                batches: torch.Generator) -> tuple[int, float, object]:
+    """(first step, best validation CIDEr-D so far, the epoch's order or None): from last.pt with
+    --resume, else step 0 from the text-only generator in init.pt."""
     if resume and (run_dir / "last.pt").is_file():
         checkpoint = runs.load_checkpoint(run_dir / "last.pt", run, same_data=True)
         opt_g.load_state_dict(checkpoint["opt_g"])
         opt_d.load_state_dict(checkpoint["opt_d"])
         runs.set_rng_state(checkpoint["rng"], batches, run.rank)
-        return checkpoint["step"], checkpoint["best"]
+        return checkpoint["step"], checkpoint["best"], checkpoint.get("order")
     run.barrier()
     runs.load_checkpoint(run_dir / "init.pt", run, sections=("gen",))
     # The generator's dropout (gen.dropout, 0 by default) draws from torch's global generator:
     # seeded apart from init's. The discriminator's is seeded per image (discriminate).
     torch.manual_seed(run.cfg.seed + 2)
-    return 0, -1.0
+    return 0, -1.0, None
 
 
 def _validate(run: Run, best_path: Path, step: int, best: float, log) -> float:

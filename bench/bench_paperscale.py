@@ -2,9 +2,9 @@
 
 Models with random weights in the released formats (GPT-2 124M, RoBERTa-base, a ViT-L/14 CLIP in
 fp16; tests/fixtures.py) and a dataset in the real formats (Karpathy split file, COCO image folders,
-in-domain corpus) with enough training images for a batch of 64. With the coco preset's sizes
-(B=64 images, K=5 samples each, captions of at most 20 tokens) it times, through train.py's own
-code:
+in-domain corpus) with enough training images for a batch of 128. With the coco preset's sizes
+(B=128 images, its global batch, in one process; K=5 samples each, captions of at most 20 tokens)
+it times, through train.py's own code:
 
   text-only init step   train.init_step: caption loss on B corpus sentences at 20 tokens,
                         backward, AdamW step
@@ -46,7 +46,6 @@ import commands  # noqa: E402
 import config  # noqa: E402
 import runs  # noqa: E402
 import data  # noqa: E402
-import realdata  # noqa: E402
 import train  # noqa: E402
 from fixtures import (SPLITS, build_paperscale_fixture, save_full_size_clip,  # noqa: E402
                       save_full_size_models)
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true",
                         help="the fixture's tiny models and B=4, K=2: the code path in seconds")
     parser.add_argument("--workdir", help="keep models, data and caches here (default: a temp dir)")
-    parser.add_argument("--batch", type=int, help="B images (default: the preset's 64; tiny 4)")
+    parser.add_argument("--batch", type=int, help="B images (default: the preset's 128; tiny 4)")
     parser.add_argument("--k", type=int, help="K samples per image (default: the preset's 5; tiny 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per sampler")
@@ -286,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
             " ".join(f"--set {k}={v}" for k, v in options.items()) + "\n")
         cfg = make_config(options, args)
         t1 = time.perf_counter()
-        summary = realdata.prepare(commands.real_config(cfg))
+        summary = commands.run_prepare(cfg)
         t2 = time.perf_counter()
         dataset = commands.load_data(cfg)
         parts = runs.build_run(cfg, dataset)

@@ -119,8 +119,8 @@ if [ -f "$WORK/ps/cli_args.txt" ]; then
   read -r -a PS_ARGS < "$WORK/ps/cli_args.txt"
   step ddp 120 python3 -m torch.distributed.run --nproc_per_node 1 bench/ddp_single.py \
     train --preset coco --name ddp "${PS_ARGS[@]}" --set runs_dir="$WORK/runs" \
-    --set bf16=true --set init.steps=2 --set gan.steps=2 --set gan.eval_every=2 \
-    --set gan.ckpt_every=2 "${TRAIN_EXTRA[@]}"
+    --set bf16=true --set init.steps=2 --set init.epochs=0 --set gan.steps=2 --set gan.epochs=0 \
+    --set gan.eval_every=2 --set gan.ckpt_every=2 "${TRAIN_EXTRA[@]}"
   [ -f "$WORK/runs/ddp/metrics.jsonl" ] && cp "$WORK/runs/ddp/metrics.jsonl" "$OUT/ddp_metrics.jsonl"
 else
   echo "=== [ddp] SKIPPED: the bench wrote no $WORK/ps/cli_args.txt"

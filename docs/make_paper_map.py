@@ -24,6 +24,7 @@ OUT = ROOT / "docs" / "paper_map.md"
 T_CG, T_DATA, T_EV, T_RD = ("tests/test_cgtgan.py", "tests/test_data.py", "tests/test_evaluate.py",
                             "tests/test_realdata.py")
 T_TR, T_CLIP, T_EX = "tests/test_train.py", "tests/test_clip_model.py", "tests/exercises/test_exercises.py"
+T_REC = "tests/test_recipe.py"
 
 # Each row: (paper term, equation or statement, [(file, name)], [(test file, test)], exercise,
 # how the official code and this project relate to the paper).
@@ -34,10 +35,13 @@ ROWS = [
          [("clip_model.py", "CLIP.encode_image"), ("realdata.py", "prepare"),
           ("data.py", "CaptionData")],
          [("tests/test_clip_parity.py", "test_matches_transformers_clipmodel"),
-          (T_RD, "test_features_match_a_direct_clip_pass")], None,
-         "Ours: embeddings are L2-normalised once and cached (`train_feats`). Official: the "
-         "mapper gets raw, unnormalised ViT-L/14 embeddings (`--normalize_prefix` is off by "
-         "default and not passed by the README commands)."),
+          (T_RD, "test_features_match_a_direct_clip_pass"),
+          (T_REC, "test_raw_prefix_needs_stored_norms"),
+          (T_REC, "test_prepare_stores_norms_and_raw_targets")], None,
+         "Official: the mapper gets raw, unnormalised ViT-L/14 embeddings (`--normalize_prefix` "
+         "is off by default and not passed by the README commands). Ours: unit embeddings are "
+         "cached with their norms; the mapper reads them unit by default "
+         "(`gen.normalize_prefix`), raw in the paper presets, as the official code."),
         ("Mapping network (visual prompts)",
          "prefix = reshape(W_2 tanh(W_1 v + b_1) + b_2) to (P, E); P = 10, hidden P*E/2",
          [("cgtgan.py", "MappingNetwork"), ("config.py", "GeneratorConfig")],
@@ -68,22 +72,28 @@ ROWS = [
         ("Text-only initialisation",
          "L_init = -sum_t log p(w_t | MLP(E_T(s)), w_<t) for corpus sentences s (cross-entropy)",
          [("cgtgan.py", "caption_loss"), ("train.py", "train_init"), ("config.py", "InitConfig")],
-         [(T_CG, "test_caption_loss_ignores_padding"), (T_CG, "test_text_only_init_learns")],
+         [(T_CG, "test_caption_loss_ignores_padding"), (T_CG, "test_text_only_init_learns"),
+          (T_REC, "test_shuffled_epochs_and_warmups")],
          "caption_loss",
          "Official: pads with 0 and uses `ignore_index=0`, which also drops every real GPT-2 "
          "\"!\" (id 0); lr 2e-5, batch 16, one epoch, 5000 warmup steps, wd 0.05, raw text "
-         "embeddings, no noise. Ours: padding label -1 (`IGNORE_INDEX`); optional CapDec noise "
-         "`init.noise` (off, as in the paper); paper preset batch 64, 30k steps."),
+         "embeddings, no noise, no gradient clipping. Ours: padding label -1 (`IGNORE_INDEX`); "
+         "optional CapDec noise `init.noise` (off, as in the paper); the paper presets take the "
+         "official epoch, batch, warm-up and clipping (`init.epochs`, `init.warmup`, "
+         "`init.grad_clip`)."),
     ]),
     ("Discriminator and naturalness reward (Sec. 3.2)", [
         ("Discriminator",
          "D(c) = MLP(RoBERTa(c)[<s>]) -> logit; > 0 means \"a corpus sentence\"",
          [("cgtgan.py", "Discriminator"), ("cgtgan.py", "build_discriminator"),
-          ("config.py", "DiscriminatorConfig")],
-         [(T_CG, "test_discriminator_shapes")], None,
+          ("cgtgan.py", "roberta_inputs"), ("config.py", "DiscriminatorConfig")],
+         [(T_CG, "test_discriminator_shapes"), (T_REC, "test_pooler_head_reads_robertas_pooler"),
+          (T_REC, "test_roberta_inputs_cut_long_texts_with_a_period")], None,
          "Official: head 768 -> 384 -> 1 (tanh) on RoBERTa's pooler output (dense + tanh on <s>); "
-         "pad id 1 hard-coded; its truncation writes <s> (id 0) where \".\" was meant. Ours: "
-         "head H -> H -> 1 (tanh) on the <s> hidden state (no pooler), pad id from the tokenizer."),
+         "inputs cut at 22 tokens; pad id 1 hard-coded; its truncation writes <s> (id 0) where "
+         "\".\" was meant. Ours: `disc.head=cls` (default), H -> H -> 1 (tanh) on the <s> hidden "
+         "state; `disc.head=pooler` and `disc.max_tokens=22` (the paper presets), the official "
+         "head and cut, with \".\"; pad id from the tokenizer."),
         ("Discriminator loss",
          "L_D = -E_s[log sigmoid(D(s))] - E_c[log(1 - sigmoid(D(c)))], corpus s real, samples c fake",
          [("cgtgan.py", "discriminator_loss"), ("train.py", "gan_step")],
@@ -114,25 +124,30 @@ ROWS = [
          [(T_CG, "test_clip_agg_target_equals_float64_direct"),
           (T_DATA, "test_clip_agg_target_chunks_equal_direct_float64"),
           (T_DATA, "test_clip_agg_target_chunks_stable_at_high_temperature_and_accept_tensors"),
-          (T_RD, "test_agg_targets_equal_the_equation_over_the_cached_features")],
+          (T_RD, "test_agg_targets_equal_the_equation_over_the_cached_features"),
+          (T_REC, "test_clip_agg_target_sums_raw_sentence_embeddings")],
          "clip_agg_target",
          "Official: float64 softmax over the full corpus, but the sum is of the *unnormalised* "
-         "sentence embeddings; stored in fp16, not renormalised. Ours: a sum of normalised s_j, "
-         "streamed in chunks with an online softmax (no (B, M) matrix)."),
+         "sentence embeddings; stored in fp16, not renormalised. Ours: a sum of normalised s_j "
+         "by default, of raw ones with `gan.agg_raw` (the paper presets), streamed in chunks "
+         "with an online softmax (no (B, M) matrix)."),
         ("Temperature per setting",
          "t = 100 (COCO corpus), 175 (GCC corpus)",
          [("config.py", "AGG_TEMPERATURE"), ("config.py", "PRESETS"),
           ("config.py", "GANConfig")],
-         [(T_RD, "test_temperature_table"), (T_CG, "test_presets_apply")], None,
-         "Official README: 100 and 175 only; it gives no t for Flickr30k or ShutterStock. "
-         "Ours: 125 for Flickr30k corpora and 100 for ShutterStock are our choice."),
+         [(T_RD, "test_temperature_table"), (T_CG, "test_presets_apply"),
+          (T_REC, "test_flickr30k_images_with_coco_captions")], None,
+         "Official README: 100 (COCO) and 175 (GCC); an author's reply in issue #4 lists all six "
+         "settings: 125 for Flickr30k, COCO/Flickr30k and Flickr30k/COCO, 100 for ShutterStock. "
+         "Ours: the same, per preset."),
         ("CLIP-agg reward",
          "r_agg(c) = 0.5 * 100 * cos(a, E_T(c)) + 0.5 * 100 * (1 - mean_d |a_d - E_T(c)_d|)",
          [("cgtgan.py", "clip_agg_reward")],
-         [(T_CG, "test_clip_rewards_worked_examples")], "clip_agg_reward",
+         [(T_CG, "test_clip_rewards_worked_examples"),
+          (T_REC, "test_clip_agg_reward_raw_l1_compares_raw_vectors")], "clip_agg_reward",
          "Official: the L1 term uses the raw, unnormalised a and caption embedding (mean over "
-         "dims, x100). Ours: both L2-normalised first, so the L1 term compares directions "
-         "like the cosine."),
+         "dims, x100). Ours: both L2-normalised first by default, so the L1 term compares "
+         "directions like the cosine; raw with `gan.agg_raw` (the paper presets)."),
         ("Semantic reward",
          "r_sem = CLIP-agg (or CLIP-cos in the ablation)",
          [("cgtgan.py", "semantic_reward")],
@@ -164,19 +179,27 @@ ROWS = [
          "step 2500). Ours: `gan.lambda_hold`, `gan.lambda_ramp`, `gan.lambda_final`; the paper "
          "presets use the official hold 150 and ramp 2350."),
         ("Optimisation",
-         "AdamW, lr 1e-5, gradient clipping 1.0, batch 64, K = 5, 20 tokens",
-         [("config.py", "_PAPER"), ("train.py", "update"), ("train.py", "train_gan")],
-         [(T_CG, "test_presets_apply"), (T_TR, "test_resume_gives_the_same_losses")], None,
+         "AdamW, lr 1e-5, gradient clipping 1.0, batch 128, K = 5, 20 tokens",
+         [("config.py", "_PAPER"), ("config.py", "DIFFERENCES"), ("train.py", "adamw"),
+          ("train.py", "warmup_lr"), ("train.py", "epoch_rows"), ("train.py", "update"),
+          ("train.py", "train_gan")],
+         [(T_REC, "test_preset_values_are_the_official_ones"),
+          (T_REC, "test_shuffled_epochs_and_warmups"),
+          (T_REC, "test_adamw_leaves_biases_and_layernorm_weights_undecayed"),
+          (T_REC, "test_shuffled_epochs_resume_mid_epoch")], None,
          "Official: AdamW for G and D (lr 1e-5, wd 0.05 without bias/LayerNorm decay, eps 1e-8), "
          "150 warmup steps for G, batch 64 per GPU on 2 GPUs (128 images), 50 epochs on COCO "
-         "(80 with GCC), seed 0. Ours (paper presets): a global batch of 64, wd "
-         "0.05 (bias and LayerNorm included), no warmup, step budgets instead of epochs."),
+         "(80 with GCC), seed 0. Ours: the same in the paper presets (`gan.batch` is the global "
+         "batch); the ShapesWorld defaults keep i.i.d. batches for a step budget, no warm-up "
+         "and decay on every parameter. `python cgtgan.py config --preset coco` lists what "
+         "still differs."),
         ("Model selection",
          "the checkpoint with the best validation CIDEr is tested",
          [("train.py", "train_gan"), ("commands.py", "test_table")],
          [(T_TR, "test_end_to_end_writes_every_output")], None,
-         "Same (official: once per epoch; ours: every `gan.eval_every` steps; step 0, the "
-         "text-only init itself, is validated for the curves but is no candidate for best.pt)."),
+         "Same: after each epoch in the paper presets (`gan.eval_every=0`); every "
+         "`gan.eval_every` steps otherwise. Step 0, the text-only init itself, is validated for "
+         "the curves but is no candidate for best.pt."),
     ]),
     ("Evaluation (Sec. 4.1)", [
         ("Caption metrics",
@@ -214,8 +237,10 @@ ROWS = [
          "captions get \".\" appended after checking only the last character (so \" .\" "
          "survives). Ours: `python cgtgan.py corpus` applies the official rules to the public "
          "files (GCC's effective drop by default, `--gcc-intended` for p = 0.3; whitespace tidied "
-         "before COCO's last-character check); then one cleaning for every corpus in "
-         "`realdata.clean_sentences` (lowercase, no final period)."),
+         "before COCO's last-character check); the paper presets then keep sentences as written "
+         "(no lowercasing, length filter or de-duplication) but for the final period, which the "
+         "generator's end token stands for; RealDataConfig's defaults lowercase, filter by length "
+         "and de-duplicate (`realdata.clean_sentences`)."),
         ("Zero-shot setting (ZS-IC)",
          "no in-domain images or captions in training; scored on another dataset's Karpathy test split",
          [("config.py", "PRESETS"), ("config.py", "EVAL_DATASETS"), ("commands.py", "run_eval"),

@@ -449,13 +449,13 @@ def test_overrides_are_checked():
 def test_presets_apply():
     for name, preset in config.PRESETS.items():
         cfg = apply_overrides(Config(), preset)
-        assert cfg.gen.prefix_len == 10 and cfg.gan.k == 5 and cfg.gan.batch == 64
+        assert cfg.gen.prefix_len == 10 and cfg.gan.k == 5 and cfg.gan.batch == 128
     assert apply_overrides(Config(), config.PRESETS["coco-gcc"]).gan.temperature == 175.0
 
 
 def test_missing_pretrained_model_is_named(tmp_path, models):
     _, gtok, _, _ = models
-    with pytest.raises(ConfigError, match="GPT-2 not found at .*huggingface-cli download gpt2"):
+    with pytest.raises(ConfigError, match="GPT-2 not found at .*`hf download gpt2 --local-dir "):
         build_generator(GeneratorConfig(pretrained=str(tmp_path / "nope")), gtok, 16)
     with pytest.raises(ConfigError, match="RoBERTa not found"):
         build_discriminator(DiscriminatorConfig(pretrained=str(tmp_path / "nope")), gtok)

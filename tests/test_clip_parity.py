@@ -1,6 +1,7 @@
 """Parity of clip_model.CLIP with its peers on the same random weights.
 
-- transformers' CLIPModel (quick_gelu, OpenAI's layout), weights mapped into our key names;
+- transformers' CLIPModel (quick_gelu, OpenAI's layout), weights mapped into our key names
+  (clip_convert.hf_to_openai), and a saved CLIPModel folder read by `load`;
 - OpenAI's reference model.py (from the clip-anytorch package, loaded by path: it imports only torch
   and numpy), traced and saved as a TorchScript archive like OpenAI's releases, then read by `load`;
 - the released models' parameter counts, from state dicts with OpenAI's key names (meta tensors).
@@ -10,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from clip_convert import hf_to_openai
 from clip_model import CLIP, OPENAI_CONFIGS, config_from_state_dict, load
 
 transformers = pytest.importorskip("transformers")
@@ -54,44 +56,23 @@ def randomise(model, seed=0):
 # transformers' CLIPModel
 
 
-def hf_to_openai(hf_state):
-    """Hugging Face CLIPModel keys -> OpenAI's (q, k, v packed into in_proj, projections transposed)."""
-    rename = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-              "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-    out = {"logit_scale": hf_state["logit_scale"],
-           "text_projection": hf_state["text_projection.weight"].t(),
-           "visual.proj": hf_state["visual_projection.weight"].t(),
-           "token_embedding.weight": hf_state["text_model.embeddings.token_embedding.weight"],
-           "positional_embedding": hf_state["text_model.embeddings.position_embedding.weight"],
-           "visual.class_embedding": hf_state["vision_model.embeddings.class_embedding"],
-           "visual.conv1.weight": hf_state["vision_model.embeddings.patch_embedding.weight"],
-           "visual.positional_embedding": hf_state["vision_model.embeddings.position_embedding.weight"]}
-    for ours, theirs in [("ln_final", "text_model.final_layer_norm"), ("visual.ln_pre", "vision_model.pre_layrnorm"),
-                         ("visual.ln_post", "vision_model.post_layernorm")]:
-        for p in ("weight", "bias"):
-            out[f"{ours}.{p}"] = hf_state[f"{theirs}.{p}"]
-    for tower, prefix in [("text_model", "transformer"), ("vision_model", "visual.transformer")]:
-        layers = {k.split(".")[3] for k in hf_state if k.startswith(f"{tower}.encoder.layers.")}
-        for i in layers:
-            src, dst = f"{tower}.encoder.layers.{i}.", f"{prefix}.resblocks.{i}."
-            for p in ("weight", "bias"):
-                out[f"{dst}attn.in_proj_{p}"] = torch.cat([hf_state[f"{src}self_attn.{x}_proj.{p}"] for x in "qkv"])
-                for theirs, ours in rename.items():
-                    out[f"{dst}{ours}.{p}"] = hf_state[f"{src}{theirs}.{p}"]
-    return out
-
-
-def test_matches_transformers_clipmodel():
+def tiny_hf_clip(heads=2, act="quick_gelu"):
+    """A random-weight transformers CLIPModel with OpenAI's activation, in eval mode."""
     cfg = transformers.CLIPConfig(
         text_config=dict(vocab_size=300, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=20, hidden_act="quick_gelu",
+                         num_attention_heads=heads, max_position_embeddings=20, hidden_act=act,
                          bos_token_id=298, eos_token_id=299, pad_token_id=0),
-        vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=48, patch_size=16, hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=heads, image_size=48, patch_size=16, hidden_act=act),
         projection_dim=64)
     torch.manual_seed(0)
     hf = transformers.CLIPModel(cfg).eval()
     randomise(hf)
+    return hf
+
+
+def test_matches_transformers_clipmodel():
+    hf = tiny_hf_clip()
     ours = CLIP(config_from_state_dict(hf_to_openai(hf.state_dict()))).eval()
     ours.load_state_dict(hf_to_openai(hf.state_dict()))
 
@@ -105,6 +86,35 @@ def test_matches_transformers_clipmodel():
     assert rel_err(ours_image, hf_image) <= 1e-5
     assert rel_err(ours_text, hf_text) <= 1e-5
     assert rel_err(ours_logits, hf_out.logits_per_image) <= 1e-5
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_load_reads_a_hugging_face_clip_folder(tmp_path, safe):
+    """A folder as `hf download openai/clip-vit-large-patch14` writes it (config.json + weights)
+    loads through clip_convert into OpenAI's layout; head counts come from config.json (4 heads
+    of 32 channels, which the one-head-per-64-channels rule would not infer)."""
+    hf = tiny_hf_clip(heads=4)
+    hf.save_pretrained(tmp_path / "clip", safe_serialization=safe)
+    ours, preprocess = load(str(tmp_path / "clip"))
+    assert ours.config.transformer_heads == 4 and ours.config.vision_heads == 4
+    assert preprocess.resolution == 48 and not ours.training
+    images, text = torch.randn(2, 3, 48, 48), eot_tokens(3, 20, 300)
+    with torch.no_grad():
+        hf_out = hf(input_ids=text, pixel_values=images)
+        ours_logits, _ = ours(images, text)
+    assert rel_err(ours_logits, hf_out.logits_per_image) <= 1e-5
+
+
+def test_load_refuses_a_folder_without_weights_or_openai_activation(tmp_path):
+    hf = tiny_hf_clip()
+    hf.config.save_pretrained(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"holds no weights \(model.safetensors or pytorch_model.bin\)"):
+        load(str(tmp_path / "empty"))
+    tiny_hf_clip(act="gelu").save_pretrained(tmp_path / "gelu")
+    with pytest.raises(ValueError, match="not OpenAI's CLIP in transformers' layout"):
+        load(str(tmp_path / "gelu"))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file or Hugging Face CLIP folder"):
+        load(str(tmp_path / "nothing"))
 
 
 # --------------------------------------------------------------------------------------------------

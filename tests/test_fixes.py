@@ -168,7 +168,11 @@ def test_bad_settings_stop_train_before_any_work(sets, message, tmp_path, monkey
 
 @pytest.mark.parametrize("key, value, message", [
     ("gan.k", "0", "gan.k must be at least 1"),
-    ("gan.eval_every", "0", "gan.eval_every must be at least 1"),
+    ("gan.eval_every", "0", "gan.eval_every=0 validates after each epoch, so it needs gan.epochs"),
+    ("gan.eval_every", "-1", "gan.eval_every must be at least 0"),
+    ("disc.max_tokens", "2", "disc.max_tokens must be 0 (no cut) or at least 3"),
+    ("disc.head", "mean", "disc.head must be one of cls, pooler"),
+    ("init.grad_clip", "-1", "init.grad_clip must be a finite number >= 0"),
     ("gan.ckpt_every", "-1", "gan.ckpt_every must be at least 1"),
     ("init.batch", "0", "init.batch must be at least 1"),
     ("gen.max_len", "0", "gen.max_len must be at least 1"),

@@ -29,9 +29,9 @@ import realdata
 import train
 from fixtures import build_paperscale_fixture, save_full_size_clip, save_full_size_models
 
-# Tiny training settings: seconds per stage on the fixture.
-TINY = {"init.steps": 3, "init.batch": 4, "gan.steps": 2, "gan.batch": 2, "gan.k": 2,
-        "gan.eval_every": 1, "gen.max_len": 8}
+# Tiny training settings: seconds per stage on the fixture (step counts, not the presets' epochs).
+TINY = {"init.steps": 3, "init.epochs": 0, "init.batch": 4, "gan.steps": 2, "gan.epochs": 0,
+        "gan.batch": 2, "gan.k": 2, "gan.eval_every": 1, "gen.max_len": 8}
 
 
 def cli(argv: list[str]) -> tuple[int, str, str]:
@@ -226,13 +226,14 @@ def test_cli_external_corpus_file(fx, tmp_path):
 # Presets: the paper's settings, and one-line errors for missing downloads
 
 
-PRESET_SETTINGS = {  # preset: (CLIP-agg temperature, corpus, training split file, eval split file)
-    "coco": (100.0, "in-domain", "dataset_coco.json", ""),
-    "flickr30k": (125.0, "in-domain", "dataset_flickr30k.json", ""),
-    "coco-shutterstock": (100.0, "data/shutterstock.txt", "dataset_coco.json", ""),
-    "coco-flickr30k": (125.0, "data/flickr30k_captions.txt", "dataset_coco.json", ""),
-    "coco-gcc": (175.0, "data/gcc.txt", "dataset_coco.json", ""),
-    "zsic": (175.0, "data/gcc.txt", "dataset_web.json", "data/dataset_coco.json"),
+PRESET_SETTINGS = {  # preset: (CLIP-agg t, epochs, corpus, training split file, eval split file)
+    "coco": (100.0, 50, "in-domain", "dataset_coco.json", ""),
+    "flickr30k": (125.0, 50, "in-domain", "dataset_flickr30k.json", ""),
+    "coco-shutterstock": (100.0, 50, "data/shutterstock.txt", "dataset_coco.json", ""),
+    "coco-flickr30k": (125.0, 50, "data/flickr30k_captions.txt", "dataset_coco.json", ""),
+    "flickr30k-coco": (125.0, 50, "data/coco_captions.txt", "dataset_flickr30k.json", ""),
+    "coco-gcc": (175.0, 80, "data/gcc.txt", "dataset_coco.json", ""),
+    "zsic": (175.0, 80, "data/gcc.txt", "dataset_web.json", "data/dataset_coco.json"),
 }
 
 
@@ -242,16 +243,19 @@ def test_every_preset_is_tested():
 
 @pytest.mark.parametrize("preset", sorted(PRESET_SETTINGS))
 def test_preset_has_the_paper_settings(preset, monkeypatch):
+    """The data, models and per-setting values of each preset; tests/test_recipe.py checks every
+    other setting against the official code's."""
     seen = []
     monkeypatch.setattr(commands, "run_train", lambda cfg, **options: seen.append(cfg))
     code, _, err = cli(["train", "--preset", preset])
     assert code == 0, err
     cfg = seen[0]
     real = commands.real_config(cfg)
-    t, corpus, split_file, eval_split_file = PRESET_SETTINGS[preset]
+    t, epochs, corpus, split_file, eval_split_file = PRESET_SETTINGS[preset]
     assert cfg.data == "real" and real.clip == "ViT-L/14" and real.corpus == corpus
     assert (cfg.gen.prefix_len, cfg.gen.max_len, cfg.gen.end_token) == (10, 20, ".")
-    assert (cfg.gan.batch, cfg.gan.k, cfg.gan.lr, cfg.init.lr) == (64, 5, 1e-5, 2e-5)
+    assert (cfg.gan.batch, cfg.gan.epochs, cfg.gan.k, cfg.gan.lr, cfg.init.lr) == (
+        128, epochs, 5, 1e-5, 2e-5)
     assert (cfg.gan.reward, cfg.gan.baseline, cfg.gan.lambda_final) == ("agg+gan", "greedy", 0.5)
     assert cfg.gan.lambda_ramp > 0 and cfg.gan.grad_clip == 1.0
     # The temperature of the prepared CLIP-agg targets and of training agree.
@@ -279,8 +283,13 @@ def test_preset_without_clip_weights_names_the_file(fx, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def prepared_cache(fx, in_domain):
-    return in_domain[0] / "cache"
+def prepared_cache(fx, tmp_path_factory):
+    """The fixture prepared with the coco preset's settings (its corpus cleaning, raw CLIP-agg
+    targets), for `train --preset coco` on the fixture."""
+    cache = tmp_path_factory.mktemp("preset_cache") / "cache"
+    code, _, err = cli(["prepare", "--preset", "coco"] + sets(real_options(fx, cache)))
+    assert code == 0, err
+    return cache
 
 
 @pytest.mark.parametrize("model", ["gpt2", "roberta"])
@@ -292,7 +301,7 @@ def test_preset_with_a_missing_model_directory(fx, prepared_cache, tmp_path, mod
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     what = {"gpt2": "GPT-2", "roberta": "RoBERTa"}[model]
     assert f"{what} tokenizer not found at '{missing}'" in err
-    assert "huggingface-cli download" in err and f"--local-dir {missing}" in err
+    assert "hf download" in err and f"--local-dir {missing}" in err
 
 
 @pytest.mark.parametrize("model,repo", [("gpt2", "gpt2"), ("roberta", "roberta-base")])
@@ -300,7 +309,7 @@ def test_missing_model_message_names_the_hub_repository(fx, prepared_cache, tmp_
     missing = tmp_path / "models" / model
     options = {**real_options(fx, prepared_cache), f"real.{model}": missing}
     code, _, err = cli(["train", "--preset", "coco"] + sets(options))
-    assert code == 2 and f"huggingface-cli download {repo} --local-dir {missing}" in err
+    assert code == 2 and f"`hf download {repo} --local-dir {missing}`" in err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,14 +336,16 @@ def zsic(fx, tmp_path_factory):
     return root, root / "runs" / "zsic", outputs, flickr
 
 
-def test_zsic_prepare_embeds_the_web_images_and_the_eval_dataset(zsic):
+def test_zsic_prepare_embeds_the_web_images_and_the_eval_dataset(fx, zsic):
     root, _, outputs, _ = zsic
     code, out, err = outputs["prepare"]
     assert code == 0, err
     summary = json.loads(out)
     assert (summary["train"], summary["val"], summary["test"]) == (4, 2, 2)  # web / COCO / COCO
     assert summary["name"] == "web" and summary["eval_dataset"] == "coco"
-    assert summary["agg_temperature"] == 175.0 and summary["corpus"] == 24
+    # The preset keeps the corpus as written: only blank lines go, duplicates and "Ok." stay.
+    assert summary["agg_temperature"] == 175.0 and summary["agg_raw"] is True
+    assert summary["corpus"] == len([s for s in fx.corpus_file.read_text().splitlines() if s.strip()])
     assert Path(summary["references"]["test"]) == root / "cache" / "coco" / "refs_test.json"
     assert list((root / "cache" / "coco" / "images").glob("test-*.safetensors"))
     assert not list((root / "cache" / "web" / "images").glob("test-*"))
@@ -529,11 +540,10 @@ def test_real_sized_models_take_one_step_on_cpu(tmp_path):
     built = time.time() - t0
 
     options = {"real.split_file": split_file, "real.image_root": fx.image_root,
-               "real.clip": clip_path, "real.gpt2": tmp_path / "gpt2",
+               "real.clip": clip_path, "real.gpt2": tmp_path / "gpt2", "real.workers": 0,
                "real.roberta": tmp_path / "roberta-base", "real.cache_dir": tmp_path / "cache",
-               "real.workers": 0, "real.progress": "false", "device": "cpu", "threads": 0,
-               "runs_dir": tmp_path / "runs", "init.steps": 1, "init.batch": 2, "gan.steps": 1,
-               "gan.batch": 2, "gan.k": 2, "gan.eval_every": 1}
+               "real.progress": "false", "device": "cpu", "threads": 0, "runs_dir": tmp_path / "runs",
+               **TINY, "init.steps": 1, "init.batch": 2, "gan.steps": 1, "gen.max_len": 20}
     argv = ["--preset", "coco"] + sets(options)
     t1 = time.time()
     code, out, err = cli(["prepare"] + argv)
