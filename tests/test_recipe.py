@@ -118,7 +118,9 @@ def test_config_command_prints_json_and_the_differences(capsys):
     out = capsys.readouterr().out
     resolved, table = out.split("\n\nsettings that differ from the official code", 1)
     cfg = config.config_from_dict(json.loads(resolved))
-    assert cfg == preset("coco", **{"gan.lr": "1e-4"}, name="coco_seed0")
+    # A setting changed from the preset gets its own run folder (config.run_name).
+    assert cfg.name.startswith("coco_seed0_") and len(cfg.name) == len("coco_seed0_") + 6
+    assert cfg == preset("coco", **{"gan.lr": "1e-4"}, name=cfg.name)
     assert table.startswith(" (Lihr747/CgtGAN): 3\n")
     lines = table.splitlines()
     for key, (official, ours, why) in config.DIFFERENCES.items():
