@@ -230,12 +230,15 @@ def load_checkpoint(path: Path, run: Run, sections=("gen", "disc"), same_data: b
         raise ConfigError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it "
                           "and train again") from None
     mine, theirs = config_dict(run.cfg), checkpoint.get("config", {})
+    # A setting newer than the checkpoint counts at its default, the behaviour it was made with.
+    defaults = config_dict(Config())
     for section in sections:
         for key, value in mine[section].items():
-            if theirs.get(section, {}).get(key) != value:
-                raise ConfigError(f"checkpoint {path} was made with {section}.{key}="
-                                  f"{theirs.get(section, {}).get(key)!r}, but this config has "
-                                  f"{value!r}; use the same setting or another run folder")
+            made = theirs.get(section, {}).get(key, defaults[section][key])
+            if made != value:
+                raise ConfigError(f"checkpoint {path} was made with {section}.{key}={made!r}, "
+                                  f"but this config has {value!r}; use the same setting or "
+                                  "another run folder")
     for key, value in shapes_of(run).items():
         if checkpoint.get("shapes", {}).get(key) != value:
             raise ConfigError(f"checkpoint {path} was made with {key}="
