@@ -10,10 +10,8 @@ scratch (ShapesWorld trains one with `contrastive_loss`). CLIP's BPE tokenizer, 
 into the token ids `encode_text` reads, is clip_tokenizer.py.
 
 Shape legend: B images, N texts, L context length (tokens), S sequence length inside a transformer,
-W transformer width, H heads, R image resolution, D joint embedding width.
-
-Sections: building blocks; vision towers; the CLIP model and its loss; checkpoint files and
-downloads; image preprocessing.
+W transformer width, H heads, R image resolution, D joint embedding width. Sections: building
+blocks; vision towers; the CLIP model and its loss; checkpoint files and downloads; preprocessing.
 """
 import math
 import os

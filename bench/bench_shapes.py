@@ -28,28 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import clip_model  # noqa: E402
+import config  # noqa: E402
 import clip_tokenizer  # noqa: E402
 import evaluate  # noqa: E402
 import shapes_clip  # noqa: E402
 import shapesworld as sw  # noqa: E402
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """["n_train=100", "corpus_style=alt"] -> typed ShapesWorldConfig overrides."""
-    fields = {f.name: f for f in dataclasses.fields(sw.ShapesWorldConfig)}
-    out = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if name not in fields:
-            raise SystemExit(f"unknown ShapesWorldConfig field {name!r}; one of {sorted(fields)}")
-        kind = type(getattr(sw.ShapesWorldConfig(), name))
-        if name == "root" or kind is str:
-            out[name] = value
-        elif kind is bool:
-            out[name] = value.lower() in ("1", "true")
-        else:
-            out[name] = kind(value)
-    return out
 
 
 def clip_step_seconds(cfg: sw.ShapesWorldConfig, thread_counts: list[int], busy: int,
@@ -146,11 +129,12 @@ def main() -> None:
     if args.step_threads:
         print_step_threads(args.step_threads, args.busy, args.steps, args.repeats)
         return
-    overrides = parse_overrides(args.world)
+    # World settings go through the project's one parser, typed and checked like `--set world.*`.
+    overrides = config.parse_sets([f"world.{item}" for item in args.world])
     with tempfile.TemporaryDirectory() as tmp:
         if not args.reuse:
-            overrides.setdefault("root", tmp)
-        cfg = sw.ShapesWorldConfig(**overrides)
+            overrides.setdefault("world.root", tmp)
+        cfg = config.apply_overrides(config.Config(), overrides).world
         start = time.perf_counter()
         data = sw.build_shapesworld(cfg)
         total = time.perf_counter() - start
