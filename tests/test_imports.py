@@ -89,3 +89,20 @@ def test_project_imports_inside_functions_are_the_listed_ones():
     assert deferred == set(DEFERRED), (
         "a project module imported inside a function; import it at the top, or list it in "
         f"DEFERRED with the reason: {sorted(deferred - set(DEFERRED))}")
+
+
+# A module is read in one sitting, a function on one screen or two (docs/architecture.md).
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 700, 60
+
+
+def test_modules_and_functions_fit_one_sitting():
+    long_modules = {name: n for name, path in MODULES.items()
+                    if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long_modules, f"modules over {MAX_MODULE_LINES} lines: {long_modules}"
+    long_functions = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{name}.{node.name}")
+    assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
