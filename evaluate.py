@@ -617,7 +617,8 @@ def evaluate_files(results_path, annotations_path, java=()):
     return scores
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """`python evaluate.py RESULTS ANNOTATIONS [--json] [--meteor] [--spice]`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="COCO result JSON: [{\"image_id\", \"caption\"}, ...]")
     parser.add_argument("annotations", help="COCO captions or Karpathy split JSON (dataset_coco.json)")
@@ -625,7 +626,11 @@ def main(argv=None):
     parser.add_argument("--meteor", action="store_true", help="add METEOR via pycocoevalcap (needs Java)")
     parser.add_argument("--spice", action="store_true",
                         help="add SPICE via pycocoevalcap (needs Java and Stanford CoreNLP 3.6.0)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     java = [name for name, asked in (("METEOR", args.meteor), ("SPICE", args.spice)) if asked]
     try:
         scores = evaluate_files(args.results, args.annotations, java)

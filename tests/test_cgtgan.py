@@ -340,15 +340,18 @@ def test_clip_rewards_worked_examples():
 
 
 def test_scst_loss_greedy_and_leave_one_out():
-    logp = torch.tensor([[[-1.0, -3.0], [-2.0, 0.0]]])  # (B=1, K=2, T=2)
-    mask = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])
+    logp = torch.tensor([[[-1.0, -3.0], [-4.0, 0.0]]])  # (B=1, K=2, T=2)
+    mask = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])  # sample 1 has one token: its padding is 0.0
     reward = torch.tensor([[3.0, 1.0]])
-    # greedy baseline 2: advantages [1, -1]; mean log-probs [-2, -2] -> -(1*-2 + -1*-2)/2 = 0
-    torch.testing.assert_close(scst_loss(logp, mask, reward, torch.tensor([2.0])), torch.tensor(0.0))
-    # leave-one-out: baselines [1, 3], advantages [2, -2] -> -(2*-2 + -2*-2)/2 = 0
-    torch.testing.assert_close(scst_loss(logp, mask, reward), torch.tensor(0.0))
+    # Mean log-probs over each caption's own tokens: [-2, -4].
+    # greedy baseline 2: advantages [1, -1] -> -(1 * -2 + -1 * -4) / 2 = -1
+    torch.testing.assert_close(scst_loss(logp, mask, reward, torch.tensor([2.0])),
+                               torch.tensor(-1.0))
+    # leave-one-out: baselines [1, 3], advantages [2, -2] -> -(2 * -2 + -2 * -4) / 2 = -2
+    torch.testing.assert_close(scst_loss(logp, mask, reward), torch.tensor(-2.0))
+    # baseline 0: advantages [3, 1] -> -(3 * -2 + 1 * -4) / 2 = 5
     torch.testing.assert_close(scst_loss(logp, mask, reward, torch.tensor([0.0])),
-                               torch.tensor(4.0))
+                               torch.tensor(5.0))
 
 
 def test_lambda_schedule():
@@ -469,3 +472,19 @@ def test_pretrained_generator_takes_the_configured_dropout(tmp_path, models):
     gen = build_generator(GeneratorConfig(pretrained=str(tmp_path / "gpt2")), gtok, 16).train()
     assert {m.p for m in gen.gpt.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
     assert decoding.lean_supported(gen.gpt)
+
+
+def test_clip_text_memo_keeps_every_caption_of_a_call_when_it_overflows(world):
+    """A full memo is emptied before a call's lookup, never between the lookup and the encoding:
+    with room for 4 strings, a call of 3 cached and 2 new captions still returns all 5."""
+    import clip_model
+    import clip_tokenizer
+    from cgtgan import ClipText
+
+    clip, _ = clip_model.load(str(world.clip_path))
+    encode = ClipText(clip, clip_tokenizer.Tokenizer(str(world.clip_bpe_path)), "cpu", max_cache=4)
+    first = encode(["a red circle", "a blue star", "a green square"])  # (3, D)
+    both = encode(["a red circle", "a blue star", "a green square", "a red star", "a blue circle"])
+    assert both.shape == (5, first.shape[1]) and len(encode.cache) <= 5
+    torch.testing.assert_close(both[:3], first)
+    torch.testing.assert_close(encode(["a red star"]), both[3:4])
