@@ -475,3 +475,49 @@ def test_gan_step_terms_equal_independent_recomputation(world, monkeypatch, sets
     for before, after in ((gen0, run.generator), (disc0, run.discriminator)):
         changed = [not torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters())]
         assert sum(changed) > len(changed) // 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The official recipe's switches: raw CLIP-agg vectors, clipping off, G's warm-up, D's dropout
+
+
+def test_clip_agg_reward_raw_worked_value():
+    # Official code: cos and L1 on the raw vectors. a = (2, 0); captions (4, 0), (0, 1), (2, 0):
+    # cos 1, 0, 1; mean |a - c| = 1, 1.5, 0 -> 50 + 0, 0 - 25, 50 + 50.
+    target = torch.tensor([[2.0, 0.0]])  # (B=1, D=2)
+    caption = torch.tensor([[[4.0, 0.0], [0.0, 1.0], [2.0, 0.0]]])  # (B=1, K=3, D=2)
+    close(clip_agg_reward(target, caption, raw=True), torch.tensor([[50.0, -25.0, 100.0]]))
+    # Ours (the default): both normalised first, so (4, 0) and (2, 0) are the target's direction.
+    close(clip_agg_reward(target, caption), torch.tensor([[100.0, 0.0, 100.0]]))
+
+
+def test_update_with_clipping_off_and_below_one():
+    lin = torch.nn.Linear(3, 1, bias=False)
+    x = torch.tensor([[3.0, 4.0, 0.0]])  # gradient of 10 * w.x is (30, 40, 0), norm 50
+    run = SimpleNamespace(distributed=False, world_size=1)
+    for clip, scale in ((0.0, 1.0), (0.5, 0.01)):  # 0: the official init does not clip
+        opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+        before = lin.weight.detach().clone()
+        train.update(run, opt, lin, 10 * lin(x).sum(), clip)
+        close(lin.weight - before, -scale * torch.tensor([[30.0, 40.0, 0.0]]), tol=1e-4)
+
+
+def test_gan_step_passes_the_recipe_switches(world, monkeypatch):
+    """With the discriminator's dropout on, G's warm-up and raw CLIP-agg vectors, gan_step runs
+    the per-image discriminator path, sets G's learning rate by the warm-up and asks for raw
+    CLIP-agg rewards."""
+    run = runs.build_run(tiny_config(**{"disc.dropout": "0.1", "gan.warmup": "10"}), world)
+    cfg, step = run.cfg.gan, 2
+    batch = train.draw_batch(run, train.agg_targets(run), torch.Generator().manual_seed(0))
+    cfg.agg_raw = True
+    raw_flags = []
+    reward = train.clip_agg_reward
+    monkeypatch.setattr(train, "clip_agg_reward",
+                        lambda a, c, raw=False: raw_flags.append(raw) or reward(a, c, raw=raw))
+    opt_g = train.adamw(run.generator, cfg.lr, cfg.weight_decay)
+    opt_d = train.adamw(run.discriminator, cfg.d_lr, cfg.weight_decay)
+    before = [p.detach().clone() for p in run.discriminator.parameters()]
+    stats = train.gan_step(run, opt_g, opt_d, batch, step)
+    assert raw_flags == [True] and math.isfinite(stats["loss_g"])
+    assert opt_g.param_groups[0]["lr"] == pytest.approx(cfg.lr * step / 10)
+    assert any(not torch.equal(p, q) for p, q in zip(before, run.discriminator.parameters()))

@@ -106,3 +106,14 @@ def test_modules_and_functions_fit_one_sitting():
                 if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
                     long_functions.append(f"{name}.{node.name}")
     assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
+
+
+def test_mutation_testing_copies_every_module():
+    """mutmut (docs/mutation.md) runs the tests in a copy of the project: every module must be
+    mutated or copied there, or the copy cannot import."""
+    import configparser
+
+    section = configparser.ConfigParser()
+    section.read(ROOT / "setup.cfg")
+    listed = set(section["mutmut"]["source_paths"].split()) | set(section["mutmut"]["also_copy"].split())
+    assert {f"{name}.py" for name in MODULES} <= listed, sorted({f"{n}.py" for n in MODULES} - listed)
