@@ -539,7 +539,10 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Text-only initialisation: cross-entropy over sentence tokens. (N, T, V), (N, T) -> scalar.
 
-    Labels equal to IGNORE_INDEX (padding after the end token) do not count.
+    labels[n, t] is the target of logits[n, t] as they stand: CaptionGenerator.forward already
+    returns, at position t, the prediction of token t (made from the prefix and tokens < t), so
+    no second shift happens here. Labels equal to IGNORE_INDEX (padding after the end token) do
+    not count.
     """
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
