@@ -62,7 +62,13 @@ def bytes_to_unicode() -> dict:
 
 def clean_text(text: str) -> str:
     """ftfy repair, HTML unescaped twice (captions scraped from the web are often double-escaped),
-    runs of whitespace collapsed to one space, lowercased."""
+    runs of whitespace collapsed to one space, lowercased.
+
+    Printable ASCII without "&" (every caption the generator writes in English) is a text ftfy and
+    HTML unescaping leave as it is, so it skips them: a tenth of the time, on the reward's path.
+    """
+    if text.isascii() and text.isprintable() and "&" not in text:
+        return " ".join(text.split()).lower()
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return regex.sub(r"\s+", " ", text).strip().lower()
 

@@ -173,3 +173,26 @@ def test_download_verified_and_offline(tmp_path, monkeypatch, standard_bpe):
     with pytest.raises(FileNotFoundError, match="downloads are off"):
         clip_tokenizer.find_bpe(cache_dir=tmp_path / "d")
     assert gzip.decompress(good).startswith(b'"bpe_simple_vocab_16e6.txt#version')
+
+
+def test_clean_text_shortcut_equals_the_full_repair():
+    """Printable ASCII without "&" skips ftfy and HTML unescaping: the same text as the full path."""
+    import html
+    import random
+
+    import ftfy
+    import regex
+
+    def full(text):
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        return regex.sub(r"\s+", " ", text).strip().lower()
+
+    rng = random.Random(0)
+    alphabet = "".join(chr(c) for c in range(32, 127) if chr(c) != "&")
+    texts = ["A Red  Circle above a blue square.", "  spaced  out  ", "it's \"quoted\" -- ok;"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    for text in texts:
+        assert clip_tokenizer.clean_text(text) == full(text), repr(text)
+    # Text outside the shortcut still gets the repair: entities and mojibake.
+    assert clip_tokenizer.clean_text("fish &amp; chips") == "fish & chips"
+    assert clip_tokenizer.clean_text("caf\u00c3\u00a9") == "caf\u00e9"
