@@ -23,6 +23,14 @@ import torch
 import torch.nn.functional as F
 
 
+def dropout_active(module: torch.nn.Module) -> bool:
+    """Whether a forward of module draws dropout masks: training mode and some nn.Dropout with
+    p > 0 (the modules' own p, which is what the forward applies; a config edited after loading
+    is not)."""
+    return module.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0
+                                   for m in module.modules())
+
+
 def lean_supported(gpt) -> bool:
     """Whether LeanCache computes exactly what gpt's own forward computes.
 
@@ -30,11 +38,8 @@ def lean_supported(gpt) -> bool:
     rounding under autocast), and dropout that is active (training mode with p > 0).
     """
     cfg = gpt.config
-    # The modules' own p, which is what the forward applies (a config edited after loading is not).
-    dropouts = [m.p for m in gpt.modules() if isinstance(m, torch.nn.Dropout)]
-    dropout = gpt.training and max(dropouts, default=0) > 0
     return (cfg.model_type == "gpt2" and not cfg.add_cross_attention
-            and not cfg.reorder_and_upcast_attn and not dropout)
+            and not cfg.reorder_and_upcast_attn and not dropout_active(gpt))
 
 
 def attention_scale(cfg, layer: int) -> float:

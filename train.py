@@ -30,6 +30,7 @@ from cgtgan import (IGNORE_INDEX, caption_loss, clip_agg_reward, clip_agg_target
                     semantic_reward)
 from config import ConfigError, GANConfig, GeneratorConfig, InitConfig
 from data import nearest, raw_rows
+from decoding import dropout_active
 from evaluate import score
 from runs import Run
 
@@ -372,8 +373,7 @@ def discriminate(run: Run, texts: list[str], image_of_row: torch.Tensor,
     """
     ids, mask = roberta_inputs(run.roberta_tokenizer, texts, run.cfg.disc.max_tokens)  # (N, T)
     ids, mask = ids.to(run.device), mask.to(run.device)
-    if not (run.discriminator.training and any(
-            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in run.discriminator.modules())):
+    if not dropout_active(run.discriminator):
         return _discriminator_logits(run, ids, mask)
     logits = torch.empty(len(texts), device=run.device)  # (N,)
     devices = [run.device] if run.device.type == "cuda" else []
