@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import clip_tokenizer
 import decoding
+import retokenize
 from config import ConfigError, DiscriminatorConfig, GeneratorConfig
 
 # Labels at padding positions; cross-entropy skips them. Never 0: that is GPT-2's token "!".
@@ -340,14 +341,15 @@ def decode_captions(tokenizer, ids: torch.Tensor, mask: torch.Tensor, end_id: in
     """Token ids (N, T) with mask (N, T) -> caption strings, without the end token.
 
     The tokenizer's text as it is: no clean-up of spaces before punctuation (transformers 4.x
-    did that by default, 5.x does not), so " ," and " ." stay as the corpus writes them.
+    did that by default, 5.x does not), so " ," and " ." stay as the corpus writes them. Byte-level
+    tokens are joined as bytes (retokenize.decode_row), the same text faster than the tokenizer.
     """
     out = []
     for row, n in zip(ids.tolist(), mask.sum(-1).long().tolist()):
         row = row[:n]
         if row and row[-1] == end_id:
             row = row[:-1]
-        out.append(" ".join(tokenizer.decode(row, clean_up_tokenization_spaces=False).split()))
+        out.append(" ".join(retokenize.decode_row(tokenizer, row).split()))
     return out
 
 

@@ -20,6 +20,7 @@ and its decoded text is gibberish: the worst case for sampling, tokenising and C
     python bench/bench_paperscale.py                           # CUDA when present, else the CPU
     python bench/bench_paperscale.py --tiny --device cpu       # the fixture's tiny models: seconds
     python bench/bench_paperscale.py --workdir /tmp/ps --json out.json
+    python bench/bench_paperscale.py --host-only                # host work per step: a minute
 
 --workdir keeps the models, dataset and caches (reused by a second run) and writes cli_args.txt:
 the `--set` options that point `cgtgan.py train --preset coco` at them.
@@ -225,6 +226,150 @@ def time_sampler(parts: runs.Run, repeats: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Host work per CgT-GAN step (what the GPU waits on), beside a FLOP estimate of the GPU's work
+
+# Effective bf16 throughput of an H100-class GPU on these matmuls, and the paper-scale models:
+# non-embedding parameters of GPT-2 124M, RoBERTa-base and CLIP ViT-L/14's text tower, GPT-2's
+# tied output layer (768 x 50,257), the mapping network (768 -> 3840 -> 10 x 768), and lengths.
+GPU_FLOPS = 400e12
+GPT2_BODY, GPT2_HEAD, MAPPING = 85.0e6, 38.6e6, 32.4e6
+ROBERTA_BODY, CLIP_TEXT_BODY = 85.0e6, 85.0e6
+PREFIX, DISC_TOKENS, CLIP_CONTEXT = 10, 22, 77
+
+
+def gpu_estimate(b: int, k: int, t: int) -> dict:
+    """Milliseconds of GPU work per CgT-GAN step by FLOPs (2 per parameter and token forward, 6
+    forward and backward): sampling B*K + B captions of T tokens with a KV cache, the teacher-
+    forced pass over the B*K samples, RoBERTa on B*K real + B*K + B generated captions (forward and
+    backward), CLIP's text tower on the B*K + B captions."""
+    rows = b * k + b
+    flops = {
+        "sampling (KV cache)": rows * (2 * MAPPING + 2 * GPT2_BODY * PREFIX
+                                       + 2 * (GPT2_BODY + GPT2_HEAD) * t),
+        "teacher-forced fwd+bwd": b * k * (6 * MAPPING + 6 * (GPT2_BODY + GPT2_HEAD) * (PREFIX + t)),
+        "RoBERTa fwd+bwd": (2 * b * k + b) * 6 * ROBERTA_BODY * DISC_TOKENS,
+        "CLIP text fwd": rows * 2 * CLIP_TEXT_BODY * CLIP_CONTEXT}
+    return {name: 1000 * f / GPU_FLOPS for name, f in flops.items()}
+
+
+def host_tokenizers(root: Path, sentences: list[str]):
+    """GPT-2, RoBERTa and CLIP tokenizers of the released sizes (no models), built once under root."""
+    from transformers import GPT2TokenizerFast, RobertaTokenizerFast
+
+    import clip_tokenizer
+    from fixtures import full_size_bpe, full_size_clip_merges
+
+    if not (root / "clip_bpe.txt").is_file():
+        GPT2TokenizerFast(tokenizer_object=full_size_bpe(50257, [], ["<|endoftext|>"], sentences),
+                          bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                          unk_token="<|endoftext|>").save_pretrained(root / "gpt2")
+        RobertaTokenizerFast(tokenizer_object=full_size_bpe(
+            50265, ["<s>", "<pad>", "</s>", "<unk>"], ["<mask>"], sentences), bos_token="<s>",
+            eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+            pad_token="<pad>", mask_token="<mask>").save_pretrained(root / "roberta")
+        clip_tokenizer.write_merges(root / "clip_bpe.txt", full_size_clip_merges(sentences))
+    return (cgtgan.load_tokenizer(root / "gpt2", "GPT-2"),
+            cgtgan.load_tokenizer(root / "roberta", "RoBERTa"),
+            clip_tokenizer.Tokenizer(root / "clip_bpe.txt"))
+
+
+def caption_ids(gpt2, sentences: list[str], kind: str, n: int, t: int, end_id: int,
+                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n generated captions (ids (n, T), mask (n, T)) as the generator would give them: "corpus",
+    random sentences of the dataset ending at their end token; "random", T random tokens each
+    (a random-weight GPT-2's gibberish, the worst case)."""
+    if kind == "random":
+        return torch.randint(len(gpt2) - 1, (n, t), generator=g), torch.ones(n, t)
+    pick = torch.randint(len(sentences), (n,), generator=g).tolist()
+    ids, labels = cgtgan.encode_sentences(gpt2, [sentences[i].rstrip(". ") for i in pick], end_id, t)
+    return ids, (labels != cgtgan.IGNORE_INDEX).float()  # (n, T), (n, T)
+
+
+def time_host(gpt2, roberta, clip_tok, sentences: list[str], b: int, k: int, t: int,
+              repeats: int) -> dict:
+    """Median ms of each host piece of one gan_step, on new captions at every call: decoding the
+    B*K + B captions' GPT-2 ids, CLIP-tokenising them (ClipText's work on strings it has not
+    seen), RoBERTa-tokenising them (from their ids: retokenize.roberta_tokens; and from their
+    text, the tokenizer path) and the B*K real sentences; for "corpus" and "random" captions."""
+    import clip_tokenizer
+    import retokenize
+
+    end_id = cgtgan.end_token_id(gpt2, ".")
+    retokenize.id_map(gpt2, roberta)  # built once per run, before the first step
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for kind in ("corpus", "random"):
+        def draw():
+            ids, mask = caption_ids(gpt2, sentences, kind, b * k + b, t, end_id, g)
+            real = [sentences[i] for i in torch.randint(len(sentences), (b * k,), generator=g)]
+            return ids, mask, cgtgan.decode_captions(gpt2, ids, mask, end_id), real
+        pieces = {
+            "decode GPT-2 ids": lambda ids, mask, caps, real: cgtgan.decode_captions(
+                gpt2, ids, mask, end_id),
+            "CLIP tokenise": lambda ids, mask, caps, real: clip_tokenizer.tokenize(
+                caps, CLIP_CONTEXT, truncate=True, tokenizer=clip_tok),
+            "RoBERTa generated (ids)": lambda ids, mask, caps, real: retokenize.roberta_tokens(
+                roberta, caps, "cpu", source=(gpt2, ids, mask, end_id)),
+            "RoBERTa generated (text)": lambda ids, mask, caps, real: retokenize.roberta_tokens(
+                roberta, caps, "cpu"),
+            "RoBERTa real": lambda ids, mask, caps, real: retokenize.roberta_tokens(
+                roberta, real, "cpu")}
+        times = {name: [] for name in pieces}
+        for _ in range(repeats + 1):
+            inputs = draw()
+            for name, fn in pieces.items():
+                t0 = time.perf_counter()
+                fn(*inputs)
+                times[name].append(1000 * (time.perf_counter() - t0))
+        out[kind] = {name: statistics.median(ms[1:]) for name, ms in times.items()}
+    out["syncs"] = count_syncs(gpt2, b, k, t)
+    out["gpu_ms"] = gpu_estimate(b, k, t)
+    return out
+
+
+def host_lines(r: dict, b: int, k: int) -> str:
+    """The host table beside the GPU estimate."""
+    lines = [f"\nhost work per CgT-GAN step (B={b}, K={k}), median ms: corpus / random captions"]
+    on_path = ("decode GPT-2 ids", "CLIP tokenise", "RoBERTa generated (ids)", "RoBERTa real")
+    for name in r["corpus"]:
+        mark = "*" if name in on_path else " "
+        lines.append(f"  {mark} {name:<26} {r['corpus'][name]:7.1f} {r['random'][name]:7.1f}")
+    total = [sum(r[kind][n] for n in on_path) for kind in ("corpus", "random")]
+    lines.append(f"    {'total of * (the step)':<26} {total[0]:7.1f} {total[1]:7.1f}")
+    lines.append(f"    host syncs in decoding: {r['syncs']} per step (sample + greedy)")
+    gpu = r["gpu_ms"]
+    lines.append(f"GPU estimate at {GPU_FLOPS / 1e12:.0f} TFLOP/s: " + ", ".join(
+        f"{name} {ms:.1f}" for name, ms in gpu.items()) + f"; total {sum(gpu.values()):.1f} ms")
+    return "\n".join(lines)
+
+
+def count_syncs(gpt2, b: int, k: int, t: int) -> int:
+    """Device-to-host synchronisations in one step's decoding (sample + greedy), counted on a tiny
+    GPT-2 of the real vocabulary: Tensor.__bool__, item, tolist and nonzero calls."""
+    cfg = config.GeneratorConfig(n_embd=32, n_layer=1, n_head=1, max_len=t)
+    gen = cgtgan.build_generator(cfg, gpt2, 32).eval()
+    count = [0]
+    names = ("__bool__", "item", "tolist", "nonzero")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counted(fn):
+        def wrapper(*a, **kw):
+            count[0] += 1
+            return fn(*a, **kw)
+        return wrapper
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, counted(saved[name]))
+        feats = torch.randn(b, 32)
+        gen.sample(feats, k)
+        gen.greedy(feats)
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+    return count[0]
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 
 
@@ -268,6 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per sampler")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--host-only", action="store_true",
+                        help="only the host work per step with real-size tokenizers: no models")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -278,6 +425,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = data.pick_device(args.device)
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_ps_"))
     root.mkdir(parents=True, exist_ok=True)
+    if args.host_only:
+        return host_only(root, args, preset.gen.max_len)
     try:
         t0 = time.perf_counter()
         options = build_inputs(root, args.tiny, args.batch, device)
@@ -306,13 +455,35 @@ def main(argv: list[str] | None = None) -> dict:
         steps = time_steps(parts, args.steps)
         print(f"\nsampling {args.batch * args.k} captions, median of {args.repeats}:", flush=True)
         sampler = time_sampler(parts, args.repeats)
+        sentences = [s for ss in dataset.splits["test"].references.values() for s in ss]
+        host = time_host(parts.gpt2_tokenizer, parts.roberta_tokenizer, parts.clip_text.tokenizer,
+                         sentences + dataset.corpus, args.batch, args.k, cfg.gen.max_len,
+                         args.repeats)
+        print(host_lines(host, args.batch, args.k), flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
-    results = {"setup": setup, **steps, **sampler}
+    results = {"setup": setup, **steps, **sampler, "host": host}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def host_only(root: Path, args, max_len: int) -> dict:
+    """--host-only: the host table with real-size tokenizers, on the fixture's sentences."""
+    fx = build_paperscale_fixture(root / "data", models=False)
+    split = json.loads(fx.split_file.read_text())
+    sentences = [s["raw"] for e in split["images"] for s in e["sentences"]]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizers = host_tokenizers(root, sentences)
+    host = time_host(*tokenizers, sentences, args.batch, args.k, max_len, args.repeats)
+    print(host_lines(host, args.batch, args.k), flush=True)
+    if not args.workdir:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"host": host}, indent=2))
+    return {"host": host}
 
 
 def _version(package: str) -> str:

@@ -278,9 +278,12 @@ def build_paperscale_fixture(root: str | Path, seed: int = 0, models: bool = Tru
 
 def full_size_bpe(size: int, head: list[str], tail: list[str], sentences: list[str]):
     """A byte-level BPE tokenizer of exactly `size` ids, like the released GPT-2 (50257) and
-    RoBERTa (50265) vocabularies: special tokens `head`, the 256 byte symbols, the merges that
-    spell the sentences' words, two-symbol merges to fill, then special tokens `tail`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    RoBERTa (50265) vocabularies: special tokens `head`, the 256 byte symbols, the merges a BPE
+    trainer learns from the sentences (each of their words becomes one token, as common words
+    are in the released vocabularies), two-symbol merges to fill, then special tokens `tail`."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     import clip_tokenizer
 
@@ -288,8 +291,13 @@ def full_size_bpe(size: int, head: list[str], tail: list[str], sentences: list[s
     # GPT-2's byte-to-symbol map is CLIP's (both come from OpenAI's byte-level BPE).
     symbols = list(clip_tokenizer.bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(head + symbols)}
-    words = sorted({w for s in sentences for w, _ in byte_level.pre_tokenize_str(s)})
-    pairs = [(w[:i], w[i]) for w in words for i in range(1, len(w))]
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = byte_level
+    trained.train_from_iterator(sentences, trainers.BpeTrainer(
+        vocab_size=size, min_frequency=1, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+             for m in json.loads(trained.to_str())["model"]["merges"]]
     pairs += [(a, b) for a in symbols for b in symbols]
     merges = []
     for a, b in pairs:
