@@ -153,14 +153,12 @@ def roberta_tokens(tokenizer, texts: list[str], device, max_len: int | None = No
     looked-up ids, </s>, padding); only the others are tokenised from their text.
     """
     cut = {"truncation": True, "max_length": max_len} if max_len else {}
-    if source is None or token_bytes(source[0]) is None:
+    mapped = None if source is None or token_bytes(source[0]) is None else _map_rows(tokenizer, *source)
+    # Mostly unmappable rows (a random model's token soup): one call of the tokenizer is quicker.
+    if mapped is None or 2 * int(mapped[1].sum()) < len(texts):
         tokens = tokenizer(texts, padding=True, return_tensors="pt", **cut).to(device)
         return tokens["input_ids"], tokens["attention_mask"]
-    gpt2, ids, mask, end_id = source
-    n = mask.sum(-1).long()  # (N,) tokens with the end token
-    last = ids.gather(1, (n - 1).clamp_min(0)[:, None]).squeeze(1)  # (N,)
-    length = n - ((n > 0) & (last == end_id)).long()  # (N,) caption tokens
-    mapped, ok = id_map(gpt2, tokenizer).to(ids.device)(ids, length)  # (N, T), (N,)
+    ids, (mapped, ok, length) = source[1], mapped
     keep = length.clamp_max(max_len - 2) if max_len else length  # (N,) without <s> and </s>
     ok_rows, keep_rows = ok.tolist(), keep.tolist()
     slow = [i for i, good in enumerate(ok_rows) if not good]
@@ -172,7 +170,18 @@ def roberta_tokens(tokenizer, texts: list[str], device, max_len: int | None = No
     out = torch.where(grid == 0, tokenizer.bos_token_id, torch.where(grid <= k, body, torch.where(
         grid == k + 1, tokenizer.eos_token_id, tokenizer.pad_token_id)))  # (N, S)
     attention = (grid <= k + 1).long()  # (N, S)
-    for i, row in zip(slow, slow_ids):
-        out[i], attention[i] = tokenizer.pad_token_id, 0
-        out[i, :len(row)], attention[i, :len(row)] = torch.tensor(row, device=ids.device), 1
+    if slow:  # the tokenizer's rows, padded to the common width and put in place at once
+        rows = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in slow_ids])
+        marks = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in slow_ids])
+        index = torch.tensor(slow, device=ids.device)
+        out[index], attention[index] = rows.to(ids.device), marks.to(ids.device)
     return out.to(device), attention.to(device)
+
+
+def _map_rows(tokenizer, gpt2, ids: torch.Tensor, mask: torch.Tensor, end_id: int):
+    """IdMap of the rows (decode_captions' lengths: the end token dropped) -> (mapped (N, T),
+    ok (N,), caption lengths (N,))."""
+    n = mask.sum(-1).long()  # (N,) tokens with the end token
+    last = ids.gather(1, (n - 1).clamp_min(0)[:, None]).squeeze(1)  # (N,)
+    length = n - ((n > 0) & (last == end_id)).long()  # (N,) caption tokens
+    return *id_map(gpt2, tokenizer).to(ids.device)(ids, length), length

@@ -45,6 +45,10 @@ def caption_batches(gpt2, roberta, corpus, end_id, seed=0, n=96, t=12):
         corpus_ids[i, :len(r)] = torch.tensor(r)
     corpus_mask = (torch.arange(t) < torch.tensor([len(r) for r in rows])[:, None]).float()
     yield "corpus", corpus_ids, corpus_mask
+    # Mostly mappable rows with a few the tokenizer makes: both halves of roberta_tokens at once.
+    mixed = corpus_ids.clone()
+    mixed[::4] = torch.randint(len(gpt2), (len(mixed[::4]), t), generator=g)
+    yield "mixed", mixed, corpus_mask
     for kind in ("random", "mappable"):
         ids = (torch.randint(len(gpt2), (n, t), generator=g) if kind == "random"
                else mappable[torch.randint(len(mappable), (n, t), generator=g)])
