@@ -140,11 +140,12 @@ class CaptionGenerator(nn.Module):
             token = (logits.argmax(-1) if uniforms is None
                      else sample_categorical(logits, uniforms[rows, t]))  # (n',)
             ids[rows, t], mask[rows, t] = token, 1.0
-            running = token != self.end_id  # (n',)
-            if not running.any():
+            # One host sync per token: the running rows' indices tell both whether any row runs
+            # and whether some stopped.
+            index = (token != self.end_id).nonzero().squeeze(1)  # (n'',)
+            if index.numel() == 0:
                 break
-            if not running.all():
-                index = running.nonzero().squeeze(1)  # (n'',)
+            if index.numel() < token.numel():
                 cache.keep(index)
                 rows, token = rows[index], token[index]
             logits = cache.step(token)  # (n', V)
@@ -229,20 +230,30 @@ class Discriminator(nn.Module):
         return self.head(state).squeeze(-1)  # (N,)
 
 
-def roberta_inputs(tokenizer, texts: list[str], max_tokens: int = 0):
+def roberta_inputs(tokenizer, texts: list[str], max_tokens: int = 0,
+                   known: list[list[int] | None] | None = None):
     """RoBERTa token ids (N, T) of texts, <s> ... </s>, right-padded with the tokenizer's pad id,
     and their attention mask (N, T). max_tokens > 0 cuts a longer text to max_tokens tokens, the
     last two "." and </s>, as the official code cuts the discriminator's inputs at 22.
     Example (max_tokens 5): <s> a b c d </s> -> <s> a b . </s>.
+
+    known (N,): rows already known to be tokenizer(text)["input_ids"] (retokenize.mapped_rows
+    looks them up from the generator's ids), None where the text must be tokenised; the result is
+    the same, with less host work.
     """
-    rows = tokenizer(texts)["input_ids"]
+    rows = list(known) if known is not None else [None] * len(texts)
+    todo = [i for i, r in enumerate(rows) if r is None]
+    if todo:
+        for i, r in zip(todo, tokenizer([texts[i] for i in todo])["input_ids"]):
+            rows[i] = r
     if max_tokens:
         (dot,) = tokenizer.encode(".", add_special_tokens=False)
         rows = [r if len(r) <= max_tokens else r[:max_tokens - 2] + [dot, r[-1]] for r in rows]
-    ids = torch.full((len(rows), max(len(r) for r in rows)), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    # The ids go into one tensor at once: a copy per row would cost more than the tokenizer.
+    lengths = torch.tensor([len(r) for r in rows])  # (N,)
+    mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).long()  # (N, T)
+    ids = torch.full(mask.shape, tokenizer.pad_token_id, dtype=torch.long)  # (N, T)
+    ids[mask.bool()] = torch.tensor([i for r in rows for i in r], dtype=torch.long)
     return ids, mask  # (N, T), (N, T)
 
 

@@ -144,6 +144,7 @@ class Tokenizer:
         self.decoder = {i: s for s, i in self.encoder.items()}
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.cache = {SOT: [SOT], EOT: [EOT]}
+        self.word_ids: dict[str, list] = {}  # word -> its ids: encode's lookups, once per word
         self.sot_token, self.eot_token = self.encoder[SOT], self.encoder[EOT]
         self.vocab_size = len(vocab)
 
@@ -151,8 +152,10 @@ class Tokenizer:
         """Text -> BPE ids, without start and end tokens."""
         ids = []
         for word in _WORDS.findall(clean_text(text)):
-            symbols = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-            ids.extend(self.encoder[s] for s in self.bpe(symbols))
+            if word not in self.word_ids:
+                symbols = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+                self.word_ids[word] = [self.encoder[s] for s in self.bpe(symbols)]
+            ids += self.word_ids[word]
         return ids
 
     def decode(self, ids) -> str:
@@ -217,8 +220,8 @@ def tokenize(texts, context_length: int = 77, truncate: bool = False, tokenizer:
     """
     texts = [texts] if isinstance(texts, str) else list(texts)
     tokenizer = tokenizer or default_tokenizer()
-    out = torch.zeros(len(texts), context_length, dtype=torch.long)  # (N, L)
-    for row, text in enumerate(texts):
+    rows = []
+    for text in texts:
         ids = [tokenizer.sot_token, *tokenizer.encode(text), tokenizer.eot_token]
         if len(ids) > context_length:
             if not truncate:
@@ -226,5 +229,10 @@ def tokenize(texts, context_length: int = 77, truncate: bool = False, tokenizer:
                                  f"{text[:60]!r}{'...' if len(text) > 60 else ''}; shorten it or pass truncate=True")
             ids = ids[:context_length]
             ids[-1] = tokenizer.eot_token
-        out[row, : len(ids)] = torch.tensor(ids)
+        rows.append(ids)
+    # The ids go into one tensor at once: a copy per row would take longer than the BPE.
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)  # (N,)
+    used = torch.arange(context_length)[None] < lengths[:, None]  # (N, L)
+    out = torch.zeros(len(texts), context_length, dtype=torch.long)  # (N, L)
+    out[used] = torch.tensor([i for r in rows for i in r], dtype=torch.long)
     return out

@@ -11,10 +11,10 @@ that is tens of milliseconds per step during which the GPU waits. Two shortcuts,
   tokens too. `tokenizer(decode(ids))` equals a lookup of each GPT-2 token's RoBERTa id whenever
   every GPT-2 token is on its own one word of the pre-tokenizer (words are runs of letters, digits
   or other symbols, with at most one leading space) and that word is one RoBERTa token. The table
-  says which tokens qualify; a row where all do is mapped on the device, any other row is
-  tokenised from its text as before.
+  says which tokens qualify; a row where all do is mapped by `mapped_rows` (a few tensor ops over
+  the whole batch), any other row is tokenised from its text as before (cgtgan.roberta_inputs).
 
-Shape legend: N captions, T GPT-2 tokens, S RoBERTa tokens (with <s> and </s>), V GPT-2 vocabulary.
+Shape legend: N captions, T GPT-2 tokens, V GPT-2 vocabulary.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def word_parts(text: str, specials: str) -> tuple[bool, int, int] | None:
 
 
 class IdMap:
-    """GPT-2 caption ids (N, T) -> the RoBERTa tokens of their decoded text, on the device.
+    """GPT-2 caption ids (N, T) -> the RoBERTa tokens of their decoded text.
 
     Tables over the GPT-2 vocabulary (V,): `first` and `rest`, each token's RoBERTa id as a
     caption's first token (decode_captions strips its leading space) and after it, -1 where the
@@ -115,11 +115,6 @@ class IdMap:
             self.space[i], self.head[i], self.tail[i] = parts[i]
         self.bos, self.eos, self.pad = target.bos_token_id, target.eos_token_id, target.pad_token_id
 
-    def to(self, device) -> "IdMap":
-        for name in ("first", "rest", "space", "head", "tail"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
-
     def __call__(self, ids: torch.Tensor, length: torch.Tensor):
         """ids (N, T) with caption lengths (N,) (no end token) -> (mapped, ok): RoBERTa ids (N, T)
         of each token, and (N,) whether the row's tokens are exactly tokenizer(decode(row))."""
@@ -144,44 +139,21 @@ def id_map(source, target) -> IdMap:
     return IdMap(source, target)
 
 
-def roberta_tokens(tokenizer, texts: list[str], device, max_len: int | None = None, source=None):
-    """tokenizer(texts, padding=True) (cut to max_len tokens when given) -> (input_ids (N, S),
-    attention_mask (N, S)) on device.
-
-    source (gpt2_tokenizer, ids (N, T), mask (N, T), end_id): the generator's tokens the texts were
-    decoded from by decode_captions. Rows the IdMap maps are then built on the device (<s>, the
-    looked-up ids, </s>, padding); only the others are tokenised from their text.
+def mapped_rows(target, source, ids: torch.Tensor, mask: torch.Tensor,
+                end_id: int) -> list[list[int] | None]:
+    """The target (RoBERTa) tokenizer's ids of each caption, <s> ... </s>, looked up from the
+    source (GPT-2) ids (N, T) with mask (N, T) that decode_captions turns into text: for each row
+    the IdMap maps exactly, the list `target(text)["input_ids"]` holds; None for the others (and
+    for every row when the source is not byte-level), which the caller tokenises from text.
+    Tensors on the CPU: the lists are built on the host anyway.
+    Example: " a", " red", " circle", "." -> [<s>, "a", "Ġred", "Ġcircle", </s>].
     """
-    cut = {"truncation": True, "max_length": max_len} if max_len else {}
-    mapped = None if source is None or token_bytes(source[0]) is None else _map_rows(tokenizer, *source)
-    # Mostly unmappable rows (a random model's token soup): one call of the tokenizer is quicker.
-    if mapped is None or 2 * int(mapped[1].sum()) < len(texts):
-        tokens = tokenizer(texts, padding=True, return_tensors="pt", **cut).to(device)
-        return tokens["input_ids"], tokens["attention_mask"]
-    ids, (mapped, ok, length) = source[1], mapped
-    keep = length.clamp_max(max_len - 2) if max_len else length  # (N,) without <s> and </s>
-    ok_rows, keep_rows = ok.tolist(), keep.tolist()
-    slow = [i for i, good in enumerate(ok_rows) if not good]
-    slow_ids = tokenizer([texts[i] for i in slow], **cut)["input_ids"] if slow else []
-    width = max([k + 2 for k, good in zip(keep_rows, ok_rows) if good] + [len(r) for r in slow_ids])
-    grid = torch.arange(width, device=ids.device)[None]  # (1, S)
-    body = mapped.gather(1, (grid - 1).clamp(0, ids.shape[1] - 1).expand(len(texts), -1))  # (N, S)
-    k = keep[:, None]  # (N, 1)
-    out = torch.where(grid == 0, tokenizer.bos_token_id, torch.where(grid <= k, body, torch.where(
-        grid == k + 1, tokenizer.eos_token_id, tokenizer.pad_token_id)))  # (N, S)
-    attention = (grid <= k + 1).long()  # (N, S)
-    if slow:  # the tokenizer's rows, padded to the common width and put in place at once
-        rows = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in slow_ids])
-        marks = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in slow_ids])
-        index = torch.tensor(slow, device=ids.device)
-        out[index], attention[index] = rows.to(ids.device), marks.to(ids.device)
-    return out.to(device), attention.to(device)
-
-
-def _map_rows(tokenizer, gpt2, ids: torch.Tensor, mask: torch.Tensor, end_id: int):
-    """IdMap of the rows (decode_captions' lengths: the end token dropped) -> (mapped (N, T),
-    ok (N,), caption lengths (N,))."""
+    if token_bytes(source) is None:
+        return [None] * ids.shape[0]
     n = mask.sum(-1).long()  # (N,) tokens with the end token
     last = ids.gather(1, (n - 1).clamp_min(0)[:, None]).squeeze(1)  # (N,)
-    length = n - ((n > 0) & (last == end_id)).long()  # (N,) caption tokens
-    return *id_map(gpt2, tokenizer).to(ids.device)(ids, length), length
+    length = n - ((n > 0) & (last == end_id)).long()  # (N,) caption tokens, as decode_captions
+    table = id_map(source, target)
+    mapped, ok = table(ids, length)  # (N, T), (N,)
+    return [[table.bos] + row[:k] + [table.eos] if good else None
+            for row, k, good in zip(mapped.tolist(), length.tolist(), ok.tolist())]

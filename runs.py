@@ -23,17 +23,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from filelock import FileLock, Timeout
 
 import clip_model
 import clip_tokenizer
 from cgtgan import (CaptionGenerator, ClipText, Discriminator, build_discriminator,
-                    build_generator, load_tokenizer)
+                    build_generator, load_tokenizer, roberta_inputs)
 from config import Config, ConfigError, config_dict, config_diff, run_name
 from data import CaptionData, atomic_write, pick_device, read_json, write_json
 
 # ----------------------------------------------------------------------------------------------
 # What a stage works with
+
+# Corpus sentences tokenised per tokenizer call by Run.corpus_roberta (bounds its Python lists).
+CORPUS_CHUNK = 65536
 
 
 @dataclass
@@ -65,6 +69,18 @@ class Run:
     def data_fingerprint(self) -> str:
         """data_fingerprint(self.data), computed once; stored in every checkpoint."""
         return data_fingerprint(self.data)
+
+    @functools.cached_property
+    def corpus_roberta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoBERTa ids of every corpus sentence cut at disc.max_tokens (roberta_inputs), padded:
+        (M, T) int32, and their lengths (M,). Made once, in chunks (a few seconds for COCO's
+        corpus), so that a CgT-GAN step looks its real examples up instead of tokenising them."""
+        chunks = [roberta_inputs(self.roberta_tokenizer, self.data.corpus[i:i + CORPUS_CHUNK],
+                                 self.cfg.disc.max_tokens)
+                  for i in range(0, len(self.data.corpus), CORPUS_CHUNK)]
+        width, pad = max(ids.shape[1] for ids, _ in chunks), self.roberta_tokenizer.pad_token_id
+        ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad).int() for ids, _ in chunks])
+        return ids, torch.cat([mask.sum(1) for _, mask in chunks])  # (M, T), (M,)
 
     def autocast(self):
         """bf16 autocast on CUDA when cfg.bf16; otherwise full precision."""

@@ -32,6 +32,7 @@ from config import ConfigError, GANConfig, GeneratorConfig, InitConfig
 from data import nearest, raw_rows
 from decoding import dropout_active
 from evaluate import score
+from retokenize import mapped_rows
 from runs import Run
 
 # Text-only checkpoints (init_last.pt, for --resume) are written every this many steps.
@@ -336,6 +337,7 @@ class Batch:
     agg_targets: torch.Tensor  # (B, D) CLIP-agg targets a of the same images
     uniforms: torch.Tensor  # (B, K, max_len) the random numbers behind the K samples' tokens
     real: list[str]  # B*K corpus sentences, the discriminator's real examples
+    real_index: torch.Tensor  # (B*K,) int64: their rows in the corpus
     seeds: torch.Tensor  # (B,) int64: each image's seed of the discriminator's dropout masks
 
 
@@ -355,14 +357,15 @@ def draw_batch(run: Run, agg_targets: torch.Tensor, generator: torch.Generator,
     index, uniforms, real, seeds = images[rows], uniforms[rows], real[rows], seeds[rows]
     norms = None if data.train_norms is None else data.train_norms[index]
     feats = prefix_input(run.cfg.gen, data.train_feats[index], norms, "training image embeddings")
+    real = real.flatten()  # (B*K,)
     return Batch(feats.to(run.device), agg_targets[index].to(run.device), uniforms,
-                 [data.corpus[i] for i in real.flatten().tolist()], seeds)
+                 [data.corpus[i] for i in real.tolist()], real, seeds)
 
 
-def discriminate(run: Run, texts: list[str], image_of_row: torch.Tensor,
-                 seeds: torch.Tensor) -> torch.Tensor:
+def discriminate(run: Run, texts: list[str], image_of_row: torch.Tensor, seeds: torch.Tensor,
+                 known: list[list[int] | None] | None = None) -> torch.Tensor:
     """D(c) for caption strings: RoBERTa tokens of each text (cut at disc.max_tokens) -> the
-    discriminator's logit (N,).
+    discriminator's logit (N,). known (N,): token rows already known (see roberta_inputs).
 
     image_of_row (N,) says which of this process's B images each text belongs to. With dropout
     active, each image's rows go through RoBERTa together, with torch's random state seeded by the
@@ -371,25 +374,52 @@ def discriminate(run: Run, texts: list[str], image_of_row: torch.Tensor,
     rows beside it, so any number of processes computes the logits that one process computes.
     Without dropout the rows go through in one forward.
     """
-    ids, mask = roberta_inputs(run.roberta_tokenizer, texts, run.cfg.disc.max_tokens)  # (N, T)
-    ids, mask = ids.to(run.device), mask.to(run.device)
+    ids, mask = roberta_inputs(run.roberta_tokenizer, texts, run.cfg.disc.max_tokens, known)  # (N, T)
     if not dropout_active(run.discriminator):
-        return _discriminator_logits(run, ids, mask)
-    logits = torch.empty(len(texts), device=run.device)  # (N,)
+        return _discriminator_logits(run, ids.to(run.device), mask.to(run.device))
+    # The rows sorted by image on the host (image b's are then one slice, cut to the columns its
+    # texts use), so that the loop asks the device nothing.
+    order = torch.argsort(image_of_row, stable=True)  # (N,)
+    counts = torch.bincount(image_of_row, minlength=len(seeds)).tolist()  # (B,)
+    lengths = mask[order].sum(1).tolist()  # (N,)
+    ids, mask = ids[order].to(run.device), mask[order].to(run.device)  # (N, T)
     devices = [run.device] if run.device.type == "cuda" else []
-    for b, seed in enumerate(seeds.tolist()):
-        rows = (image_of_row == b).nonzero().squeeze(1).to(run.device)  # (rows of image b,)
-        used = mask[rows].any(0)  # (T,) the columns of the image's texts, without extra padding
+    logits, start = [], 0
+    for seed, count in zip(seeds.tolist(), counts):
+        rows, start = slice(start, start + count), start + count
+        if not count:
+            continue
+        width = max(lengths[rows])
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            logits[rows] = _discriminator_logits(run, ids[rows][:, used], mask[rows][:, used])
-    return logits
+            logits.append(_discriminator_logits(run, ids[rows, :width], mask[rows, :width]))
+    out = torch.empty(len(texts), device=run.device)  # (N,)
+    out[order.to(run.device)] = torch.cat(logits)
+    return out
 
 
 def _discriminator_logits(run: Run, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The discriminator's logits (n,) of RoBERTa tokens ids (n, T) with attention mask (n, T)."""
     with run.autocast():
         return run.discriminator(ids, mask).float()  # (n,)
+
+
+def real_rows(run: Run, index: torch.Tensor) -> list[list[int]]:
+    """The RoBERTa ids of corpus sentences index (n,), cut at disc.max_tokens: rows of the corpus
+    tokenised once per run (Run.corpus_roberta), not at every step."""
+    ids, lengths = run.corpus_roberta  # (M, T), (M,)
+    return [r[:n] for r, n in zip(ids[index].tolist(), lengths[index].tolist())]
+
+
+def caption_rows(ids: torch.Tensor, mask: torch.Tensor, greedy_ids: torch.Tensor,
+                 greedy_mask: torch.Tensor, end_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The B*K samples' rows (B, K, T) then the B greedy captions' (B, T'), padded with end_id to
+    one width: ids and mask (B*K + B, max(T, T'))."""
+    width = max(ids.shape[-1], greedy_ids.shape[-1])
+    rows = [ids.flatten(0, 1), greedy_ids]  # (B*K, T), (B, T')
+    masks = [mask.flatten(0, 1), greedy_mask]
+    return (torch.cat([F.pad(x, (0, width - x.shape[1]), value=end_id) for x in rows]),
+            torch.cat([F.pad(x, (0, width - x.shape[1])) for x in masks]))
 
 
 def with_baseline(x: torch.Tensor, b: int, k: int) -> torch.Tensor:
@@ -416,8 +446,11 @@ def gan_step(run: Run, opt_g, opt_d, batch: Batch, step: int) -> dict:
     with run.autocast():
         ids, logp, mask = gen.sample(batch.feats, k, batch.uniforms)  # (B, K, T) each
         greedy_ids, greedy_mask = gen.greedy(batch.feats)  # (B, T)
-    captions = (decode_captions(run.gpt2_tokenizer, ids.flatten(0, 1), mask.flatten(0, 1), gen.end_id)
-                + decode_captions(run.gpt2_tokenizer, greedy_ids, greedy_mask, gen.end_id))
+    # The captions' tokens come to the host once: their text (for CLIP) and their RoBERTa tokens
+    # (for D, looked up from the GPT-2 ids where that is exact) are made there.
+    rows, row_mask = caption_rows(ids, mask, greedy_ids, greedy_mask, gen.end_id)  # (B*K+B, T)
+    rows, row_mask = rows.cpu(), row_mask.cpu()
+    captions = decode_captions(run.gpt2_tokenizer, rows, row_mask, gen.end_id)
 
     # Sec. 3.3: the semantic reward of every caption, CLIP-cos against its image and CLIP-agg
     # against the image's aggregated corpus embedding, mixed by agg_weight (0: CLIP-cos alone).
@@ -430,7 +463,9 @@ def gan_step(run: Run, opt_g, opt_d, batch: Batch, step: int) -> dict:
     # step, corpus sentences labelled real (1) and the K samples of each image fake (0).
     image = torch.arange(b)
     image_of_row = torch.cat([image.repeat_interleave(k), image.repeat_interleave(k), image])  # (2BK+B,)
-    d_all = discriminate(run, batch.real + captions, image_of_row, batch.seeds)
+    known = (real_rows(run, batch.real_index)
+             + mapped_rows(run.roberta_tokenizer, run.gpt2_tokenizer, rows, row_mask, gen.end_id))
+    d_all = discriminate(run, batch.real + captions, image_of_row, batch.seeds, known)
     d_real, d_fake = d_all[:b * k], d_all[b * k:]  # (B*K,), (B*K+B,)
     r_nat = with_baseline(naturalness_reward(d_fake), b, k)  # (B, K+1)
     d_loss, d_stats = discriminator_loss(d_real, d_fake[:b * k])

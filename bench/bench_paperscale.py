@@ -287,42 +287,51 @@ def caption_ids(gpt2, sentences: list[str], kind: str, n: int, t: int, end_id: i
 
 def time_host(gpt2, roberta, clip_tok, sentences: list[str], b: int, k: int, t: int,
               repeats: int) -> dict:
-    """Median ms of each host piece of one gan_step, on new captions at every call: decoding the
-    B*K + B captions' GPT-2 ids, CLIP-tokenising them (ClipText's work on strings it has not
-    seen), RoBERTa-tokenising them (from their ids: retokenize.roberta_tokens; and from their
-    text, the tokenizer path) and the B*K real sentences; for "corpus" and "random" captions."""
+    """Median ms of each host piece of one gan_step on new captions at every call, the step's
+    code (*) and main's former code alternated on the same inputs: the B*K + B captions' GPT-2
+    ids decoded to text, CLIP-tokenised (ClipText's work on strings it has not seen), and the
+    discriminator's RoBERTa inputs of B*K real sentences and the captions (cut at 22 tokens); for
+    "corpus" and "random" captions. The pieces run on the CPU alone, so their time is host time."""
     import clip_tokenizer
     import retokenize
+    from types import SimpleNamespace
 
     end_id = cgtgan.end_token_id(gpt2, ".")
     retokenize.id_map(gpt2, roberta)  # built once per run, before the first step
+    run = SimpleNamespace(roberta_tokenizer=roberta, data=SimpleNamespace(corpus=sentences),
+                          cfg=SimpleNamespace(disc=SimpleNamespace(max_tokens=DISC_TOKENS)))
+    run.corpus_roberta = runs.Run.corpus_roberta.func(run)  # once per run, as in training
     g = torch.Generator().manual_seed(0)
+
+    def new_inputs(ids, mask, caps, real, index):
+        known = train.real_rows(run, index) + retokenize.mapped_rows(roberta, gpt2, ids, mask, end_id)
+        return cgtgan.roberta_inputs(roberta, real + caps, DISC_TOKENS, known)
+    pieces = {
+        "decode GPT-2 ids": lambda ids, mask, caps, real, index: cgtgan.decode_captions(
+            gpt2, ids, mask, end_id),
+        "CLIP tokenise": lambda ids, mask, caps, real, index: clip_tokenizer.tokenize(
+            caps, CLIP_CONTEXT, truncate=True, tokenizer=clip_tok),
+        "RoBERTa inputs (lookups)": new_inputs,
+        "old: tokenizer.decode": lambda ids, mask, caps, real, index: [
+            gpt2.decode(r[:n], clean_up_tokenization_spaces=False)
+            for r, n in zip(ids.tolist(), mask.sum(-1).long().tolist())],
+        "old: RoBERTa from text": lambda ids, mask, caps, real, index: cgtgan.roberta_inputs(
+            roberta, real + caps, DISC_TOKENS)}
     out = {}
     for kind in ("corpus", "random"):
-        def draw():
-            ids, mask = caption_ids(gpt2, sentences, kind, b * k + b, t, end_id, g)
-            real = [sentences[i] for i in torch.randint(len(sentences), (b * k,), generator=g)]
-            return ids, mask, cgtgan.decode_captions(gpt2, ids, mask, end_id), real
-        pieces = {
-            "decode GPT-2 ids": lambda ids, mask, caps, real: cgtgan.decode_captions(
-                gpt2, ids, mask, end_id),
-            "CLIP tokenise": lambda ids, mask, caps, real: clip_tokenizer.tokenize(
-                caps, CLIP_CONTEXT, truncate=True, tokenizer=clip_tok),
-            "RoBERTa generated (ids)": lambda ids, mask, caps, real: retokenize.roberta_tokens(
-                roberta, caps, "cpu", source=(gpt2, ids, mask, end_id)),
-            "RoBERTa generated (text)": lambda ids, mask, caps, real: retokenize.roberta_tokens(
-                roberta, caps, "cpu"),
-            "RoBERTa real": lambda ids, mask, caps, real: retokenize.roberta_tokens(
-                roberta, real, "cpu")}
         times = {name: [] for name in pieces}
         for _ in range(repeats + 1):
-            inputs = draw()
+            ids, mask = caption_ids(gpt2, sentences, kind, b * k + b, t, end_id, g)
+            index = torch.randint(len(sentences), (b * k,), generator=g)
+            inputs = (ids, mask, cgtgan.decode_captions(gpt2, ids, mask, end_id),
+                      [sentences[i] for i in index.tolist()], index)
             for name, fn in pieces.items():
                 t0 = time.perf_counter()
                 fn(*inputs)
                 times[name].append(1000 * (time.perf_counter() - t0))
         out[kind] = {name: statistics.median(ms[1:]) for name, ms in times.items()}
     out["syncs"] = count_syncs(gpt2, b, k, t)
+    out["disc_call_ms"] = disc_call_overhead(roberta, repeats)
     out["gpu_ms"] = gpu_estimate(b, k, t)
     return out
 
@@ -330,17 +339,37 @@ def time_host(gpt2, roberta, clip_tok, sentences: list[str], b: int, k: int, t: 
 def host_lines(r: dict, b: int, k: int) -> str:
     """The host table beside the GPU estimate."""
     lines = [f"\nhost work per CgT-GAN step (B={b}, K={k}), median ms: corpus / random captions"]
-    on_path = ("decode GPT-2 ids", "CLIP tokenise", "RoBERTa generated (ids)", "RoBERTa real")
+    on_path = ("decode GPT-2 ids", "CLIP tokenise", "RoBERTa inputs (lookups)")
     for name in r["corpus"]:
         mark = "*" if name in on_path else " "
         lines.append(f"  {mark} {name:<26} {r['corpus'][name]:7.1f} {r['random'][name]:7.1f}")
     total = [sum(r[kind][n] for n in on_path) for kind in ("corpus", "random")]
     lines.append(f"    {'total of * (the step)':<26} {total[0]:7.1f} {total[1]:7.1f}")
     lines.append(f"    host syncs in decoding: {r['syncs']} per step (sample + greedy)")
+    call = r["disc_call_ms"]
+    lines.append(f"    discriminator call overhead (12-layer RoBERTa, width 16, one row): {call:.2f} "
+                 f"ms forward+backward; with dropout, one call per image: {b} x = "
+                 f"{b * call:.1f} ms, without: 1 x")
     gpu = r["gpu_ms"]
     lines.append(f"GPU estimate at {GPU_FLOPS / 1e12:.0f} TFLOP/s: " + ", ".join(
         f"{name} {ms:.1f}" for name, ms in gpu.items()) + f"; total {sum(gpu.values()):.1f} ms")
     return "\n".join(lines)
+
+
+def disc_call_overhead(roberta, repeats: int) -> float:
+    """Median ms of one forward and backward of a RoBERTa-base-deep (12 layers) but 16-wide
+    discriminator on one 4-token row on the CPU: the Python and dispatch work per call, which a
+    GPU cannot overlap when the call's kernels are short (train.discriminate makes one call per
+    image with dropout on)."""
+    cfg = config.DiscriminatorConfig(hidden=16, n_layer=12, n_head=1, dropout=0.1)
+    disc = cgtgan.build_discriminator(cfg, roberta).train()
+    ids, mask = cgtgan.roberta_inputs(roberta, ["a red circle"])
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        disc(ids, mask).sum().backward()
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times[1:])
 
 
 def count_syncs(gpt2, b: int, k: int, t: int) -> int:
