@@ -111,6 +111,11 @@ class GANConfig:
     k: int = 5  # K samples per image (and K real sentences per image for the discriminator)
     lr: float = 1e-4
     d_lr: float = 1e-3  # from scratch the discriminator must learn fast to keep captions fluent
+    # D's dropout masks are drawn per group of about batch / d_groups consecutive images, one
+    # RoBERTa forward per group under a seed drawn with the batch (train.discriminate), so W
+    # data-parallel processes equal one whenever W divides d_groups. 2: one forward per process
+    # on the official code's 2 GPUs; batch: one small forward per image, launch-bound.
+    d_groups: int = 2
     warmup: int = 0  # steps of linear warm-up of G's learning rate (official: 150); D has none
     weight_decay: float = 0.01
     no_decay: str = ""  # as InitConfig.no_decay, for G and D
@@ -380,7 +385,8 @@ EVAL_DATASETS = {name: {"real.eval_split_file": paths["real.split_file"],
 
 # What the official code runs (its defaults and README commands), in this config's keys;
 # `official_values` adds the temperature and epochs of a setting. "real.max_words": 1000 stands
-# for its "no length filter".
+# for its "no length filter"; "gan.d_groups": 2 for its 2 processes, each drawing D's dropout
+# masks over its own 64 images.
 OFFICIAL = {
     "data": "real", "seed": 0, "bf16": False, "tf32": True, "decode": "greedy",
     "real.clip": "ViT-L/14", "real.lowercase": False, "real.strip_period": False,
@@ -394,7 +400,7 @@ OFFICIAL = {
     "gan.warmup": 150, "gan.weight_decay": 0.05, "gan.no_decay": _NO_DECAY, "gan.grad_clip": 1.0,
     "gan.reward": "agg+gan", "gan.agg_weight": 1.0, "gan.agg_raw": True, "gan.baseline": "greedy",
     "gan.lambda_hold": 150, "gan.lambda_ramp": 2350, "gan.lambda_final": 0.5,
-    "gan.eval_every": 0, "gan.eval_images": 0,
+    "gan.eval_every": 0, "gan.eval_images": 0, "gan.d_groups": 2,
 }
 
 # The presets' settings that still differ from the official code: key -> (official, ours, why).
@@ -414,6 +420,9 @@ BEHAVIOUR_DIFFERENCES = [
     ("naturalness reward", "D's logits from a second pass, in eval mode (no dropout)",
      "the logits of D's own training pass (dropout on)", "one RoBERTa pass over the B*(K+1) "
      "captions instead of two; both are taken before D's update"),
+    ("discriminator's dropout masks", "drawn from each process's own random state",
+     "drawn under one seed per group of gan.batch / gan.d_groups images, drawn with the batch",
+     "any number of processes that divides gan.d_groups then computes what one process does"),
     ("discriminator's real sentences", "shuffled passes over the corpus, K per image",
      "K per image, drawn uniformly with replacement each step", "every random draw of a step "
      "comes from one generator, so --resume and data parallel repeat a step exactly"),
@@ -541,7 +550,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
 _RANGES = [
     (("gen.prefix_len", "gen.n_layer", "gen.n_embd", "gen.n_head", "gen.max_len", "disc.n_layer",
       "disc.hidden", "disc.n_head", "init.steps", "init.batch", "gan.steps", "gan.batch", "gan.k",
-      "gan.ckpt_every", "real.min_words", "real.batch_size", "real.shard_size",
+      "gan.d_groups", "gan.ckpt_every", "real.min_words", "real.batch_size", "real.shard_size",
       "real.image_chunk", "real.corpus_chunk", "world.n_references", "world.clip_steps",
       "world.clip_batch_size"), lambda v: v >= 1, "at least 1"),
     (("threads", "gen.mapping_hidden", "gan.lambda_hold", "gan.lambda_ramp", "gan.eval_images",
@@ -593,6 +602,19 @@ def check_config(cfg: Config) -> Config:
                           f"real.max_words ({cfg.real.max_words})")
     cfg.world.check()
     return cfg
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """Refuse, in one line, a data-parallel run whose processes cannot each take an equal share of
+    the batch and, with D's dropout on, whole dropout groups (train.draw_batch): it would not
+    compute what one process computes."""
+    if cfg.gan.batch % world_size:
+        raise ConfigError(f"gan.batch ({cfg.gan.batch}) must be a multiple of the {world_size} "
+                          f"data-parallel processes; set gan.batch accordingly")
+    if cfg.disc.dropout > 0 and cfg.gan.d_groups % world_size:
+        raise ConfigError(f"gan.d_groups ({cfg.gan.d_groups}) must be a multiple of the "
+                          f"{world_size} data-parallel processes, each holding whole dropout "
+                          f"groups; set gan.d_groups={world_size} (or disc.dropout=0)")
 
 
 def _valid_keys(cfg: Config) -> str:

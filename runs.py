@@ -30,7 +30,8 @@ import clip_model
 import clip_tokenizer
 from cgtgan import (CaptionGenerator, ClipText, Discriminator, build_discriminator,
                     build_generator, load_tokenizer, roberta_inputs)
-from config import Config, ConfigError, config_dict, config_diff, run_name
+from config import (Config, ConfigError, check_world_size, config_dict, config_diff,
+                    run_name)
 from data import CaptionData, atomic_write, pick_device, read_json, write_json
 
 # ----------------------------------------------------------------------------------------------
@@ -112,6 +113,11 @@ def build_run(cfg: Config, data: CaptionData, with_clip: bool = True) -> Run:
     tokenizer-only folder (ShapesWorld) means a small model trained from scratch, sized by
     cfg.gen and cfg.disc.
     """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world_size = 0, 1
+    if distributed:
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    check_world_size(cfg, world_size)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -134,10 +140,6 @@ def build_run(cfg: Config, data: CaptionData, with_clip: bool = True) -> Run:
         bpe = str(data.clip_bpe_path) if data.clip_bpe_path else None
         clip_text = ClipText(clip, clip_tokenizer.Tokenizer(bpe), device,
                              normalize=not cfg.gan.agg_raw)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank, world_size = 0, 1
-    if distributed:
-        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     return Run(cfg, data, device, generator, discriminator, gpt2_tokenizer, roberta_tokenizer,
                clip_text, rank, world_size, distributed)
 

@@ -338,49 +338,55 @@ class Batch:
     uniforms: torch.Tensor  # (B, K, max_len) the random numbers behind the K samples' tokens
     real: list[str]  # B*K corpus sentences, the discriminator's real examples
     real_index: torch.Tensor  # (B*K,) int64: their rows in the corpus
-    seeds: torch.Tensor  # (B,) int64: each image's seed of the discriminator's dropout masks
+    seeds: torch.Tensor  # (G,) int64: each dropout group's seed of the discriminator's masks
+    group: torch.Tensor  # (B,) int64: each image's dropout group, an index into seeds
 
 
 def draw_batch(run: Run, agg_targets: torch.Tensor, generator: torch.Generator,
                images: torch.Tensor | None = None) -> Batch:
     """A global batch of cfg.gan.batch training images, with their samples' random numbers, K
-    corpus sentences per image and a dropout seed per image, drawn from `generator`; this process
-    keeps its shard. images (B,): the batch's training images, the step's slice of a shuffled
-    epoch (`epoch_rows`); None draws B distinct images at random."""
+    corpus sentences per image and a dropout seed per group of images (gan.d_groups consecutive
+    groups), drawn from `generator`; this process keeps its shard, and every group's seed. images
+    (B,): the batch's training images, the step's slice of a shuffled epoch (`epoch_rows`); None
+    draws B distinct images at random."""
     cfg, data = run.cfg.gan, run.data
     if images is None:
         images = torch.randperm(len(data.train_ids), generator=generator)[:cfg.batch]  # (B,)
     uniforms = torch.rand(cfg.batch, cfg.k, run.generator.max_len, generator=generator)
     real = torch.randint(len(data.corpus), (cfg.batch, cfg.k), generator=generator)  # (B, K)
-    seeds = torch.randint(2**62, (cfg.batch,), generator=generator)  # (B,)
+    seeds = torch.randint(2**62, (cfg.d_groups,), generator=generator)  # (G,)
+    # Image i of the B is in group floor(i G / B): G consecutive groups, whose sizes differ by
+    # at most one, and W processes that divide G and B each hold whole ones.
+    group = torch.arange(cfg.batch) * cfg.d_groups // cfg.batch  # (B,) 0 ... G-1
     rows = shard(run, cfg.batch)
-    index, uniforms, real, seeds = images[rows], uniforms[rows], real[rows], seeds[rows]
+    index, uniforms, real, group = images[rows], uniforms[rows], real[rows], group[rows]
     norms = None if data.train_norms is None else data.train_norms[index]
     feats = prefix_input(run.cfg.gen, data.train_feats[index], norms, "training image embeddings")
     real = real.flatten()  # (B*K,)
     return Batch(feats.to(run.device), agg_targets[index].to(run.device), uniforms,
-                 [data.corpus[i] for i in real.tolist()], real, seeds)
+                 [data.corpus[i] for i in real.tolist()], real, seeds, group)
 
 
-def discriminate(run: Run, texts: list[str], image_of_row: torch.Tensor, seeds: torch.Tensor,
+def discriminate(run: Run, texts: list[str], group_of_row: torch.Tensor, seeds: torch.Tensor,
                  known: list[list[int] | None] | None = None) -> torch.Tensor:
     """D(c) for caption strings: RoBERTa tokens of each text (cut at disc.max_tokens) -> the
     discriminator's logit (N,). known (N,): token rows already known (see roberta_inputs).
 
-    image_of_row (N,) says which of this process's B images each text belongs to. With dropout
-    active, each image's rows go through RoBERTa together, with torch's random state seeded by the
-    image's seed (B,) from draw_batch: every dropout mask (hidden states and attention alike) is
-    then a function of the image's seed alone, never of the process that holds the image or the
-    rows beside it, so any number of processes computes the logits that one process computes.
-    Without dropout the rows go through in one forward.
+    group_of_row (N,) says which dropout group (G,) each text belongs to: a group is gan.d_groups'
+    share of the global batch's images (draw_batch), with their real sentences, samples and greedy
+    captions. With dropout active, each group's rows go through RoBERTa in one forward, cut to the
+    columns its own texts use, with torch's random state seeded by the group's seed: every dropout
+    mask (hidden states and attention alike) is then a function of the group alone, never of the
+    process that holds it or the groups beside it, so any number of processes that divides G
+    computes the logits that one process computes. Without dropout, one forward for all rows.
     """
     ids, mask = roberta_inputs(run.roberta_tokenizer, texts, run.cfg.disc.max_tokens, known)  # (N, T)
     if not dropout_active(run.discriminator):
         return _discriminator_logits(run, ids.to(run.device), mask.to(run.device))
-    # The rows sorted by image on the host (image b's are then one slice, cut to the columns its
-    # texts use), so that the loop asks the device nothing.
-    order = torch.argsort(image_of_row, stable=True)  # (N,)
-    counts = torch.bincount(image_of_row, minlength=len(seeds)).tolist()  # (B,)
+    # The rows sorted by group on the host (group g's are then one slice, in their order in
+    # texts), so that the loop asks the device nothing.
+    order = torch.argsort(group_of_row, stable=True)  # (N,)
+    counts = torch.bincount(group_of_row, minlength=len(seeds)).tolist()  # (G,)
     lengths = mask[order].sum(1).tolist()  # (N,)
     ids, mask = ids[order].to(run.device), mask[order].to(run.device)  # (N, T)
     devices = [run.device] if run.device.type == "cuda" else []
@@ -388,7 +394,7 @@ def discriminate(run: Run, texts: list[str], image_of_row: torch.Tensor, seeds: 
     for seed, count in zip(seeds.tolist(), counts):
         rows, start = slice(start, start + count), start + count
         if not count:
-            continue
+            continue  # a group another process holds
         width = max(lengths[rows])
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -461,11 +467,11 @@ def gan_step(run: Run, opt_g, opt_d, batch: Batch, step: int) -> dict:
 
     # Sec. 3.2: the discriminator's logit on each caption is its naturalness reward; then D's own
     # step, corpus sentences labelled real (1) and the K samples of each image fake (0).
-    image = torch.arange(b)
-    image_of_row = torch.cat([image.repeat_interleave(k), image.repeat_interleave(k), image])  # (2BK+B,)
+    group = batch.group  # (B,) each image's dropout group
+    group_of_row = torch.cat([group.repeat_interleave(k), group.repeat_interleave(k), group])  # (2BK+B,)
     known = (real_rows(run, batch.real_index)
              + mapped_rows(run.roberta_tokenizer, run.gpt2_tokenizer, rows, row_mask, gen.end_id))
-    d_all = discriminate(run, batch.real + captions, image_of_row, batch.seeds, known)
+    d_all = discriminate(run, batch.real + captions, group_of_row, batch.seeds, known)
     d_real, d_fake = d_all[:b * k], d_all[b * k:]  # (B*K,), (B*K+B,)
     r_nat = with_baseline(naturalness_reward(d_fake), b, k)  # (B, K+1)
     d_loss, d_stats = discriminator_loss(d_real, d_fake[:b * k])
@@ -557,7 +563,7 @@ def _resume_gan(run: Run, run_dir: Path, resume: bool, opt_g, opt_d,
     run.barrier()
     runs.load_checkpoint(run_dir / "init.pt", run, sections=("gen",))
     # The generator's dropout (gen.dropout, 0 by default) draws from torch's global generator:
-    # seeded apart from init's. The discriminator's is seeded per image (discriminate).
+    # seeded apart from init's. The discriminator's is seeded per group of images (discriminate).
     torch.manual_seed(run.cfg.seed + 2)
     return 0, -1.0, None
 

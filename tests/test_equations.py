@@ -504,9 +504,10 @@ def test_update_with_clipping_off_and_below_one():
 
 def test_gan_step_passes_the_recipe_switches(world, monkeypatch):
     """With the discriminator's dropout on, G's warm-up and raw CLIP-agg vectors, gan_step runs
-    the per-image discriminator path, sets G's learning rate by the warm-up and asks for raw
+    the grouped discriminator path, sets G's learning rate by the warm-up and asks for raw
     CLIP-agg rewards."""
-    run = runs.build_run(tiny_config(**{"disc.dropout": "0.1", "gan.warmup": "10"}), world)
+    run = runs.build_run(tiny_config(**{"disc.dropout": "0.1", "gan.warmup": "10",
+                                        "gan.batch": "4"}), world)
     cfg, step = run.cfg.gan, 2
     batch = train.draw_batch(run, train.agg_targets(run), torch.Generator().manual_seed(0))
     cfg.agg_raw = True

@@ -168,6 +168,7 @@ def test_bad_settings_stop_train_before_any_work(sets, message, tmp_path, monkey
 
 @pytest.mark.parametrize("key, value, message", [
     ("gan.k", "0", "gan.k must be at least 1"),
+    ("gan.d_groups", "0", "gan.d_groups must be at least 1"),
     ("gan.eval_every", "0", "gan.eval_every=0 validates after each epoch, so it needs gan.epochs"),
     ("gan.eval_every", "-1", "gan.eval_every must be at least 0"),
     ("disc.max_tokens", "2", "disc.max_tokens must be 0 (no cut) or at least 3"),

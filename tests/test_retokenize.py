@@ -127,7 +127,7 @@ def test_roberta_ids_from_gpt2_ids_at_the_released_sizes():
 def test_discriminator_logits_from_mapped_rows_equal_those_from_text(world):
     """gan_step's path (the real sentences' rows looked up in Run.corpus_roberta, the captions'
     mapped from their GPT-2 ids) gives bit for bit the logits of tokenising every text, with the
-    discriminator's per-image dropout on and the official 22-token cut."""
+    discriminator's dropout on (3 groups) and the official 22-token cut."""
     import runs
     import train
     from test_cgtgan import tiny_config
@@ -144,7 +144,7 @@ def test_discriminator_logits_from_mapped_rows_equal_those_from_text(world):
     known = (train.real_rows(run, real_index)
              + retokenize.mapped_rows(run.roberta_tokenizer, gpt2, ids, mask, gen.end_id))
     assert any(r is not None for r in known[6:])
-    image_of_row, seeds = torch.arange(15) % 3, torch.tensor([5, 6, 7])
-    fast = train.discriminate(run, real + captions, image_of_row, seeds, known)
-    slow = train.discriminate(run, real + captions, image_of_row, seeds)
+    group_of_row, seeds = torch.arange(15) % 3, torch.tensor([5, 6, 7])
+    fast = train.discriminate(run, real + captions, group_of_row, seeds, known)
+    slow = train.discriminate(run, real + captions, group_of_row, seeds)
     assert torch.equal(fast, slow)

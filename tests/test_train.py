@@ -196,7 +196,8 @@ def _spawn_two_processes(tmp_path, sets: dict, runs: list, skew: bool = False) -
 def test_two_process_ddp_matches_one_process(world, tmp_path, dropout):
     """torchrun-style data parallel (gloo, 2 CPU processes) gives the losses of one process with
     the same global batch: ranks share one draw of the random numbers, average their gradients,
-    and the discriminator's dropout masks are seeded per image (train.discriminate)."""
+    and the discriminator's dropout masks are seeded per group of images (train.discriminate;
+    gan.d_groups=2, one group per process)."""
     sets = {"gan.batch": 4, "gan.steps": 3, "disc.dropout": dropout}
     commands.run_train(tiny_config(runs_dir=str(tmp_path), name="single", **sets), world)
     (tmp_path / "ddp").mkdir()
@@ -274,18 +275,81 @@ def test_reward_lambda_per_reward_and_baseline_layout():
     assert train.with_baseline(rows, 3, 2).tolist() == [[0, 1, 100], [10, 11, 110], [20, 21, 120]]
 
 
-def test_discriminator_dropout_depends_on_each_images_seed_alone(world):
-    """With dropout on, an image's logits are the same whichever other images are in the batch
-    (as when another process holds them) and change with its own seed: what makes 2 processes
-    equal 1 (test_two_process_ddp_matches_one_process)."""
+def test_discriminator_dropout_depends_on_each_groups_seed_alone(world):
+    """With dropout on, a dropout group's logits are the same whichever process computes it (one
+    process: every group; process r of 2: its own group, the other's rows absent) and change with
+    its own seed alone: what makes 2 processes equal 1 (test_two_process_ddp_matches_one_process)."""
     run = runs.build_run(tiny_config(**{"disc.dropout": 0.5}), world, with_clip=False)
     run.discriminator.train()
-    texts = world.corpus[:5]  # image 0: rows 0, 1, 4; image 1: rows 2, 3
-    image_of_row, seeds = torch.tensor([0, 0, 1, 1, 0]), torch.tensor([11, 22])
-    both = train.discriminate(run, texts, image_of_row, seeds)
-    alone = train.discriminate(run, [texts[i] for i in (0, 1, 4)], torch.zeros(3, dtype=torch.long),
-                               seeds[:1])
-    torch.testing.assert_close(both[[0, 1, 4]], alone)
-    again = train.discriminate(run, texts, image_of_row, torch.tensor([11, 23]))
+    texts = world.corpus[:5]  # group 0: rows 0, 1, 4; group 1: rows 2, 3
+    group_of_row, seeds = torch.tensor([0, 0, 1, 1, 0]), torch.tensor([11, 22])
+    both = train.discriminate(run, texts, group_of_row, seeds)
+    for rows in ([0, 1, 4], [2, 3]):  # each process's rows, with every group's seed
+        alone = train.discriminate(run, [texts[i] for i in rows], group_of_row[rows], seeds)
+        torch.testing.assert_close(alone, both[rows])
+    again = train.discriminate(run, texts, group_of_row, torch.tensor([11, 23]))
     torch.testing.assert_close(again[[0, 1, 4]], both[[0, 1, 4]])
     assert not torch.allclose(again[[2, 3]], both[[2, 3]])
+    # Dropout really is drawn per group: one forward for all rows under seed 11 gives other
+    # logits for group 1's rows (and group 0's, whose masks are drawn over a wider tensor).
+    one = train.discriminate(run, texts, torch.zeros(5, dtype=torch.long), seeds[:1])
+    assert not torch.allclose(one[[2, 3]], both[[2, 3]])
+
+
+def test_each_process_draws_whole_groups_and_every_seed(world):
+    """draw_batch, as rank r of 2 processes, keeps the groups of its own images (consecutive
+    halves of the batch with gan.d_groups=2) and every group's seed, as one process draws them."""
+    run = runs.build_run(tiny_config(**{"gan.batch": 4, "disc.dropout": 0.1}), world,
+                         with_clip=False)
+    targets = train.agg_targets(run)
+    one = train.draw_batch(run, targets, torch.Generator().manual_seed(3))
+    assert one.group.tolist() == [0, 0, 1, 1] and len(one.seeds) == 2
+    for rank in (0, 1):
+        view = dataclasses.replace(run, rank=rank, world_size=2)
+        mine = train.draw_batch(view, targets, torch.Generator().manual_seed(3))
+        assert torch.equal(mine.seeds, one.seeds)
+        assert mine.group.tolist() == [rank, rank]
+        assert mine.real == one.real[rank * 4:(rank + 1) * 4]
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_groups_change_nothing_without_dropout(world, groups):
+    """disc.dropout=0: gan.d_groups changes no logit, loss or update of a CgT-GAN step (one
+    forward either way); with dropout on, other groups give other masks."""
+    def step(dropout: float, d_groups: int):
+        run = runs.build_run(tiny_config(**{"disc.dropout": dropout, "gan.d_groups": d_groups}),
+                             world)
+        opt_g, opt_d = (train.adamw(m, 1e-3, 0.0) for m in (run.generator, run.discriminator))
+        batch = train.draw_batch(run, train.agg_targets(run), torch.Generator().manual_seed(0))
+        stats = train.gan_step(run, opt_g, opt_d, batch, 5)
+        return stats, [p.detach().clone() for p in run.discriminator.parameters()]
+
+    (stats, params), (base_stats, base_params) = step(0.0, groups), step(0.0, 2)
+    assert stats == base_stats
+    assert all(torch.equal(p, q) for p, q in zip(params, base_params))
+    if groups == 3:
+        assert step(0.3, 3)[0]["d_loss"] != step(0.3, 1)[0]["d_loss"]
+
+
+def test_groups_that_processes_cannot_split_are_refused():
+    cfg = tiny_config(**{"disc.dropout": 0.1, "gan.batch": 12, "gan.d_groups": 4})
+    for world_size in (1, 2, 4):
+        config.check_world_size(cfg, world_size)
+    with pytest.raises(config.ConfigError, match=r"^gan.d_groups \(4\) must be a multiple of the "
+                                                 r"3 data-parallel processes.*gan.d_groups=3"):
+        config.check_world_size(cfg, 3)
+    with pytest.raises(config.ConfigError, match=r"^gan.batch \(12\) must be a multiple of the 5"):
+        config.check_world_size(cfg, 5)
+    # Without dropout the groups change nothing (test_groups_change_nothing_without_dropout).
+    config.check_world_size(dataclasses.replace(cfg, disc=dataclasses.replace(cfg.disc, dropout=0.0)), 3)
+
+
+def test_groups_split_at_every_processes_boundary():
+    """Image i is in group floor(i G / B): with G not dividing B the groups differ in size by one,
+    and the shard of each of W processes (W dividing G and B) holds whole groups."""
+    for b, g, w in ((6, 4, 2), (12, 4, 4), (9, 3, 3), (3, 2, 1), (10, 2, 2)):
+        group = (torch.arange(b) * g // b).tolist()
+        sizes = [group.count(i) for i in range(g)]
+        assert max(sizes) - min(sizes) <= 1 and group == sorted(group)
+        shards = [set(group[r * b // w:(r + 1) * b // w]) for r in range(w)]
+        assert all(not (a & c) for i, a in enumerate(shards) for c in shards[i + 1:]), (b, g, w)
