@@ -286,12 +286,13 @@ def caption_ids(gpt2, sentences: list[str], kind: str, n: int, t: int, end_id: i
 
 
 def time_host(gpt2, roberta, clip_tok, sentences: list[str], b: int, k: int, t: int,
-              repeats: int) -> dict:
+              groups: int, repeats: int) -> dict:
     """Median ms of each host piece of one gan_step on new captions at every call, the step's
     code (*) and main's former code alternated on the same inputs: the B*K + B captions' GPT-2
     ids decoded to text, CLIP-tokenised (ClipText's work on strings it has not seen), and the
     discriminator's RoBERTa inputs of B*K real sentences and the captions (cut at 22 tokens); for
-    "corpus" and "random" captions. The pieces run on the CPU alone, so their time is host time."""
+    "corpus" and "random" captions. The pieces run on the CPU alone, so their time is host time.
+    Then the discriminator's calls with gan.d_groups = groups (time_discriminate)."""
     import clip_tokenizer
     import retokenize
     from types import SimpleNamespace
@@ -331,7 +332,7 @@ def time_host(gpt2, roberta, clip_tok, sentences: list[str], b: int, k: int, t: 
                 times[name].append(1000 * (time.perf_counter() - t0))
         out[kind] = {name: statistics.median(ms[1:]) for name, ms in times.items()}
     out["syncs"] = count_syncs(gpt2, b, k, t)
-    out["disc_call_ms"] = disc_call_overhead(roberta, repeats)
+    out["discriminate"] = time_discriminate(gpt2, roberta, sentences, b, k, t, groups, repeats)
     out["gpu_ms"] = gpu_estimate(b, k, t)
     return out
 
@@ -346,30 +347,54 @@ def host_lines(r: dict, b: int, k: int) -> str:
     total = [sum(r[kind][n] for n in on_path) for kind in ("corpus", "random")]
     lines.append(f"    {'total of * (the step)':<26} {total[0]:7.1f} {total[1]:7.1f}")
     lines.append(f"    host syncs in decoding: {r['syncs']} per step (sample + greedy)")
-    call = r["disc_call_ms"]
-    lines.append(f"    discriminator call overhead (12-layer RoBERTa, width 16, one row): {call:.2f} "
-                 f"ms forward+backward; with dropout, one call per image: {b} x = "
-                 f"{b * call:.1f} ms, without: 1 x")
+    lines.append(f"discriminate + backward on {2 * b * k + b} rows (12-layer RoBERTa, width 16: "
+                 f"mostly per-call host work), median ms:")
+    for name, d in r["discriminate"].items():
+        lines.append(f"    {name:<12} gan.d_groups={d['d_groups']:<4} {d['calls']:4d} RoBERTa "
+                     f"calls per step {d['ms']:8.1f} ms")
     gpu = r["gpu_ms"]
     lines.append(f"GPU estimate at {GPU_FLOPS / 1e12:.0f} TFLOP/s: " + ", ".join(
         f"{name} {ms:.1f}" for name, ms in gpu.items()) + f"; total {sum(gpu.values()):.1f} ms")
     return "\n".join(lines)
 
 
-def disc_call_overhead(roberta, repeats: int) -> float:
-    """Median ms of one forward and backward of a RoBERTa-base-deep (12 layers) but 16-wide
-    discriminator on one 4-token row on the CPU: the Python and dispatch work per call, which a
-    GPU cannot overlap when the call's kernels are short (train.discriminate makes one call per
-    image with dropout on)."""
-    cfg = config.DiscriminatorConfig(hidden=16, n_layer=12, n_head=1, dropout=0.1)
+def time_discriminate(gpt2, roberta, sentences: list[str], b: int, k: int, t: int,
+                      groups: int, repeats: int) -> dict:
+    """Median ms of train.discriminate and the backward of its logits, and its RoBERTa calls, on
+    one step's 2BK + B rows (B*K corpus sentences, B*K + B corpus-like captions, their token rows
+    known as in gan_step, cut at 22 tokens) with a RoBERTa-base-deep (12 layers) but 16-wide
+    discriminator on the CPU: little arithmetic, so the time is mostly the per-call Python and
+    dispatch work, which a GPU cannot overlap when the kernels are short. With dropout one group
+    per image (gan.d_groups = B, the former code) and the preset's `groups`, and without."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    cfg = config.DiscriminatorConfig(hidden=16, n_layer=12, n_head=1, max_tokens=DISC_TOKENS)
     disc = cgtgan.build_discriminator(cfg, roberta).train()
-    ids, mask = cgtgan.roberta_inputs(roberta, ["a red circle"])
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        disc(ids, mask).sum().backward()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times[1:])
+    calls = [0]
+    disc.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    run = SimpleNamespace(roberta_tokenizer=roberta, discriminator=disc, device=torch.device("cpu"),
+                          cfg=SimpleNamespace(disc=cfg), autocast=nullcontext)
+    g, end_id = torch.Generator().manual_seed(1), cgtgan.end_token_id(gpt2, ".")
+    ids, mask = caption_ids(gpt2, sentences, "corpus", b * k + b, t, end_id, g)
+    real = [sentences[i] for i in torch.randint(len(sentences), (b * k,), generator=g).tolist()]
+    texts = real + cgtgan.decode_captions(gpt2, ids, mask, end_id)
+    known = roberta(texts)["input_ids"]
+    out = {}
+    for name, n_groups, p in (("per image", b, 0.1), ("groups", groups, 0.1), ("no dropout", 1, 0.0)):
+        for m in disc.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = p
+        group = torch.arange(b) * n_groups // b  # (B,) as train.draw_batch
+        group_of_row = torch.cat([group.repeat_interleave(k), group.repeat_interleave(k), group])
+        seeds = torch.randint(2**62, (n_groups,), generator=g)
+        times = []
+        for _ in range(repeats + 1):
+            calls[0], t0 = 0, time.perf_counter()
+            train.discriminate(run, texts, group_of_row, seeds, known).sum().backward()
+            times.append(1000 * (time.perf_counter() - t0))
+        out[name] = {"d_groups": n_groups, "calls": calls[0], "ms": statistics.median(times[1:])}
+    return out
 
 
 def count_syncs(gpt2, b: int, k: int, t: int) -> int:
@@ -455,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_ps_"))
     root.mkdir(parents=True, exist_ok=True)
     if args.host_only:
-        return host_only(root, args, preset.gen.max_len)
+        return host_only(root, args, preset.gen.max_len, preset.gan.d_groups)
     try:
         t0 = time.perf_counter()
         options = build_inputs(root, args.tiny, args.batch, device)
@@ -487,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
         sentences = [s for ss in dataset.splits["test"].references.values() for s in ss]
         host = time_host(parts.gpt2_tokenizer, parts.roberta_tokenizer, parts.clip_text.tokenizer,
                          sentences + dataset.corpus, args.batch, args.k, cfg.gen.max_len,
-                         args.repeats)
+                         cfg.gan.d_groups, args.repeats)
         print(host_lines(host, args.batch, args.k), flush=True)
     finally:
         if not args.workdir:
@@ -498,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def host_only(root: Path, args, max_len: int) -> dict:
+def host_only(root: Path, args, max_len: int, groups: int) -> dict:
     """--host-only: the host table with real-size tokenizers, on the fixture's sentences."""
     fx = build_paperscale_fixture(root / "data", models=False)
     split = json.loads(fx.split_file.read_text())
@@ -506,7 +531,7 @@ def host_only(root: Path, args, max_len: int) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizers = host_tokenizers(root, sentences)
-    host = time_host(*tokenizers, sentences, args.batch, args.k, max_len, args.repeats)
+    host = time_host(*tokenizers, sentences, args.batch, args.k, max_len, groups, args.repeats)
     print(host_lines(host, args.batch, args.k), flush=True)
     if not args.workdir:
         shutil.rmtree(root, ignore_errors=True)
