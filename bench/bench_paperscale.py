@@ -347,8 +347,8 @@ def host_lines(r: dict, b: int, k: int) -> str:
     total = [sum(r[kind][n] for n in on_path) for kind in ("corpus", "random")]
     lines.append(f"    {'total of * (the step)':<26} {total[0]:7.1f} {total[1]:7.1f}")
     lines.append(f"    host syncs in decoding: {r['syncs']} per step (sample + greedy)")
-    lines.append(f"discriminate + backward on {2 * b * k + b} rows (12-layer RoBERTa, width 16: "
-                 f"mostly per-call host work), median ms:")
+    lines.append(f"discriminate + backward on {2 * b * k + b} rows (12-layer RoBERTa, width 16, CPU "
+                 f"arithmetic included; the rows differ by per-call host work), median ms:")
     for name, d in r["discriminate"].items():
         lines.append(f"    {name:<12} gan.d_groups={d['d_groups']:<4} {d['calls']:4d} RoBERTa "
                      f"calls per step {d['ms']:8.1f} ms")
@@ -363,9 +363,10 @@ def time_discriminate(gpt2, roberta, sentences: list[str], b: int, k: int, t: in
     """Median ms of train.discriminate and the backward of its logits, and its RoBERTa calls, on
     one step's 2BK + B rows (B*K corpus sentences, B*K + B corpus-like captions, their token rows
     known as in gan_step, cut at 22 tokens) with a RoBERTa-base-deep (12 layers) but 16-wide
-    discriminator on the CPU: little arithmetic, so the time is mostly the per-call Python and
-    dispatch work, which a GPU cannot overlap when the kernels are short. With dropout one group
-    per image (gan.d_groups = B, the former code) and the preset's `groups`, and without."""
+    discriminator on the CPU: the same arithmetic in every variant, so their differences are the
+    per-call Python and dispatch work, which a GPU cannot overlap when the kernels are short. With
+    dropout one group per image (gan.d_groups = B, the former code) and the preset's `groups`,
+    and without dropout (one call)."""
     from contextlib import nullcontext
     from types import SimpleNamespace
 
