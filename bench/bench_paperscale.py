@@ -363,7 +363,7 @@ def time_discriminate(gpt2, roberta, sentences: list[str], b: int, k: int, t: in
     """Median ms of train.discriminate and the backward of its logits, and its RoBERTa calls, on
     one step's 2BK + B rows (B*K corpus sentences, B*K + B corpus-like captions, their token rows
     known as in gan_step, cut at 22 tokens) with a RoBERTa-base-deep (12 layers) but 16-wide
-    discriminator on the CPU: the same arithmetic in every variant, so their differences are the
+    discriminator on the CPU: about the same arithmetic in every variant, so their differences are the
     per-call Python and dispatch work, which a GPU cannot overlap when the kernels are short. With
     dropout one group per image (gan.d_groups = B, the former code) and the preset's `groups`,
     and without dropout (one call)."""
