@@ -468,7 +468,8 @@ def gan_step(run: Run, opt_g, opt_d, batch: Batch, step: int) -> dict:
     # Sec. 3.2: the discriminator's logit on each caption is its naturalness reward; then D's own
     # step, corpus sentences labelled real (1) and the K samples of each image fake (0).
     group = batch.group  # (B,) each image's dropout group
-    group_of_row = torch.cat([group.repeat_interleave(k), group.repeat_interleave(k), group])  # (2BK+B,)
+    per_sample = group.repeat_interleave(k)  # (B*K,)
+    group_of_row = torch.cat([per_sample, per_sample, group])  # (2BK+B,) real, samples, greedy
     known = (real_rows(run, batch.real_index)
              + mapped_rows(run.roberta_tokenizer, run.gpt2_tokenizer, rows, row_mask, gen.end_id))
     d_all = discriminate(run, batch.real + captions, group_of_row, batch.seeds, known)

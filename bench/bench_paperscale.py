@@ -347,8 +347,8 @@ def host_lines(r: dict, b: int, k: int) -> str:
     total = [sum(r[kind][n] for n in on_path) for kind in ("corpus", "random")]
     lines.append(f"    {'total of * (the step)':<26} {total[0]:7.1f} {total[1]:7.1f}")
     lines.append(f"    host syncs in decoding: {r['syncs']} per step (sample + greedy)")
-    lines.append(f"discriminate + backward on {2 * b * k + b} rows (12-layer RoBERTa, width 16, CPU "
-                 f"arithmetic included; the rows differ by per-call host work), median ms:")
+    lines.append(f"discriminate + backward on {2 * b * k + b} rows (12-layer RoBERTa, width 16, "
+                 f"CPU arithmetic included; the rows differ by per-call host work), median ms:")
     for name, d in r["discriminate"].items():
         lines.append(f"    {name:<12} gan.d_groups={d['d_groups']:<4} {d['calls']:4d} RoBERTa "
                      f"calls per step {d['ms']:8.1f} ms")
@@ -363,10 +363,10 @@ def time_discriminate(gpt2, roberta, sentences: list[str], b: int, k: int, t: in
     """Median ms of train.discriminate and the backward of its logits, and its RoBERTa calls, on
     one step's 2BK + B rows (B*K corpus sentences, B*K + B corpus-like captions, their token rows
     known as in gan_step, cut at 22 tokens) with a RoBERTa-base-deep (12 layers) but 16-wide
-    discriminator on the CPU: about the same arithmetic in every variant, so their differences are the
-    per-call Python and dispatch work, which a GPU cannot overlap when the kernels are short. With
-    dropout one group per image (gan.d_groups = B, the former code) and the preset's `groups`,
-    and without dropout (one call)."""
+    discriminator on the CPU: about the same arithmetic in every variant, so their differences
+    are the per-call Python and dispatch work, which a GPU cannot overlap when the kernels are
+    short. With dropout one group per image (gan.d_groups = B, the former code) and the preset's
+    `groups`, and without dropout (one call)."""
     from contextlib import nullcontext
     from types import SimpleNamespace
 
@@ -382,7 +382,8 @@ def time_discriminate(gpt2, roberta, sentences: list[str], b: int, k: int, t: in
     texts = real + cgtgan.decode_captions(gpt2, ids, mask, end_id)
     known = roberta(texts)["input_ids"]
     out = {}
-    for name, n_groups, p in (("per image", b, 0.1), ("groups", groups, 0.1), ("no dropout", 1, 0.0)):
+    variants = (("per image", b, 0.1), ("groups", groups, 0.1), ("no dropout", 1, 0.0))
+    for name, n_groups, p in variants:
         for m in disc.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = p

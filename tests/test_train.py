@@ -341,7 +341,8 @@ def test_groups_that_processes_cannot_split_are_refused():
     with pytest.raises(config.ConfigError, match=r"^gan.batch \(12\) must be a multiple of the 5"):
         config.check_world_size(cfg, 5)
     # Without dropout the groups change nothing (test_groups_change_nothing_without_dropout).
-    config.check_world_size(dataclasses.replace(cfg, disc=dataclasses.replace(cfg.disc, dropout=0.0)), 3)
+    no_dropout = dataclasses.replace(cfg, disc=dataclasses.replace(cfg.disc, dropout=0.0))
+    config.check_world_size(no_dropout, 3)
 
 
 def test_groups_split_at_every_processes_boundary():
