@@ -192,6 +192,9 @@ def write_config(run_dir: Path, cfg: Config, resume: bool) -> None:
     path = run_dir / "config.json"
     if resume and path.is_file():
         diff = config_diff(read_json(path), config_dict(cfg))
+        if diff and diff[1] is None:  # a setting newer than the run: its batches would differ
+            raise ConfigError(f"--resume: {path} predates the setting {diff[0]} (this version "
+                              f"uses {diff[2]!r}); start the run again with --overwrite")
         if diff:
             raise ConfigError(f"--resume: {path} has {diff[0]}={diff[1]!r} but this run has "
                               f"{diff[2]!r}; resume with the same settings")

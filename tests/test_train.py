@@ -77,6 +77,18 @@ def test_resume_refuses_other_settings(world, trained):
         commands.run_train(other, world, resume=True)
 
 
+def test_resume_refuses_a_run_from_before_a_setting_existed(world, trained, tmp_path):
+    cfg, run_dir, _ = trained
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["gan"]["d_groups"]  # as written by a version without the setting
+    (old / "config.json").write_text(json.dumps(saved))
+    again = tiny_config(runs_dir=str(tmp_path), name="old")
+    with pytest.raises(config.ConfigError, match="predates the setting gan.d_groups .*--overwrite"):
+        commands.run_train(again, world, resume=True)
+
+
 def test_checkpoints_are_tied_to_their_data(world, trained, tmp_path, capsys):
     # Same config, same widths and vocabularies, other CLIP embeddings (as after a change to the
     # world's defaults or its CLIP): init.pt is trained again, not reused, and --resume refuses.
