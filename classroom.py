@@ -49,6 +49,9 @@ EXERCISES = {
     "contrastive_loss": (10, "clip_model.contrastive_loss"),
     "tfidf_vector": (20, "evaluate.tfidf_vector"),
     "bpe": (30, "clip_tokenizer.bpe"),
+    "prefix_lm_logits": (20, "cgtgan.prefix_lm_logits"),
+    "caption_log_prob": (10, "cgtgan.caption_log_prob"),
+    "generator_loss": (20, "cgtgan.generator_loss"),
 }
 # Project helpers that would answer an exercise in one call: a submission may not use them.
 HELPERS = {"merge_pair": "bpe", "idf_by_df": "tfidf_vector", "cider_d_image": "tfidf_vector",
@@ -195,8 +198,8 @@ def _violation(node: ast.AST, graded: set, project: set) -> str | None:
 
 def call(fn, args: tuple, wrt: tuple = ()) -> tuple:
     """(result, grads): fn(*args) with tensors detached, and for each index in `wrt` the gradient of
-    the result (its first element when it is a tuple) with respect to that argument (zeros where
-    none flows). Raises GradientError when the result carries no gradient at all."""
+    the result (its first element when it is a tuple; summed when it holds many values) with
+    respect to that argument (zeros where none flows). Raises GradientError when the result carries no gradient at all."""
     import torch
 
     args = list(args)
@@ -208,7 +211,8 @@ def call(fn, args: tuple, wrt: tuple = ()) -> tuple:
         loss = result[0] if isinstance(result, tuple) else result
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             raise GradientError("the result carries no gradient back to its inputs")
-        found = torch.autograd.grad(loss, [args[i] for i in wrt], allow_unused=True)
+        # A result of many values (logits, per-caption log-probs): the gradient of their sum.
+        found = torch.autograd.grad(loss.sum(), [args[i] for i in wrt], allow_unused=True)
         grads = [torch.zeros_like(args[i]) if g is None else g for i, g in zip(wrt, found)]
     return detached(result), grads
 
