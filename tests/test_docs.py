@@ -161,6 +161,8 @@ def test_exercise_commands_parse_with_the_real_cli(monkeypatch, capsys):
 
     for name in ("run_train", "run_init", "run_ablation"):
         monkeypatch.setattr(commands, name, capture)
+    students = []  # --student files: the page names the student's own, which do not exist here
+    monkeypatch.setattr(cli, "swap_student", lambda path: students.append(path) or {})
     commands = _cli_commands()
     assert len(commands) >= 15
     for command in commands:
@@ -169,6 +171,7 @@ def test_exercise_commands_parse_with_the_real_cli(monkeypatch, capsys):
                                         f"{capsys.readouterr().err.strip()}")
     assert len(seen) == len(commands)
     assert {c.gan.temperature for c in seen} >= {10.0, 100.0, 1000.0}
+    assert len([p for p in students if p]) >= 3  # the step exercises' experiments run your code
 
 
 def test_exercise_python_example_prints_what_the_page_says(capsys):
