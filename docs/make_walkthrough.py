@@ -123,7 +123,8 @@ def page(run: runs.Run, batch: train.Batch, calls: dict, seen: dict) -> str:
     """The markdown of the walkthrough."""
     b, k = batch.feats.shape[0], run.cfg.gan.k
     ids, logp, mask = seen["sample"]
-    (_, captions), (_, greedy) = calls["decode_captions"]
+    (_, texts), = calls["decode_captions"]  # the B*K samples, then the B greedy captions
+    captions, greedy = texts[:b * k], texts[b * k:]
     (cos_args, r_cos), = calls["clip_cos_reward"]
     (_, r_agg), = calls["clip_agg_reward"]
     (_, r_sem), = calls["semantic_reward"]
