@@ -77,11 +77,7 @@ class CaptionGenerator(nn.Module):
         self.end_id, self.max_len = end_id, max_len
 
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        prefix = self.mapping(feats)  # (N, P, E)
-        embeds = torch.cat([prefix, self.gpt.transformer.wte(tokens)], dim=1)  # (N, P+T, E)
-        logits = self.gpt(inputs_embeds=embeds).logits  # (N, P+T, V)
-        # The output at position P-1+i (the last prefix token, then each word) predicts word i.
-        return logits[:, prefix.shape[1] - 1:-1]  # (N, T, V)
+        return prefix_lm_logits(self.gpt, self.mapping(feats), tokens)  # (N, T, V)
 
     def log_probs(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """log p(tokens[:, i] | prefix, tokens[:, :i]) for every position: (N, T), with gradient."""
@@ -177,6 +173,24 @@ class CaptionGenerator(nn.Module):
             # max_len reached: the open beams are captions cut at the length limit.
             done += [(s / len(q), q) for s, q in zip(scores.tolist(), seqs)]
         return max(done)[1]
+
+
+# exercise: prefix_lm_logits (docs/exercises.md)
+def prefix_lm_logits(gpt, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing through a visual prefix (Sec. 3.1): GPT-2 reads the P prefix embeddings
+    (N, P, E) and then the T caption tokens (N, T) -> logits (N, T, V), where logits[:, i]
+    predicts tokens[:, i] from the prefix and tokens[:, :i] alone.
+
+    GPT-2's output at a position predicts the token after it, so the P+T outputs shift by one:
+    the output at position P-1+i (the last prefix vector for i = 0, then each word) predicts word
+    i. The first P-1 outputs predict prefix vectors, which are no tokens, and the last output
+    predicts what would follow the caption: neither has a label, and both are dropped.
+    Worked example, P = 2, T = 3: GPT-2 reads [p0, p1, w0, w1, w2] and outputs rows 0..4;
+    row 1 (after p1) predicts w0, row 2 predicts w1, row 3 predicts w2; rows 0 and 4 are dropped.
+    """
+    embeds = torch.cat([prefix, gpt.transformer.wte(tokens)], dim=1)  # (N, P+T, E)
+    logits = gpt(inputs_embeds=embeds).logits  # (N, P+T, V)
+    return logits[:, prefix.shape[1] - 1:-1]  # (N, T, V)
 
 
 def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -520,6 +534,19 @@ def semantic_reward(cos: torch.Tensor, agg: torch.Tensor, agg_weight: float) -> 
 # Losses and the schedule (Sec. 3.4)
 
 
+# exercise: caption_log_prob (docs/exercises.md)
+def caption_log_prob(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each sampled caption, per token: the mean of its token log-probs
+    over its real tokens. logp, mask (..., T) -> (...); mask is 1 up to and including the end
+    token, 0 on the padding after it (whose log-probs, whatever they hold, must not count).
+
+    The paper averages over the caption's own length, so a long caption is not pushed harder
+    than a short one with the same advantage. A caption with no real token (never sampled) gets 0.
+    Worked example: logp (-1, -3, -50), mask (1, 1, 0) -> (-1 - 3) / 2 = -2.
+    """
+    return (logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # (...)
+
+
 # exercise: scst_loss (docs/exercises.md)
 def scst_loss(logp: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor,
               baseline: torch.Tensor | None = None) -> torch.Tensor:
@@ -535,8 +562,30 @@ def scst_loss(logp: torch.Tensor, mask: torch.Tensor, reward: torch.Tensor,
     else:
         baseline = baseline[:, None]  # (B, 1)
     advantage = (reward - baseline).detach()  # (B, K)
-    mean_logp = (logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # (B, K)
-    return -(advantage * mean_logp).mean()
+    return -(advantage * caption_log_prob(logp, mask)).mean()
+
+
+# exercise: generator_loss (docs/exercises.md)
+def generator_loss(logp: torch.Tensor, mask: torch.Tensor, r_sem: torch.Tensor,
+                   r_nat: torch.Tensor, lam: float, baseline: str = "greedy") -> tuple[torch.Tensor, dict]:
+    """Sec. 3.4, the generator's loss: L_G = lam * L_sem + (1 - lam) * L_nat, each term a
+    self-critical loss with its own baseline. logp, mask (B, K, T); r_sem, r_nat (B, K+1): the K
+    samples' rewards, then the greedy caption's at index K -> (L_G, {"loss_sem", "loss_nat"}).
+
+    baseline "greedy": each reward's own greedy caption's reward (r_sem[:, K] for L_sem,
+    r_nat[:, K] for L_nat: a CLIP reward near 100 and a discriminator logit near 0 are on scales
+    no shared baseline fits); "loo": the mean of the other samples' rewards (the greedy column
+    unused). lam = 0 is naturalness alone (lambda_schedule holds it there first).
+    Worked example (B = 1, K = 2, mean log-probs (-1, -2), lam = 0.25): r_sem (60, 40, 50) gives
+    advantages (10, -10) and L_sem = -(10 * -1 - 10 * -2) / 2 = -5; r_nat (1, 3, 2) gives (-1, 1)
+    and L_nat = -(-1 * -1 + 1 * -2) / 2 = 0.5; L_G = 0.25 * -5 + 0.75 * 0.5 = -0.875.
+    """
+    k = logp.shape[1]
+    loo = baseline == "loo"
+    loss_sem = scst_loss(logp, mask, r_sem[:, :k], None if loo else r_sem[:, k])
+    loss_nat = scst_loss(logp, mask, r_nat[:, :k], None if loo else r_nat[:, k])
+    loss = lam * loss_sem + (1 - lam) * loss_nat
+    return loss, {"loss_sem": loss_sem.item(), "loss_nat": loss_nat.item()}
 
 
 # exercise: discriminator_loss (docs/exercises.md)

@@ -49,6 +49,9 @@ EXERCISES = {
     "contrastive_loss": (10, "clip_model.contrastive_loss"),
     "tfidf_vector": (20, "evaluate.tfidf_vector"),
     "bpe": (30, "clip_tokenizer.bpe"),
+    "prefix_lm_logits": (20, "cgtgan.prefix_lm_logits"),
+    "caption_log_prob": (10, "cgtgan.caption_log_prob"),
+    "generator_loss": (20, "cgtgan.generator_loss"),
 }
 # Project helpers that would answer an exercise in one call: a submission may not use them.
 HELPERS = {"merge_pair": "bpe", "idf_by_df": "tfidf_vector", "cider_d_image": "tfidf_vector",
@@ -195,8 +198,8 @@ def _violation(node: ast.AST, graded: set, project: set) -> str | None:
 
 def call(fn, args: tuple, wrt: tuple = ()) -> tuple:
     """(result, grads): fn(*args) with tensors detached, and for each index in `wrt` the gradient of
-    the result (its first element when it is a tuple) with respect to that argument (zeros where
-    none flows). Raises GradientError when the result carries no gradient at all."""
+    the result (its first element when it is a tuple; summed when it holds many values) with
+    respect to that argument (zeros where none flows). Raises GradientError when the result carries no gradient at all."""
     import torch
 
     args = list(args)
@@ -208,7 +211,8 @@ def call(fn, args: tuple, wrt: tuple = ()) -> tuple:
         loss = result[0] if isinstance(result, tuple) else result
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             raise GradientError("the result carries no gradient back to its inputs")
-        found = torch.autograd.grad(loss, [args[i] for i in wrt], allow_unused=True)
+        # A result of many values (logits, per-caption log-probs): the gradient of their sum.
+        found = torch.autograd.grad(loss.sum(), [args[i] for i in wrt], allow_unused=True)
         grads = [torch.zeros_like(args[i]) if g is None else g for i, g in zip(wrt, found)]
     return detached(result), grads
 
@@ -362,6 +366,94 @@ class Worker:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+# ----------------------------------------------------------------------------------------------
+# A training run with the student's functions (`python cgtgan.py train --student FILE`)
+
+
+class StudentError(ValueError):
+    """A student file that cannot go into a run: the message is one line."""
+
+
+def written_functions(source: str) -> tuple[list[str], list[str]]:
+    """(exercises the file defines with a body, exercises it leaves as NotImplementedError stubs)."""
+    stub = {}  # the last definition of a name is the one Python keeps
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and node.name in EXERCISES:
+            stub[node.name] = _is_stub(node.body[-1])
+    return [n for n, s in stub.items() if not s], [n for n, s in stub.items() if s]
+
+
+def swap_in(path: str) -> dict:
+    """Puts the student's written exercise functions into the project for this process's run:
+    {NAME: the function the run now calls}; each counts its calls in `.calls`.
+
+    The file is checked as the grader checks it (`violations`) and imported by path; a stub left
+    as NotImplementedError is not swapped. Every loaded project module that holds the reference
+    function (its own module, and those that imported it by name, like train.py) gets the
+    student's instead, so the real training path runs it."""
+    import importlib
+
+    source = Path(path).read_text()
+    problems = violations(source, path)
+    if problems:
+        raise StudentError(f"{path}: {problems[0]}")
+    try:
+        module = load_file(path)
+    except Exception as err:  # the student's file may fail in any way: one line, not a traceback
+        raise StudentError(f"{path} failed to import: {type(err).__name__}: {err}") from None
+    importlib.import_module("commands")  # every module of a run, so each binding is found
+    swapped = {}
+    for name in written_functions(source)[0]:
+        home, attr = EXERCISES[name][1].split(".")
+        reference = getattr(importlib.import_module(home), attr)
+        swapped[name] = student = _adapted(getattr(module, name), reference, name)
+        setattr(module, name, student)  # the student's own calls of it count too
+        for loaded in list(sys.modules.values()):
+            if Path(getattr(loaded, "__file__", None) or "/").parent == ROOT:
+                for key, value in list(vars(loaded).items()):
+                    if value is reference:
+                        setattr(loaded, key, student)
+    return swapped
+
+
+def _adapted(student, reference, name: str):
+    """The student's function, called as the project calls the reference: keyword arguments the
+    student's signature lacks are dropped while they hold the reference's default (the plain
+    equation), and refused when the run needs another value (e.g. clip_agg_reward's raw=True)."""
+    import functools
+    import inspect as signatures
+
+    accepts = signatures.signature(student).parameters
+    defaults = {k: p.default for k, p in signatures.signature(reference).parameters.items()}
+    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in accepts.values())
+
+    @functools.wraps(student)
+    def run(*args, **kwargs):
+        run.calls += 1
+        for key in [k for k in kwargs if k not in accepts and not open_kwargs]:
+            if kwargs[key] != defaults.get(key):
+                raise StudentError(f"your {name}() has no argument {key!r}, and this run sets "
+                                   f"{key}={kwargs[key]!r}; add it, or run without that setting")
+            del kwargs[key]
+        return student(*args, **kwargs)
+
+    run.calls = 0
+    return run
+
+
+def swap_report(path: str, swapped: dict, stubs: list[str]) -> str:
+    """The line a run prints: which of the student's functions it uses, which it leaves."""
+    names = ", ".join(swapped) or "none (no exercise function with a body)"
+    left = f"; not written yet, the project's: {', '.join(stubs)}" if stubs else ""
+    return f"--student {path}: this run uses your {names}{left}"
+
+
+def calls_report(swapped: dict) -> str:
+    """The line after a run: how often each of the student's functions ran (0: never reached)."""
+    ran = ", ".join(f"{name} {fn.calls}x" for name, fn in swapped.items())
+    return f"your functions ran: {ran}" if swapped else "no function of yours ran"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import classroom
 from config import (BEHAVIOUR_DIFFERENCES, EVAL_DATASETS, PRESETS, Config, ConfigError, Reward,
                     apply_overrides, config_dict, config_from_dict, differences, parse_sets,
                     run_name)
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--overwrite", action="store_true",
                            help="start again in a run folder that holds a run (its checkpoints "
                                 "and results are removed)")
+        if name in ("train", "init"):
+            p.add_argument("--student", metavar="FILE",
+                           help="classroom: run with the exercise functions written in FILE "
+                                "(docs/exercises.md) in place of the project's")
         if name == "train":
             p.add_argument("--reward", choices=REWARDS, help="the generator's reward (ablation)")
             p.add_argument("--ablation", action="store_true",
@@ -106,7 +111,23 @@ def config_from_args(args) -> Config:
         cfg.name = args.name
     elif args.preset:
         cfg.name = run_name(cfg, args.preset)
+    if getattr(args, "student", None) and not args.name:
+        # A run with a student's functions never shares the reference run's folder.
+        cfg.name = f"{run_name(cfg, args.preset or '')}_{Path(args.student).stem}"
     return cfg
+
+
+def swap_student(path: str) -> dict:
+    """--student FILE: the student's written functions put into this run (classroom.swap_in),
+    and one line saying which; {} without --student."""
+    if not path:
+        return {}
+    if not Path(path).is_file():
+        raise ConfigError(f"--student {path}: no such file (give the path of your solution file)")
+    swapped = classroom.swap_in(path)
+    stubs = classroom.written_functions(Path(path).read_text())[1]
+    print(classroom.swap_report(path, swapped, stubs), flush=True)
+    return swapped
 
 
 def show_config(args) -> int:
@@ -210,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             commands.run_corpus(args.kind, args.input, args.output, args.seed, args.gcc_intended)
         else:
             cfg = config_from_args(args)
+            swapped = swap_student(getattr(args, "student", None))
             if args.command == "prepare":
                 print(json.dumps(commands.run_prepare(cfg), indent=2))
             elif args.command == "init":
@@ -218,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                 commands.run_ablation(cfg, overwrite=args.overwrite)
             else:
                 commands.run_train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, commands.DataError, commands.TrainingError) as err:
+            if swapped:
+                print(classroom.calls_report(swapped))
+    except (ConfigError, commands.DataError, commands.TrainingError, classroom.StudentError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

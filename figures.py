@@ -7,12 +7,17 @@ caption: the words that state a false fact in red, a caption the grammar cannot 
 curves.png (draw_curves) plots metrics.jsonl of the adversarial stage (Sec. 3.4) by step: the
 naturalness reward (discriminator logit), the CLIP-cos and CLIP-agg rewards, the discriminator's
 accuracy, lambda, and the validation scores. commands.run_train draws both after testing.
+draw_modality_gap puts CLIP image and text embeddings of the same scenes in one 2-D picture, with
+their mean cosine and the distance between their centres (docs/make_modality_gap.py draws
+docs/modality_gap.png from a trained run).
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 # Text colours: a caption's words, the checker's verdicts, references and axes.
@@ -193,7 +198,7 @@ def _axes(sheet, box, xs: list[float], ys: list[float], fonts, labels: tuple[str
     for x in x_ticks:
         px = to_px(x, y0)[0]
         draw.line([(px, bottom), (px, bottom + 5)], fill=BLACK)
-        text_at(draw, (px, bottom + 7), _tick_label(x, 1), small, "ma")
+        text_at(draw, (px, bottom + 7), _tick_label(x, x_ticks[1] - x_ticks[0]), small, "ma")
     for y in y_ticks:
         py = to_px(x0, y)[1]
         draw.line([(left - 5, py), (right, py)], fill="#e6e6e6")
@@ -284,3 +289,60 @@ def draw_curves(records: list[dict], path: Path) -> None:
         ox, oy = (p % 2) * w, top + (p // 2) * h
         _panel(sheet, (ox + 100, oy + 36, ox + w - 24, oy + h - 62), panel, gan, best_step(gan), fonts)
     sheet.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The modality gap: CLIP image and text embeddings of the same scenes, in 2-D
+
+GAP_COLOURS = ["#1f77b4", "#2ca02c", "#ff7f0e", "#d62728", "#9467bd"]
+
+
+def gap_numbers(image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
+    """Image embeddings (N, D) against the text embeddings of the same N scenes (N, D), both
+    L2-normalised: "cos", the mean cosine of each scene's pair, and "gap", the distance between
+    the two clouds' centres (the modality gap of Liang et al., 2022).
+    Example: every image e_1 and every text e_2: cos 0, gap sqrt(2) = 1.414."""
+    v, t = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)  # (N, D) each
+    return {"cos": (v * t).sum(-1).mean().item(), "gap": (v.mean(0) - t.mean(0)).norm().item()}
+
+
+def pca_2d(x: torch.Tensor) -> torch.Tensor:
+    """Rows (N, D) projected on their two principal directions -> (N, 2), by an SVD of the
+    centred rows; each direction's sign is fixed (its largest loading positive), so the picture
+    does not flip between runs."""
+    centred = x.double() - x.double().mean(0)  # (N, D)
+    _, _, vt = torch.linalg.svd(centred, full_matrices=False)  # vt (min(N, D), D)
+    axes = vt[:2] * vt[:2].gather(1, vt[:2].abs().argmax(1, keepdim=True)).sign()  # (2, D)
+    return (centred @ axes.T).float()  # (N, 2)
+
+
+def draw_modality_gap(image: torch.Tensor, texts: dict[str, torch.Tensor], path: Path,
+                      title: str = "CLIP embeddings of the same test scenes") -> dict:
+    """modality_gap.png: image embeddings (N, D) and each set of text embeddings of the same N
+    scenes ({label: (N, D)}, e.g. reference captions, then generated ones) projected together on
+    two principal directions, one colour per set, each set's gap_numbers in its legend line.
+    Returns {label: gap_numbers}."""
+    numbers = {label: gap_numbers(image, t) for label, t in texts.items()}
+    sets = [F.normalize(image.float(), dim=-1)] + [F.normalize(t.float(), dim=-1) for t in texts.values()]
+    points = pca_2d(torch.cat(sets)).split([len(x) for x in sets])  # each (N, 2)
+    font, small = load_font(17), load_font(15)
+    sheet = Image.new("RGB", (760, 720), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((20, 12), title, fill=BLACK, font=font)
+    legend = [f"images (N = {len(image)})"] + [
+        f"{label}: mean cos(image, text) {n['cos']:.3f}, gap |mean image - mean text| {n['gap']:.3f}"
+        for label, n in numbers.items()]
+    for i, line in enumerate(legend):
+        y = 44 + i * 24
+        draw.ellipse((24, y + 4, 36, y + 16), fill=GAP_COLOURS[i % len(GAP_COLOURS)])
+        draw.text((44, y), line, fill=BLACK, font=small)
+    flat = torch.cat(points)
+    to_px = _axes(sheet, (100, 70 + 24 * len(legend), 730, 640), flat[:, 0].tolist(),
+                  flat[:, 1].tolist(), (font, small), ("principal direction 1",
+                                                       "principal direction 2"))
+    for i, xy in enumerate(points):
+        for x, y in xy.tolist():
+            px, py = to_px(x, y)
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=GAP_COLOURS[i % len(GAP_COLOURS)])
+    sheet.save(path)
+    return numbers

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import runs
 from cgtgan import (IGNORE_INDEX, caption_loss, clip_agg_reward, clip_agg_target,
                     clip_cos_reward, decode_captions, discriminator_loss, encode_sentences,
-                    lambda_schedule, naturalness_reward, roberta_inputs, scst_loss,
+                    generator_loss, lambda_schedule, naturalness_reward, roberta_inputs,
                     semantic_reward)
 from config import ConfigError, GANConfig, GeneratorConfig, InitConfig
 from data import nearest, raw_rows
@@ -481,15 +481,11 @@ def gan_step(run: Run, opt_g, opt_d, batch: Batch, step: int) -> dict:
     # Sec. 3.4: two self-critical losses, each sample's reward against its image's greedy caption
     # (or the other samples' mean, baseline=loo), mixed by lambda; then G's step, its learning
     # rate warmed up over the first gan.warmup steps.
-    loo = cfg.baseline == "loo"
-    loss_sem = scst_loss(logp, mask, r_sem[:, :k], None if loo else r_sem[:, k])
-    loss_nat = scst_loss(logp, mask, r_nat[:, :k], None if loo else r_nat[:, k])
     lam = reward_lambda(cfg, step)
-    loss = lam * loss_sem + (1 - lam) * loss_nat
+    loss, g_stats = generator_loss(logp, mask, r_sem, r_nat, lam, cfg.baseline)
     set_lr(opt_g, warmup_lr(cfg.lr, step, cfg.warmup))
     update(run, opt_g, gen, loss, cfg.grad_clip)
-    return {"loss_g": loss.item(), "loss_sem": loss_sem.item(), "loss_nat": loss_nat.item(),
-            "d_loss": d_loss.item(), **d_stats, "lambda": lam,
+    return {"loss_g": loss.item(), **g_stats, "d_loss": d_loss.item(), **d_stats, "lambda": lam,
             **{name: r[:, :k].mean().item() for name, r in
                (("r_cos", r_cos), ("r_agg", r_agg), ("r_nat", r_nat), ("r_sem", r_sem))},
             "len": mask.sum(-1).mean().item(), "example": captions[0]}

@@ -120,3 +120,36 @@ def bpe(word: str, ranks: dict) -> list:
                 i += 1
         parts = merged
     return parts
+
+
+# exercise: prefix_lm_logits
+def prefix_lm_logits(gpt, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing through a visual prefix. gpt: a GPT2LMHeadModel; prefix (N, P, E);
+    tokens (N, T) -> logits (N, T, V), where logits[:, i] predicts tokens[:, i] from the prefix
+    and tokens[:, :i] alone (GPT-2's output at a position predicts the next position's token)."""
+    embeds = torch.cat([prefix, gpt.transformer.wte(tokens)], dim=1)  # (N, P+T, E)
+    logits = gpt(inputs_embeds=embeds).logits  # (N, P+T, V)
+    p = prefix.shape[1]
+    return logits[:, p - 1:p - 1 + tokens.shape[1]]  # the outputs after p_{P-1}, w_0, ..., w_{T-2}
+
+
+# exercise: caption_log_prob
+def caption_log_prob(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each caption's mean token log-prob over its real tokens. logp, mask (..., T) -> (...);
+    mask is 1 on real tokens (up to and including the end token), 0 on padding."""
+    return (logp * mask).sum(-1) / mask.sum(-1)
+
+
+# exercise: generator_loss
+def generator_loss(logp: torch.Tensor, mask: torch.Tensor, r_sem: torch.Tensor,
+                   r_nat: torch.Tensor, lam: float, baseline: str = "greedy"):
+    """L_G = lam * L_sem + (1 - lam) * L_nat, each a self-critical loss with its own baseline.
+    logp, mask (B, K, T); r_sem, r_nat (B, K+1): K samples' rewards, then the greedy caption's;
+    baseline "greedy" (column K of the same reward) or "loo" -> (L_G, {"loss_sem", "loss_nat"})."""
+    k = logp.shape[1]
+    sem_base = None if baseline == "loo" else r_sem[:, k]  # (B,)
+    nat_base = None if baseline == "loo" else r_nat[:, k]  # (B,)
+    loss_sem = scst_loss(logp, mask, r_sem[:, :k], sem_base)
+    loss_nat = scst_loss(logp, mask, r_nat[:, :k], nat_base)
+    loss = lam * loss_sem + (1 - lam) * loss_nat
+    return loss, {"loss_sem": loss_sem.item(), "loss_nat": loss_nat.item()}

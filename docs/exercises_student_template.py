@@ -87,3 +87,27 @@ def bpe(word: str, ranks: dict) -> list:
     gets "</w>". Repeatedly merge every occurrence (left to right) of the adjacent pair with the
     lowest rank in ranks {(a, b): rank}, until no adjacent pair is in ranks -> list of symbols."""
     raise NotImplementedError("exercise bpe: see docs/exercises.md")
+
+
+# exercise: prefix_lm_logits
+def prefix_lm_logits(gpt, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing through a visual prefix. gpt: a GPT2LMHeadModel; prefix (N, P, E);
+    tokens (N, T) -> logits (N, T, V), where logits[:, i] predicts tokens[:, i] from the prefix
+    and tokens[:, :i] alone (GPT-2's output at a position predicts the next position's token)."""
+    raise NotImplementedError("exercise prefix_lm_logits: see docs/exercises.md")
+
+
+# exercise: caption_log_prob
+def caption_log_prob(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each caption's mean token log-prob over its real tokens. logp, mask (..., T) -> (...);
+    mask is 1 on real tokens (up to and including the end token), 0 on padding."""
+    raise NotImplementedError("exercise caption_log_prob: see docs/exercises.md")
+
+
+# exercise: generator_loss
+def generator_loss(logp: torch.Tensor, mask: torch.Tensor, r_sem: torch.Tensor,
+                   r_nat: torch.Tensor, lam: float, baseline: str = "greedy"):
+    """L_G = lam * L_sem + (1 - lam) * L_nat, each a self-critical loss with its own baseline.
+    logp, mask (B, K, T); r_sem, r_nat (B, K+1): K samples' rewards, then the greedy caption's;
+    baseline "greedy" (column K of the same reward) or "loo" -> (L_G, {"loss_sem", "loss_nat"})."""
+    raise NotImplementedError("exercise generator_loss: see docs/exercises.md")

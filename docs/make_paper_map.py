@@ -24,7 +24,7 @@ OUT = ROOT / "docs" / "paper_map.md"
 T_CG, T_DATA, T_EV, T_RD = ("tests/test_cgtgan.py", "tests/test_data.py", "tests/test_evaluate.py",
                             "tests/test_realdata.py")
 T_TR, T_CLIP, T_EX = "tests/test_train.py", "tests/test_clip_model.py", "tests/exercises/test_exercises.py"
-T_REC = "tests/test_recipe.py"
+T_REC, T_EQ = "tests/test_recipe.py", "tests/test_equations.py"
 
 # Each row: (paper term, equation or statement, [(file, name)], [(test file, test)], exercise,
 # how the official code and this project relate to the paper).
@@ -49,10 +49,11 @@ ROWS = [
          "Same as official (MLP 768 -> 3840 -> 7680, tanh, default init)."),
         ("Caption model",
          "p(c | v) = prod_t p(w_t | prefix, w_<t), GPT-2 over [prefix; word embeddings]",
-         [("cgtgan.py", "CaptionGenerator.forward"), ("cgtgan.py", "CaptionGenerator.log_probs"),
-          ("cgtgan.py", "build_generator")],
+         [("cgtgan.py", "CaptionGenerator.forward"), ("cgtgan.py", "prefix_lm_logits"),
+          ("cgtgan.py", "CaptionGenerator.log_probs"), ("cgtgan.py", "build_generator")],
          [(T_CG, "test_mapping_and_generator_shapes"),
-          (T_CG, "test_sample_logprobs_equal_forward_logprobs")], None,
+          (T_EQ, "test_forward_logits_equal_step_by_step_full_forward"),
+          (T_CG, "test_sample_logprobs_equal_forward_logprobs")], "prefix_lm_logits",
          "Same structure (GPT-2 124M at paper scale; a 3-layer GPT-2 trained from scratch on "
          "ShapesWorld)."),
         ("Decoding",
@@ -158,18 +159,21 @@ ROWS = [
     ("Training (Sec. 3.4)", [
         ("Self-critical policy gradient",
          "L = -mean_{b,k} (r(c_bk) - r(c^greedy_b)) * mean_t log p(w_bkt), K = 5 samples",
-         [("cgtgan.py", "scst_loss"), ("cgtgan.py", "CaptionGenerator.sample"),
-          ("train.py", "gan_step")],
+         [("cgtgan.py", "scst_loss"), ("cgtgan.py", "caption_log_prob"),
+          ("cgtgan.py", "CaptionGenerator.sample"), ("train.py", "gan_step")],
          [(T_CG, "test_scst_loss_greedy_and_leave_one_out"),
-          (T_CG, "test_positive_advantage_raises_sample_logprob")], "scst_loss",
+          (T_EQ, "test_caption_log_prob_is_the_mean_over_real_tokens_per_caption"),
+          (T_CG, "test_positive_advantage_raises_sample_logprob")], ("scst_loss", "caption_log_prob"),
          "Same: per-token mean log-prob including the end token, greedy baseline. Ours adds "
          "a leave-one-out baseline (`gan.baseline=loo`)."),
         ("Reward mixing",
          "L_G = lambda * L_SCST(r_sem) + (1 - lambda) * L_SCST(r_nat), each with its own "
          "greedy baseline",
-         [("train.py", "gan_step"), ("train.py", "reward_lambda"), ("train.py", "with_baseline")],
-         [(T_TR, "test_reward_lambda_per_reward_and_baseline_layout"),
-          (T_TR, "test_end_to_end_writes_every_output")], None,
+         [("cgtgan.py", "generator_loss"), ("train.py", "gan_step"), ("train.py", "reward_lambda"),
+          ("train.py", "with_baseline")],
+         [(T_EQ, "test_generator_loss_worked_example_each_term_its_own_baseline"),
+          (T_TR, "test_reward_lambda_per_reward_and_baseline_layout"),
+          (T_TR, "test_end_to_end_writes_every_output")], "generator_loss",
          "Same. Official: no reward normalisation, so the CLIP terms (x100) dwarf the D logits."),
         ("Lambda schedule",
          "lambda = 0 for the first steps, then a linear ramp to 0.5",
@@ -331,8 +335,8 @@ def render() -> str:
         for term, equation, code, tests, exercise, notes in rows:
             code_cell = "<br>".join(link(p, n, code_label(p, n)) for p, n in code)
             test_cell = "<br>".join(link(p, n) for p, n in tests)
-            if exercise:
-                test_cell += f"<br>exercise [`{exercise}`](exercises.md)"
+            for name in [exercise] if isinstance(exercise, str) else exercise or ():
+                test_cell += f"<br>exercise [`{name}`](exercises.md)"
             out.append(f"| **{term}** | {cell(equation)} | {code_cell} | {test_cell} | {cell(notes)} |")
     return "\n".join(out) + "\n"
 

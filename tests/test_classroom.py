@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -133,7 +134,7 @@ def test_grade_writes_one_row_per_student_and_one_column_per_exercise(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert [row["student"] for row in rows] == ["ada", "bob"]
     assert list(rows[0]) == ["student", *classroom.EXERCISES, "passed", "first_failure"]
-    assert rows[0]["bpe"] == "fail" and rows[0]["passed"] == "9"
+    assert rows[0]["bpe"] == "fail" and rows[0]["passed"] == str(len(classroom.EXERCISES) - 1)
     assert all(rows[0][n] == "pass" for n in classroom.EXERCISES if n != "bpe")
     assert "defines no function bpe()" in rows[0]["first_failure"]
     assert rows[1]["passed"] == "0" and "rejected: line 1" in rows[1]["first_failure"]
@@ -161,7 +162,72 @@ def test_release_imports_fails_every_stub_and_passes_the_reference_bodies(tmp_pa
         return proc.stdout.splitlines()[1:]
 
     stubs = check(out / "docs/exercises_student_template.py")
-    assert stubs[-1] == "0 of 10 exercises pass" and all("not written yet" in s for s in stubs[:-1])
+    n = len(classroom.EXERCISES)
+    assert stubs[-1] == f"0 of {n} exercises pass" and all("not written yet" in s for s in stubs[:-1])
     answers = tmp_path / "answers.py"
     answers.write_text(classroom.SOLUTIONS.read_text())  # the reference bodies, put back
-    assert check(answers)[-1] == "10 of 10 exercises pass"
+    assert check(answers)[-1] == f"{n} of {n} exercises pass"
+
+
+# ----------------------------------------------------------------------------------------------
+# A training run with the student's functions (python cgtgan.py train --student FILE)
+
+
+@pytest.fixture
+def restore_project():
+    """Undoes classroom.swap_in: every project module's bindings as they were before the test."""
+    import commands  # noqa: F401 (loads every module of a run, as swap_in does)
+
+    modules = [m for m in list(sys.modules.values())
+               if Path(getattr(m, "__file__", None) or "/").parent == ROOT]
+    saved = [(m, dict(vars(m))) for m in modules]
+    yield
+    for module, names in saved:
+        for key, value in names.items():
+            if getattr(module, key, None) is not value:
+                setattr(module, key, value)
+
+
+def test_swap_in_puts_the_students_functions_into_the_run(tmp_path, restore_project, capsys):
+    import train
+    from test_cgtgan import tiny_config, tiny_world
+
+    import cli
+    import commands
+
+    student = tmp_path / "mine.py"
+    student.write_text(classroom.SOLUTIONS.read_text().replace(
+        "    if step < hold:\n        return 0.0\n", "    return 1.0\n") + '''
+
+def bpe(word, ranks):
+    """Left as a stub."""
+    raise NotImplementedError("exercise bpe: see docs/exercises.md")
+''')
+    swapped = cli.swap_student(str(student))
+    line = capsys.readouterr().out
+    assert "this run uses your clip_cos_reward" in line and "the project's: bpe" in line
+    assert "bpe" not in swapped and train.generator_loss is swapped["generator_loss"]
+    cfg = tiny_config(runs_dir=str(tmp_path / "runs"), name="mine")
+    commands.run_train(cfg, tiny_world(tmp_path / "world"), table=False)
+    records = [json.loads(x) for x in (tmp_path / "runs/mine/metrics.jsonl").read_text().splitlines()]
+    # The student's lambda_schedule (1.0 from step 0, no hold) is the one the run used.
+    assert [r["lambda"] for r in records if "lambda" in r] == [1.0] * cfg.gan.steps
+    for name in ("generator_loss", "scst_loss", "caption_loss", "prefix_lm_logits"):
+        assert swapped[name].calls > 0, name
+    assert "your functions ran: clip_cos_reward" in classroom.calls_report(swapped)
+
+
+def test_swap_in_refuses_what_the_grader_refuses(tmp_path, restore_project, capsys):
+    import cli
+
+    student = tmp_path / "copy.py"
+    student.write_text("from cgtgan import scst_loss\n")
+    assert cli.main(["train", "--student", str(student)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "imports the project's scst_loss" in err[0]
+    plain = tmp_path / "plain.py"
+    plain.write_text("def clip_agg_reward(target, caption):\n    return target\n")
+    swapped = classroom.swap_in(str(plain))
+    assert swapped["clip_agg_reward"]("t", "c", raw=False) == "t"  # the default: dropped
+    with pytest.raises(classroom.StudentError, match="no argument 'raw'"):
+        swapped["clip_agg_reward"]("t", "c", raw=True)

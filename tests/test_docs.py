@@ -21,7 +21,7 @@ DOCS = ROOT / "docs"
 REGENERATE = "run `python docs/make_paper_map.py` and commit docs/paper_map.md"
 EXERCISES = ("clip_cos_reward", "clip_agg_target", "clip_agg_reward", "scst_loss",
              "discriminator_loss", "lambda_schedule", "caption_loss", "contrastive_loss",
-             "tfidf_vector", "bpe")
+             "tfidf_vector", "bpe", "prefix_lm_logits", "caption_log_prob", "generator_loss")
 LINK = re.compile(r"\[`([^`]+)`\]\(\.\./([^)#]+)#L(\d+)\)")
 
 
@@ -161,6 +161,8 @@ def test_exercise_commands_parse_with_the_real_cli(monkeypatch, capsys):
 
     for name in ("run_train", "run_init", "run_ablation"):
         monkeypatch.setattr(commands, name, capture)
+    students = []  # --student files: the page names the student's own, which do not exist here
+    monkeypatch.setattr(cli, "swap_student", lambda path: students.append(path) or {})
     commands = _cli_commands()
     assert len(commands) >= 15
     for command in commands:
@@ -169,6 +171,7 @@ def test_exercise_commands_parse_with_the_real_cli(monkeypatch, capsys):
                                         f"{capsys.readouterr().err.strip()}")
     assert len(seen) == len(commands)
     assert {c.gan.temperature for c in seen} >= {10.0, 100.0, 1000.0}
+    assert len([p for p in students if p]) >= 3  # the step exercises' experiments run your code
 
 
 def test_exercise_python_example_prints_what_the_page_says(capsys):
@@ -197,3 +200,42 @@ def test_method_figure_draws(tmp_path):
     colours = drawn.convert("RGB").getcolors(maxcolors=1 << 20)
     assert len(colours) > 20
     assert max(colours)[1] == (255, 255, 255)
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/walkthrough.md
+
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def same_page(got: str, want: str, rel: float = 2e-2, abs_: float = 2e-3) -> str | None:
+    """None when two generated pages have the same words and numbers equal to float rounding
+    (another machine or torch build rounds the last digits differently); else the first
+    difference, in words."""
+    for n, (a, b) in enumerate(zip(got.splitlines(), want.splitlines()), 1):
+        if NUMBER.sub("#", a) != NUMBER.sub("#", b):
+            return f"line {n} differs: {a!r} vs {b!r}"
+        for x, y in zip(map(float, NUMBER.findall(a)), map(float, NUMBER.findall(b))):
+            if abs(x - y) > abs_ + rel * abs(y):
+                return f"line {n}: {x} vs {y}"
+    if len(got.splitlines()) != len(want.splitlines()):
+        return "the pages have different lengths"
+    return None
+
+
+def test_same_page_tolerates_rounding_and_nothing_else():
+    assert same_page("| `x` | `(2, 3)` | 0.1234, -5.5 |", "| `x` | `(2, 3)` | 0.1235, -5.5 |") is None
+    assert "line 1" in same_page("| `x` | `(2, 4)` | 0.1 |", "| `x` | `(2, 3)` | 0.1 |")
+    assert "line 1" in same_page("lam = 0.5", "lam = 0.25")
+    assert "differs" in same_page("r_cos", "r_agg")
+
+
+def test_walkthrough_is_generated_from_the_current_code(tmp_path):
+    """docs/walkthrough.md is what make_walkthrough.py writes now (one real gan_step on a tiny
+    ShapesWorld built in tmp_path, one thread): run the script again when this fails."""
+    out = tmp_path / "walkthrough.md"
+    load_script("make_walkthrough").main([str(out)])
+    difference = same_page(out.read_text(), (DOCS / "walkthrough.md").read_text())
+    assert difference is None, (f"docs/walkthrough.md is stale ({difference}): run "
+                                "python docs/make_walkthrough.py")

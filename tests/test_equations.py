@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cgtgan
 import runs
 import train
 from cgtgan import (IGNORE_INDEX, caption_loss, clip_agg_reward, clip_agg_target, clip_cos_reward,
@@ -276,6 +277,27 @@ def test_scst_loss_leave_one_out_baseline():
         -(3 * -1 + -3 * -2 + 0) / 3)
 
 
+def test_caption_log_prob_is_the_mean_over_real_tokens_per_caption():
+    logp = torch.tensor([[-1.0, -3.0, -50.0], [-2.0, -50.0, -50.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    got = cgtgan.caption_log_prob(logp, mask)
+    close(got, torch.tensor([-2.0, -2.0]))  # not -18 (padding in the mean), not -4/3 (over T)
+    got.sum().backward()
+    close(logp.grad, torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]))  # 1 / length, 0 on padding
+    assert cgtgan.caption_log_prob(logp.detach()[None], mask[None]).shape == (1, 2)
+
+
+def test_generator_loss_worked_example_each_term_its_own_baseline():
+    logp = torch.tensor([[[-1.0, -1.0], [-2.0, -2.0]]])  # (1, 2, 2): mean log-probs (-1, -2)
+    mask = torch.ones(1, 2, 2)
+    r_sem, r_nat = torch.tensor([[60.0, 40.0, 50.0]]), torch.tensor([[1.0, 3.0, 2.0]])
+    loss, stats = cgtgan.generator_loss(logp, mask, r_sem, r_nat, 0.25)
+    assert stats == pytest.approx({"loss_sem": -5.0, "loss_nat": 0.5})
+    assert loss.item() == pytest.approx(0.25 * -5.0 + 0.75 * 0.5)  # lam on the semantic side
+    loss, stats = cgtgan.generator_loss(logp, mask, r_sem, r_nat, 0.25, "loo")
+    assert stats == pytest.approx({"loss_sem": -10.0, "loss_nat": 1.0})  # greedy column unused
+
+
 def test_caption_loss_worked_value_and_padding():
     logits = torch.zeros(1, 3, 4)  # uniform over V = 4: every counted token costs log 4
     logits[0, 0, 2] = math.log(3.0)  # token 2 at position 0 has probability 3/6
@@ -366,16 +388,17 @@ def test_update_averages_before_clipping(monkeypatch):
 # gan_step: one CgT-GAN step on the tiny world, every term recomputed independently
 
 
-def spy(monkeypatch, name: str) -> list:
-    """Records (args, result) of each call of train.<name>, which still runs."""
-    calls, original = [], getattr(train, name)
+def spy(monkeypatch, name: str, module=train) -> list:
+    """Records (args, result) of each call of <module>.<name> (train's by default), which still
+    runs."""
+    calls, original = [], getattr(module, name)
 
     def wrapper(*args, **kwargs):
         out = original(*args, **kwargs)
         calls.append((args, out))
         return out
 
-    monkeypatch.setattr(train, name, wrapper)
+    monkeypatch.setattr(module, name, wrapper)
     return calls
 
 
@@ -429,8 +452,9 @@ def test_gan_step_terms_equal_independent_recomputation(world, monkeypatch, sets
     gen0, disc0 = copy.deepcopy(run.generator), copy.deepcopy(run.discriminator)
     ref = reference_rewards(run, gen0, disc0, batch)
     assert len(set(ref.mask.sum(-1).flatten().tolist())) > 1 and len(ref.greedy[0].split()) < n
-    scst, d_calls, updates = (spy(monkeypatch, n) for n in ("scst_loss", "discriminator_loss",
-                                                             "update"))
+    g_calls, d_calls, updates = (spy(monkeypatch, n) for n in ("generator_loss",
+                                                                "discriminator_loss", "update"))
+    scst = spy(monkeypatch, "scst_loss", cgtgan)  # generator_loss's two terms
 
     stats = train.gan_step(run, opt_g, opt_d, batch, step)
 
@@ -438,6 +462,8 @@ def test_gan_step_terms_equal_independent_recomputation(world, monkeypatch, sets
     assert stats["lambda"] == lam == (0.25 if cfg.reward.naturalness else 1.0)
     # Rewards: the semantic one, then naturalness, each sample against its own image's greedy
     # caption (or the other samples, with baseline=loo).
+    (g_args, _), = g_calls
+    assert g_args[4] == lam and g_args[5] == cfg.baseline
     (sem_args, loss_sem), (nat_args, loss_nat) = scst
     for args, r in ((sem_args, ref.r_sem), (nat_args, ref.r_nat)):
         close(args[0], ref.logp)

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISES = ("clip_cos_reward", "clip_agg_target", "clip_agg_reward", "scst_loss",
              "discriminator_loss", "lambda_schedule", "caption_loss", "contrastive_loss",
-             "tfidf_vector", "bpe")
+             "tfidf_vector", "bpe", "prefix_lm_logits", "caption_log_prob", "generator_loss")
 
 # Correct: the solutions file's functions. Wrong: a classic mistake per function, defined after
 # them (a later def replaces an earlier one). Missing: contrastive_loss (the grader must say so).
@@ -70,7 +70,9 @@ def bpe(word, ranks):
 
 del contrastive_loss
 '''
-WRONG = {"clip_agg_target", "scst_loss", "lambda_schedule", "caption_loss", "tfidf_vector", "bpe"}
+# generator_loss is the solutions', built on this file's wrong scst_loss: wrong with it.
+WRONG = {"clip_agg_target", "scst_loss", "lambda_schedule", "caption_loss", "tfidf_vector", "bpe",
+         "generator_loss"}
 MISSING = {"contrastive_loss"}
 
 
@@ -144,14 +146,62 @@ def bpe(word, ranks):
         i = pairs.index(best)
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
     return parts
+
+
+def prefix_lm_logits(gpt, prefix, tokens):
+    """Wrong: reads one position late (the output after each token, which has seen it)."""
+    embeds = torch.cat([prefix, gpt.transformer.wte(tokens)], dim=1)
+    return gpt(inputs_embeds=embeds).logits[:, prefix.shape[1]:]
+
+
+def caption_log_prob(logp, mask):
+    """Wrong: divides by T, so the padding counts in the mean."""
+    return (logp * mask).sum(-1) / logp.shape[-1]
+
+
+def generator_loss(logp, mask, r_sem, r_nat, lam, baseline="greedy"):
+    """Wrong: one baseline, the semantic greedy reward, for both terms (with a right self-critical
+    loss: this file's scst_loss above is wrong on purpose)."""
+    def scst(r, b):
+        b = (r.sum(1, keepdim=True) - r) / (r.shape[1] - 1) if b is None else b[:, None]
+        return -((r - b).detach() * (logp * mask).sum(-1) / mask.sum(-1)).mean()
+
+    k = logp.shape[1]
+    base = None if baseline == "loo" else r_sem[:, k]
+    loss_sem, loss_nat = scst(r_sem[:, :k], base), scst(r_nat[:, :k], base)
+    return lam * loss_sem + (1 - lam) * loss_nat, {"loss_sem": loss_sem.item(),
+                                                   "loss_nat": loss_nat.item()}
 '''
+
+# More mistakes of the three step-level exercises, each graded on its own.
+MORE_MISTAKES = {
+    "prefix_lm_logits": ("""
+def prefix_lm_logits(gpt, prefix, tokens):
+    embeds = torch.cat([prefix, gpt.transformer.wte(tokens)], dim=1)
+    return gpt(inputs_embeds=embeds).logits
+""", "the prefix positions carry no labels"),
+    "caption_log_prob": ("""
+def caption_log_prob(logp, mask):
+    return logp.mean(-1)
+""", "padding entered the mean"),
+    "generator_loss": ("""
+def generator_loss(logp, mask, r_sem, r_nat, lam, baseline="greedy"):
+    k = logp.shape[1]
+    loo = baseline == "loo"
+    loss_sem = scst_loss(logp, mask, r_sem[:, :k], None if loo else r_sem[:, k])
+    loss_nat = scst_loss(logp, mask, r_nat[:, :k], None if loo else r_nat[:, k])
+    return (1 - lam) * loss_sem + lam * loss_nat, {"loss_sem": loss_sem.item(),
+                                                   "loss_nat": loss_nat.item()}
+""", "lambda weighs the semantic term"),
+}
 
 
 def test_grader_explains_the_known_mistakes(tmp_path):
     student = tmp_path / "student.py"
     student.write_text(TEACHING)
     results = run_grader(str(student), tmp_path / "report.xml", "-k",
-                         "clip_agg_target or scst_loss or caption_loss or bpe")
+                         "clip_agg_target or scst_loss or caption_loss or bpe or "
+                         "prefix_lm_logits or caption_log_prob or generator_loss")
     messages = {exercise_of(n): m for n, (o, m) in results.items() if o == "failed"}
     assert "along dim 0" in results["test_clip_agg_target_worked_example"][1]
     assert "along dim 0" in results["test_clip_agg_target_random"][1]
@@ -160,6 +210,21 @@ def test_grader_explains_the_known_mistakes(tmp_path):
     assert "ignore_index=-1" in results["test_caption_loss_worked_example"][1]
     assert "Traceback" not in messages["caption_loss"]
     assert "only its first occurrence" in results["test_bpe_worked_example"][1]
+    assert "one position late" in results["test_prefix_lm_logits_worked_example"][1]
+    assert "one position late" in results["test_prefix_lm_logits_random_values_and_gradients"][1]
+    assert "divided by T" in results["test_caption_log_prob_worked_example"][1]
+    assert "padding" in results["test_caption_log_prob_random_values_and_gradients"][1]
+    assert "its own baseline" in results["test_generator_loss_worked_example"][1]
+    assert "its own baseline" in results["test_generator_loss_random_values_and_gradients"][1]
+
+
+def test_grader_explains_more_step_mistakes(tmp_path):
+    solutions = (ROOT / "docs/exercises_solutions.py").read_text()
+    for name, (code, words) in MORE_MISTAKES.items():
+        student = tmp_path / f"{name}.py"
+        student.write_text(solutions + code)
+        results = run_grader(str(student), tmp_path / f"{name}.xml", "-k", name)
+        assert words in results[f"test_{name}_worked_example"][1], results
 
 
 def test_grader_refuses_without_a_student_file(tmp_path):
@@ -183,4 +248,4 @@ def test_check_prints_one_line_per_exercise_and_passes_the_solutions():
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [line.split()[:2] for line in lines[1:-1]] == [["PASS", name] for name in EXERCISES]
-    assert lines[-1] == "10 of 10 exercises pass"
+    assert lines[-1] == f"{len(EXERCISES)} of {len(EXERCISES)} exercises pass"

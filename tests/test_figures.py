@@ -1,5 +1,6 @@
 """figures.py: samples.png marks the checker's false words; curves.png has ticks, labels and legends."""
 from pathlib import Path
+import math
 
 import numpy as np
 import pytest
@@ -90,3 +91,37 @@ def test_curves_plot_steps_and_validation(tmp_path):
                  "val_faithfulness": 40.0} for s in (0, 10, 20, 30)]
     figures.draw_curves(records, tmp_path / "c.png")
     assert _red_pixels(tmp_path / "c.png") > 100  # CLIP-agg and faithfulness in red
+
+
+def test_gap_numbers_are_the_mean_pair_cosine_and_the_centre_distance():
+    e1, e2 = torch.eye(4)[0].repeat(5, 1), torch.eye(4)[1].repeat(5, 1)  # (5, 4) each
+    assert figures.gap_numbers(3 * e1, e2) == pytest.approx({"cos": 0.0, "gap": 2 ** 0.5})
+    assert figures.gap_numbers(e1, 2 * e1) == pytest.approx({"cos": 1.0, "gap": 0.0})
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 1.0], [0.0, -1.0]])  # cosines 0.707 and -1; centres (0.5, 0.5), (0.354, -0.146)
+    got = figures.gap_numbers(image, text)
+    assert got["cos"] == pytest.approx((2 ** -0.5 - 1) / 2)
+    assert got["gap"] == pytest.approx(math.hypot(0.5 - 0.5 * 2 ** -0.5, 0.5 - (0.5 * 2 ** -0.5 - 0.5)))
+
+
+def test_pca_2d_finds_the_widest_directions_with_a_fixed_sign():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g) * torch.tensor([10.0, 0.1, 3.0])  # widest: axis 0, then 2
+    xy = figures.pca_2d(x)
+    assert xy.shape == (200, 2)
+    assert torch.corrcoef(torch.stack([xy[:, 0], x[:, 0]]))[0, 1] > 0.99  # same sign, same axis
+    assert torch.corrcoef(torch.stack([xy[:, 1], x[:, 2]]))[0, 1] > 0.99
+    assert torch.equal(figures.pca_2d(x), xy)
+
+
+def test_modality_gap_figure_draws_each_set_and_returns_its_numbers(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(20, 6, generator=g) + 3
+    texts = {"references": torch.randn(20, 6, generator=g), "generated": image + 0.1}
+    numbers = figures.draw_modality_gap(image, texts, tmp_path / "gap.png")
+    assert numbers["references"] == figures.gap_numbers(image, texts["references"])
+    assert numbers["generated"]["cos"] > 0.99 and numbers["references"]["gap"] > 0.5
+    pixels = np.asarray(Image.open(tmp_path / "gap.png").convert("RGB")).reshape(-1, 3)
+    for colour in figures.GAP_COLOURS[:3]:  # one colour per set, each drawn
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        assert (np.abs(pixels.astype(int) - rgb).sum(1) < 30).sum() > 20 * 10

@@ -44,6 +44,15 @@ HINTS = {
     "scst_loss": [("GradientError", "detach only the advantage (r - b): the log-probabilities "
                    "must keep their gradient, it is what the loss trains")],
     "bpe": [("timeout", "does the loop stop once no adjacent pair is in ranks?")],
+    "prefix_lm_logits": [("Sizes of tensors must match", "concatenate along the sequence (dim 1):"
+                          " the prefix (N, P, E), then the token embeddings gpt.transformer.wte("
+                          "tokens) (N, T, E)"),
+                         ("GradientError", "keep the gradient: the mapping network and GPT-2 "
+                          "learn through these logits (no torch.no_grad, no detach)")],
+    "caption_log_prob": [("GradientError", "keep the gradient: the policy gradient flows through "
+                          "these log-probs (no detach)")],
+    "generator_loss": [("GradientError", "detach only the advantages (inside scst_loss): the "
+                        "log-probabilities must keep their gradient")],
 }
 
 
@@ -155,7 +164,10 @@ def _answer(name: str, reply):
 
 
 def _digest(x, h) -> None:
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, torch.nn.Module):  # a model given to the function: its class and weights
+        h.update(f"M{type(x).__name__}\0".encode())
+        _digest(dict(x.state_dict()), h)
+    elif isinstance(x, torch.Tensor):
         h.update(f"T{x.dtype}{tuple(x.shape)}\0".encode())
         h.update(x.detach().cpu().contiguous().numpy().tobytes())
     elif isinstance(x, dict):

@@ -450,3 +450,206 @@ def test_bpe_random(student, reference):
                 why = f": {FIRST_ONLY}" if list(got) == _bpe_first_only(word, ranks) else ""
                 pytest.fail(f"bpe({word!r}, <random table {trial}>) = {list(got)}, expected "
                             f"{want}{why}", pytrace=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. prefix_lm_logits(gpt, prefix (N, P, E), tokens (N, T)) -> logits (N, T, V)
+
+
+def tiny_gpt2(seed: int, vocab: int = 13, width: int = 8):
+    """A random GPT2LMHeadModel small enough to send to the worker (no dropout, eval mode)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=vocab, n_positions=16, n_embd=width, n_layer=1, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).eval()
+
+
+ONE_LATE = ("one position late: your logits[:, i] come after token i, so they have seen the token "
+            "they must predict (training would teach the model to copy its input); the output at "
+            "position P-1+i, after the last prefix vector for i = 0, predicts token i")
+ONE_EARLY = ("one position early: your logits[:, i] come before token i-1; the output at "
+             "position P-1+i predicts token i")
+NO_PREFIX = "GPT-2 never read the prefix: feed torch.cat([prefix, wte(tokens)], dim=1)"
+PREFIX_LAST = "the prefix comes first, then the caption's tokens: cat([prefix, wte(tokens)], dim=1)"
+
+
+@torch.no_grad()
+def _prefix_lm_mistakes(gpt, prefix, tokens) -> dict:
+    """What prefix_lm_logits returns with each known mistake (computed here, not by the student)."""
+    p, t = prefix.shape[1], tokens.shape[1]
+    words = gpt.transformer.wte(tokens)  # (N, T, E)
+    full = gpt(inputs_embeds=torch.cat([prefix, words], 1)).logits  # (N, P+T, V)
+    out = {ONE_LATE: full[:, p:], NO_PREFIX: gpt(inputs_embeds=words).logits,
+           PREFIX_LAST: gpt(inputs_embeds=torch.cat([words, prefix], 1)).logits[:, p - 1:p - 1 + t]}
+    if p >= 2:
+        out[ONE_EARLY] = full[:, p - 2:-2]
+    return out
+
+
+def test_prefix_lm_logits_worked_example(student):
+    f = student("prefix_lm_logits")
+    gpt, g = tiny_gpt2(0), seeded(13)
+    prefix, tokens = torch.randn(1, 2, 8, generator=g), torch.tensor([[3, 7, 5]])  # P = 2, T = 3
+    got = f(gpt, prefix, tokens)
+    if isinstance(got, torch.Tensor) and got.dim() == 3 and got.shape[1] == 5:
+        pytest.fail("logits: 5 rows for P = 2 prefix vectors and T = 3 tokens; the prefix "
+                    "positions carry no labels: return the T rows that predict the tokens",
+                    pytrace=False)
+    # Row i must be GPT-2's next-token prediction after the prefix and tokens[:, :i] alone.
+    with torch.no_grad():
+        want = torch.stack([gpt(inputs_embeds=torch.cat(
+            [prefix, gpt.transformer.wte(tokens[:, :i])], 1)).logits[:, -1] for i in range(3)], 1)
+    check_close(got, want, "logits for P = 2, tokens (3, 7, 5): row i is the prediction after "
+                "the prefix and tokens[:, :i]", atol=1e-4,
+                mistakes=_prefix_lm_mistakes(gpt, prefix, tokens))
+
+
+def test_prefix_lm_logits_random_values_and_gradients(student, reference):
+    f = student("prefix_lm_logits")
+    g = seeded(14)
+    for p, seed in ((1, 1), (3, 2)):
+        gpt = tiny_gpt2(seed, vocab=17, width=12)
+        prefix, tokens = torch.randn(4, p, 12, generator=g), torch.randint(17, (4, 6), generator=g)
+        got, (got_grad,) = f.grad(gpt, prefix, tokens, wrt=(1,))
+        want, (want_grad,) = reference.prefix_lm_logits.grad(gpt, prefix, tokens, wrt=(1,))
+        check_close(got, want, f"logits on random (N=4, P={p}, T=6, V=17)", atol=1e-4,
+                    mistakes=_prefix_lm_mistakes(gpt, prefix, tokens))
+        check_close(got_grad, want_grad, f"d sum(logits) / d prefix (P={p})", atol=1e-4, mistakes={
+            "no gradient reaches the prefix: the mapping network learns through it": 0 * want_grad})
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. caption_log_prob(logp (..., T), mask (..., T)) -> (...)
+
+
+def _log_prob_mistakes(logp, mask) -> dict:
+    t = logp.shape[-1]
+    return {"padding entered the mean: average over the caption's real tokens (mask), not all T":
+            logp.double().mean(-1),
+            "divided by T: the padding counts in the denominator; divide by the number of real "
+            "tokens, mask.sum(-1)": (logp * mask).double().sum(-1) / t,
+            "a sum: the paper averages over each caption's own tokens (divide by mask.sum(-1))":
+            (logp * mask).double().sum(-1)}
+
+
+def test_caption_log_prob_worked_example(student):
+    f = student("caption_log_prob")
+    logp = torch.tensor([[-1.0, -3.0, -50.0], [-2.0, -50.0, -50.0]])  # -50: after the end token
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    check_close(f(logp, mask), [-2.0, -2.0], "log-probs of captions (-1, -3 | pad) and (-2 | pad, "
+                "pad): one value per caption, the mean over its real tokens",
+                mistakes=_log_prob_mistakes(logp, mask))
+    check_close(f(logp[None], mask[None]), [[-2.0, -2.0]], "the same captions as (B=1, K=2, T=3): "
+                "reduce the last dimension only")
+
+
+def test_caption_log_prob_random_values_and_gradients(student, reference):
+    f = student("caption_log_prob")
+    g = seeded(15)
+    B, K, T = 3, 4, 7
+    logp = -torch.rand(B, K, T, generator=g) * 5
+    lengths = torch.randint(1, T + 1, (B, K), generator=g)
+    mask = (torch.arange(T) < lengths[..., None]).float()  # (B, K, T)
+    logp = torch.where(mask > 0, logp, torch.full_like(logp, -30.0))  # padding: large, finite
+    got, (got_grad,) = f.grad(logp, mask, wrt=(0,))
+    want, (want_grad,) = reference.caption_log_prob.grad(logp, mask, wrt=(0,))
+    check_close(got, want, f"log-probs on random (B={B}, K={K}, T={T}) captions of lengths 1..{T}",
+                mistakes=_log_prob_mistakes(logp, mask))
+    if (got_grad * (1 - mask)).abs().max() > 0:
+        pytest.fail("d log p / d logp is not 0 on padding: a token after the end must not count",
+                    pytrace=False)
+    check_close(got_grad, want_grad, "d sum(log p) / d logp (1 / length on each real token)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. generator_loss(logp, mask (B, K, T), r_sem, r_nat (B, K+1), lam, baseline) -> (loss, stats)
+
+
+SWAPPED_LAMBDA = ("lambda weighs the semantic term: L_G = lam * L_sem + (1 - lam) * L_nat (yours "
+                  "has them the other way round)")
+SHARED_BASELINE = ("each reward needs its own baseline: the semantic term against r_sem's greedy "
+                   "reward, the naturalness term against r_nat's (a CLIP reward near 100 and a "
+                   "logit near 0 share no baseline)")
+GREEDY_FIRST = "the greedy caption's reward is the last column (index K), after the K samples"
+
+
+def _scst(logp, mask, reward, baseline) -> float:
+    """The self-critical loss, written out here (a release's cgtgan.scst_loss is a stub)."""
+    if baseline is None:
+        baseline = (reward.sum(1, keepdim=True) - reward) / (reward.shape[1] - 1)  # (B, K)
+    else:
+        baseline = baseline[:, None]  # (B, 1)
+    mean_logp = (logp * mask).sum(-1) / mask.sum(-1)  # (B, K)
+    return -((reward - baseline) * mean_logp).mean().item()
+
+
+def _generator_mistakes(logp, mask, r_sem, r_nat, lam, baseline) -> dict:
+    """L_G with each known mistake."""
+    k, loo = logp.shape[1], baseline == "loo"
+    sem = _scst(logp, mask, r_sem[:, :k], None if loo else r_sem[:, k])
+    nat = _scst(logp, mask, r_nat[:, :k], None if loo else r_nat[:, k])
+    out = {SWAPPED_LAMBDA: (1 - lam) * sem + lam * nat}
+    if loo:
+        out["baseline 'loo' is the mean of the other samples' rewards, not the greedy caption's"] = (
+            lam * _scst(logp, mask, r_sem[:, :k], r_sem[:, k])
+            + (1 - lam) * _scst(logp, mask, r_nat[:, :k], r_nat[:, k]))
+        return out
+    out[GREEDY_FIRST] = (lam * _scst(logp, mask, r_sem[:, 1:], r_sem[:, 0])
+                         + (1 - lam) * _scst(logp, mask, r_nat[:, 1:], r_nat[:, 0]))
+    for which, shared in (("r_sem's", r_sem[:, k]), ("r_nat's", r_nat[:, k])):
+        out[f"{SHARED_BASELINE}; yours uses {which} greedy reward for both"] = (
+            lam * _scst(logp, mask, r_sem[:, :k], shared)
+            + (1 - lam) * _scst(logp, mask, r_nat[:, :k], shared))
+    return out
+
+
+def _check_generator(got, want, what: str, mistakes: dict) -> None:
+    """(loss, stats) against the reference's: the loss first (with the known mistakes), then
+    stats["loss_sem"] and stats["loss_nat"]."""
+    if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict)):
+        pytest.fail(f"{what}: return (loss, {{'loss_sem': ..., 'loss_nat': ...}}), got "
+                    f"{type(got).__name__}", pytrace=False)
+    check_close(got[0], want[0], f"L_G, {what}", mistakes=mistakes)
+    for key in ("loss_sem", "loss_nat"):
+        if key not in got[1]:
+            pytest.fail(f"{what}: stats has no {key!r} (the term before lambda weighs it)",
+                        pytrace=False)
+        check_close(got[1][key], want[1][key], f"stats[{key!r}], {what}")
+
+
+def test_generator_loss_worked_example(student):
+    f = student("generator_loss")
+    logp = torch.tensor([[[-1.0, -1.0], [-2.0, -2.0]]])  # (1, 2, 2): mean log-probs (-1, -2)
+    mask = torch.ones(1, 2, 2)
+    r_sem, r_nat = torch.tensor([[60.0, 40.0, 50.0]]), torch.tensor([[1.0, 3.0, 2.0]])
+    args = (logp, mask, r_sem, r_nat, 0.25)
+    # Greedy: advantages (10, -10) -> L_sem = -5; (-1, 1) -> L_nat = 0.5; 0.25*-5 + 0.75*0.5.
+    _check_generator(f(*args, "greedy"), (-0.875, {"loss_sem": -5.0, "loss_nat": 0.5}),
+                     "samples (60, 40) greedy 50 and (1, 3) greedy 2, lam = 0.25",
+                     _generator_mistakes(*args, "greedy"))
+    # Leave-one-out: baselines (40, 60) and (3, 1) -> L_sem = -10, L_nat = 1.
+    _check_generator(f(*args, "loo"), (-1.75, {"loss_sem": -10.0, "loss_nat": 1.0}),
+                     "the same with baseline 'loo'", _generator_mistakes(*args, "loo"))
+
+
+def test_generator_loss_random_values_and_gradients(student, reference):
+    f = student("generator_loss")
+    g = seeded(16)
+    B, K, T = 3, 4, 5
+    logp = -torch.rand(B, K, T, generator=g) * 5
+    lengths = torch.randint(1, T + 1, (B, K), generator=g)
+    mask = (torch.arange(T) < lengths[..., None]).float()  # (B, K, T)
+    r_sem, r_nat = 60 + 20 * torch.rand(B, K + 1, generator=g), torch.randn(B, K + 1, generator=g)
+    for lam in (0.0, 0.3, 1.0):
+        for baseline in ("greedy", "loo"):
+            args = (logp, mask, r_sem, r_nat, lam, baseline)
+            what = f"random (B={B}, K={K}, T={T}), lam = {lam}, baseline {baseline!r}"
+            got, (got_grad, *r_grads) = f.grad(*args, wrt=(0, 2, 3))
+            want, (want_grad, *_) = reference.generator_loss.grad(*args, wrt=(0, 2, 3))
+            _check_generator(got, want, what, _generator_mistakes(*args))
+            check_close(got_grad, want_grad, f"d L_G / d logp, {what}")
+            if any(r.abs().max() > 0 for r in r_grads):
+                pytest.fail("L_G sends gradient into the rewards: the advantages are constant "
+                            "weights (detach them)", pytrace=False)
