@@ -28,7 +28,7 @@ import realdata
 import runs
 import train
 from config import Config, ConfigError, RealDataConfig, Reward, config_dict
-from data import CaptionData, DataError, Familiarity, write_json
+from data import CaptionData, DataError, Familiarity, atomic_write, write_json
 from shapesworld import build_shapesworld
 from train import TrainingError
 
@@ -235,10 +235,23 @@ def run_ablation(cfg: Config, data: CaptionData | None = None, overwrite: bool =
         return _ablation(cfg, data, base, overwrite)
 
 
+def _reuse_init(run: runs.Run, source: Path, target: Path) -> None:
+    """Copy the same config's `train` run's init.pt (source) to target when it fits this run
+    and target does not: the ablation then starts from the default run's initialisation instead
+    of training the same one again."""
+    if (run.master_process and not runs.init_is_current(target, run)
+            and runs.init_is_current(source, run)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+        print(f"reusing the text-only initialisation of {source}")
+    run.barrier()
+
+
 def _ablation(cfg: Config, data: CaptionData | None, base: Path, overwrite: bool) -> dict:
     t0 = time.time()
     data = data if data is not None else load_data(cfg)
     run = runs.build_run(cfg, data)
+    _reuse_init(run, runs.run_dir_for(cfg) / "init.pt", base / "init.pt")
     ensure_init(run, base, runs.MetricsLog(base / "metrics.jsonl"))
     rows = {"text-only init": base / "init.pt"}
     for reward, label in ABLATION.items():

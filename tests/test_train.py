@@ -366,3 +366,15 @@ def test_groups_split_at_every_processes_boundary():
         assert max(sizes) - min(sizes) <= 1 and group == sorted(group)
         shards = [set(group[r * b // w:(r + 1) * b // w]) for r in range(w)]
         assert all(not (a & c) for i, a in enumerate(shards) for c in shards[i + 1:]), (b, g, w)
+
+
+def test_ablation_reuses_the_train_runs_init(world, trained, capsys):
+    # `train --ablation` after `train` with the same settings starts from that run's init.pt
+    # (copied, byte for byte) instead of training the same initialisation again.
+    cfg, run_dir, _ = trained
+    commands.run_ablation(cfg, world)
+    base = run_dir.with_name(run_dir.name + "_ablation")
+    assert (base / "init.pt").read_bytes() == (run_dir / "init.pt").read_bytes()
+    assert "reusing the text-only initialisation of" in capsys.readouterr().out
+    logged = (base / "metrics.jsonl").read_text() if (base / "metrics.jsonl").exists() else ""
+    assert '"stage": "init"' not in logged
