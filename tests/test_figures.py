@@ -114,6 +114,18 @@ def test_pca_2d_finds_the_widest_directions_with_a_fixed_sign():
     assert torch.equal(figures.pca_2d(x), xy)
 
 
+def test_gap_plane_puts_the_gap_on_the_first_axis():
+    # Images at +3 e_0 and texts at -3 e_0, both spread along e_2 (and less along e_1): the gap is
+    # the first coordinate (images right, texts left), the spread the second.
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(100, 1, generator=g) * torch.tensor([0.0, 0.3, 2.0, 0.0])  # (100, 4)
+    image = spread + torch.tensor([3.0, 0, 0, 0])
+    text = spread.flip(0) - torch.tensor([3.0, 0, 0, 0])
+    xy = figures.gap_plane(torch.cat([image, text]), image, text)
+    assert (xy[:100, 0] > 2.9).all() and (xy[100:, 0] < -2.9).all()
+    assert torch.corrcoef(torch.stack([xy[:100, 1].abs(), spread[:, 2].abs()]))[0, 1] > 0.99
+
+
 def test_modality_gap_figure_draws_each_set_and_returns_its_numbers(tmp_path):
     g = torch.Generator().manual_seed(1)
     image = torch.randn(20, 6, generator=g) + 3
