@@ -71,13 +71,21 @@ class Run:
         """data_fingerprint(self.data), computed once; stored in every checkpoint."""
         return data_fingerprint(self.data)
 
+    @property
+    def disc_max_tokens(self) -> int:
+        """The discriminator's input length in tokens: disc.max_tokens (0: no cut of its own), never
+        more than its RoBERTa's position embeddings hold (64 for the small one, 512 released),
+        so a long sentence is cut instead of overrunning them (RoBERTa's positions start at 2)."""
+        capacity = self.discriminator.roberta.config.max_position_embeddings - 2
+        return min(self.cfg.disc.max_tokens or capacity, capacity)
+
     @functools.cached_property
     def corpus_roberta(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoBERTa ids of every corpus sentence cut at disc.max_tokens (roberta_inputs), padded:
+        """RoBERTa ids of every corpus sentence cut at disc_max_tokens (roberta_inputs), padded:
         (M, T) int32, and their lengths (M,). Made once, in chunks (a few seconds for COCO's
         corpus), so that a CgT-GAN step looks its real examples up instead of tokenising them."""
         chunks = [roberta_inputs(self.roberta_tokenizer, self.data.corpus[i:i + CORPUS_CHUNK],
-                                 self.cfg.disc.max_tokens)
+                                 self.disc_max_tokens)
                   for i in range(0, len(self.data.corpus), CORPUS_CHUNK)]
         width, pad = max(ids.shape[1] for ids, _ in chunks), self.roberta_tokenizer.pad_token_id
         ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad).int() for ids, _ in chunks])

@@ -369,7 +369,7 @@ def draw_batch(run: Run, agg_targets: torch.Tensor, generator: torch.Generator,
 
 def discriminate(run: Run, texts: list[str], group_of_row: torch.Tensor, seeds: torch.Tensor,
                  known: list[list[int] | None] | None = None) -> torch.Tensor:
-    """D(c) for caption strings: RoBERTa tokens of each text (cut at disc.max_tokens) -> the
+    """D(c) for caption strings: RoBERTa tokens of each text (cut at run.disc_max_tokens) -> the
     discriminator's logit (N,). known (N,): token rows already known (see roberta_inputs).
 
     group_of_row (N,) says which dropout group (G,) each text belongs to: a group is gan.d_groups'
@@ -380,7 +380,7 @@ def discriminate(run: Run, texts: list[str], group_of_row: torch.Tensor, seeds: 
     process that holds it or the groups beside it, so any number of processes that divides G
     computes the logits that one process computes. Without dropout, one forward for all rows.
     """
-    ids, mask = roberta_inputs(run.roberta_tokenizer, texts, run.cfg.disc.max_tokens, known)  # (N, T)
+    ids, mask = roberta_inputs(run.roberta_tokenizer, texts, run.disc_max_tokens, known)  # (N, T)
     if not dropout_active(run.discriminator):
         return _discriminator_logits(run, ids.to(run.device), mask.to(run.device))
     # The rows sorted by group on the host (group g's are then one slice, in their order in
@@ -411,7 +411,7 @@ def _discriminator_logits(run: Run, ids: torch.Tensor, mask: torch.Tensor) -> to
 
 
 def real_rows(run: Run, index: torch.Tensor) -> list[list[int]]:
-    """The RoBERTa ids of corpus sentences index (n,), cut at disc.max_tokens: rows of the corpus
+    """The RoBERTa ids of corpus sentences index (n,), cut at run.disc_max_tokens: rows of the corpus
     tokenised once per run (Run.corpus_roberta), not at every step."""
     ids, lengths = run.corpus_roberta  # (M, T), (M,)
     return [r[:n] for r, n in zip(ids[index].tolist(), lengths[index].tolist())]

@@ -378,3 +378,18 @@ def test_ablation_reuses_the_train_runs_init(world, trained, capsys):
     assert "reusing the text-only initialisation of" in capsys.readouterr().out
     logged = (base / "metrics.jsonl").read_text() if (base / "metrics.jsonl").exists() else ""
     assert '"stage": "init"' not in logged
+
+
+def test_discriminator_cuts_sentences_longer_than_its_positions(world):
+    # A corpus sentence longer than the small RoBERTa's 64 positions (as a small BPE vocabulary
+    # makes them) is cut to 64 tokens, "." and </s> last, instead of overrunning the positions.
+    long = " ".join(["a small red circle above a blue square"] * 12)
+    data = dataclasses.replace(world, corpus=[long] + list(world.corpus[1:]))
+    run = runs.build_run(tiny_config(), data)
+    assert run.disc_max_tokens == run.discriminator.roberta.config.max_position_embeddings - 2 == 64
+    ids, lengths = run.corpus_roberta
+    assert lengths[0] == 64 and len(run.roberta_tokenizer(long)["input_ids"]) > 64
+    run.discriminator.eval()
+    logits = train.discriminate(run, [long, "a red circle"], torch.zeros(2, dtype=torch.long),
+                                torch.zeros(1, dtype=torch.long))
+    assert logits.shape == (2,) and torch.isfinite(logits).all()
