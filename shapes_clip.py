@@ -142,13 +142,17 @@ def logit_scale_at(step: int, cfg: ShapesWorldConfig) -> float:
 
 def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tensor,
                   vocab_size: int, progress: bool = True,
-                  closeup: tuple[np.ndarray, torch.Tensor] | None = None
-                  ) -> tuple[clip_model.CLIP, list[float]]:
+                  closeup: tuple[np.ndarray, torch.Tensor] | None = None,
+                  twins: tuple | None = None,
+                  twin_pairs: int = 0) -> tuple[clip_model.CLIP, list[float]]:
     """Contrastive pretraining (clip_model.contrastive_loss) on images (N, R, R, 3) uint8 and
     tokens (N, C, L): C captions per image, one drawn at random each time the image is used.
     closeup: (images (M, R, R, 3), tokens (M, L)) single-object pairs that fill a
-    cfg.clip_closeup_share of every batch. AdamW with linear warmup and cosine decay.
-    Returns the model (eval mode) and the losses."""
+    cfg.clip_closeup_share of every batch. twins (experiments only, bench/bench_clip_scenes.py):
+    hard negatives (images (n, R, R, 3), tokens (n, C', L), their originals' tokens (n, C', L) and
+    rows in images (n,)); each batch then replaces 2 * twin_pairs of its pairs by originals and
+    their twins side by side.
+    AdamW with linear warmup and cosine decay. Returns the model (eval mode) and the losses."""
     torch.manual_seed(cfg.seed)
     model = clip_model.CLIP(clip_config(cfg, vocab_size))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -173,6 +177,8 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
         cursor += batch
         pick = torch.randint(tokens.shape[1], (batch,), generator=gen)  # (B,)
         pixels, texts = images[idx.numpy()], tokens[idx, pick]  # (B, R, R, 3), (B, L)
+        if twin_pairs:
+            pixels, texts = _with_twins(pixels, texts, images, twins, twin_pairs, gen)
         if n_close:
             near = torch.randint(len(closeup[0]), (n_close,), generator=gen)  # (B',)
             pixels = np.concatenate([pixels, closeup[0][near.numpy()]])  # (B+B', R, R, 3)
@@ -193,6 +199,18 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.clip_logit_scale))
     return model.eval(), losses
+
+
+def _with_twins(pixels: np.ndarray, texts: torch.Tensor, images: np.ndarray, twins: tuple,
+                n: int, gen: torch.Generator) -> tuple[np.ndarray, torch.Tensor]:
+    """The batch's last 2n pairs replaced by n drawn twins and their originals, side by side, each
+    pair captioned by its caption slot drawn once for both."""
+    twin_images, twin_tokens, original_tokens, original = twins
+    t = torch.randint(len(twin_images), (n,), generator=gen)  # (n,)
+    pick = torch.randint(twin_tokens.shape[1], (n,), generator=gen)  # (n,)
+    keep = len(pixels) - 2 * n
+    pixels = np.concatenate([pixels[:keep], images[original[t].numpy()], twin_images[t.numpy()]])
+    return pixels, torch.cat([texts[:keep], original_tokens[t, pick], twin_tokens[t, pick]])
 
 
 # ----------------------------------------------------------------------------------------------
