@@ -128,14 +128,15 @@ def main() -> None:
         [f"world.{item}" for item in args.world])).world
     tokenizer = clip_tokenizer_for(cfg)
     pairs = shapes_clip.clip_pairs(cfg)
-    images, tokens, closeup = shapes_clip.pretraining_inputs(cfg, pairs, tokenizer, True)
+    progress = sys.stderr.isatty()  # bars on a terminal, none in a log file
+    images, tokens, closeup = shapes_clip.pretraining_inputs(cfg, pairs, tokenizer, progress)
     n, (scenes, captions) = cfg.n_clip_pairs, pairs
     pair_slots = cfg.clip_batch_size - (round(cfg.clip_closeup_share * cfg.clip_batch_size)
                                         if closeup is not None else 0)
     twin_pairs = round(args.swaps * pair_slots / 2)
     twins = make_twins(cfg, scenes, captions, tokenizer, n // 2, args.swap_captions) if twin_pairs else None
     start = time.perf_counter()
-    model, _ = shapes_clip.pretrain_clip(cfg, images[:n], tokens[:n], tokenizer.vocab_size, True,
+    model, _ = shapes_clip.pretrain_clip(cfg, images[:n], tokens[:n], tokenizer.vocab_size, progress,
                                          closeup, twins, twin_pairs)
     seconds = time.perf_counter() - start
     held_feats = shapes_clip.encode_images(model, images[n:])
