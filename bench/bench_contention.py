@@ -16,6 +16,7 @@ Why it can be much worse: a torch op split over 2 threads waits at a barrier for
 thread, and on a 2-core machine with a competitor one of them is often descheduled.
 """
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,23 +69,28 @@ def main() -> None:
     parser.add_argument("--clip-steps", type=int, default=15)
     parser.add_argument("--init-steps", type=int, default=100)
     parser.add_argument("--gan-steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     print("building or loading the default world first (not timed)...", flush=True)
     sw.build_shapesworld(sw.ShapesWorldConfig(), progress=False)
     cfg = sw.ShapesWorldConfig(n_clip_pairs=512, n_clip_heldout=1, n_clip_closeups=256)
-    rows = []
+    bench_shapes.clip_step_seconds(cfg, [args.threads], 0, 3, 1)  # warm-up, not counted
+    times: dict[str, list[tuple[float, float]]] = {"alone": [], "beside": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in (None, args.competitor):
-            with competitor(kind):
-                clip = bench_shapes.clip_step_seconds(cfg, [args.threads], 0, args.clip_steps, 1)
-                run = short_run_seconds(args.threads, tmp, args.init_steps, args.gan_steps)
-            rows.append((clip[args.threads][0], run))
-    (clip_alone, run_alone), (clip_busy, run_busy) = rows
-    print(f"{args.threads} torch thread(s); competitor: one '{args.competitor}' process")
-    print(f"  {'':34s} {'alone':>8s} {'beside it':>10s} {'ratio':>6s}")
-    print(f"  {'tiny-CLIP pretraining, s/step':34s} {clip_alone:8.3f} {clip_busy:10.3f} "
+        for _ in range(args.repeats):  # alternated, so drift and warm-up weigh on both alike
+            for name, kind in (("alone", None), ("beside", args.competitor)):
+                with competitor(kind):
+                    clip = bench_shapes.clip_step_seconds(cfg, [args.threads], 0, args.clip_steps, 1)
+                    run = short_run_seconds(args.threads, tmp, args.init_steps, args.gan_steps)
+                times[name].append((clip[args.threads][0], run))
+    (clip_alone, run_alone), (clip_busy, run_busy) = (
+        [statistics.median(column) for column in zip(*times[name])] for name in ("alone", "beside"))
+    print(f"{args.threads} torch thread(s); competitor: one '{args.competitor}' process; "
+          f"medians of {args.repeats} alternated measurements")
+    print(f"  {'':38s} {'alone':>8s} {'beside it':>10s} {'ratio':>6s}")
+    print(f"  {'tiny-CLIP pretraining, s/step':38s} {clip_alone:8.3f} {clip_busy:10.3f} "
           f"{clip_busy / clip_alone:5.2f}x")
-    print(f"  {f'short default run ({args.init_steps}+{args.gan_steps} steps), s':34s} "
+    print(f"  {f'short default run ({args.init_steps}+{args.gan_steps} steps), s':38s} "
           f"{run_alone:8.1f} {run_busy:10.1f} {run_busy / run_alone:5.2f}x")
 
 
