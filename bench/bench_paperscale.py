@@ -300,7 +300,7 @@ def time_host(gpt2, roberta, clip_tok, sentences: list[str], b: int, k: int, t: 
     end_id = cgtgan.end_token_id(gpt2, ".")
     retokenize.id_map(gpt2, roberta)  # built once per run, before the first step
     run = SimpleNamespace(roberta_tokenizer=roberta, data=SimpleNamespace(corpus=sentences),
-                          cfg=SimpleNamespace(disc=SimpleNamespace(max_tokens=DISC_TOKENS)))
+                          disc_max_tokens=DISC_TOKENS)
     run.corpus_roberta = runs.Run.corpus_roberta.func(run)  # once per run, as in training
     g = torch.Generator().manual_seed(0)
 
@@ -375,7 +375,8 @@ def time_discriminate(gpt2, roberta, sentences: list[str], b: int, k: int, t: in
     calls = [0]
     disc.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     run = SimpleNamespace(roberta_tokenizer=roberta, discriminator=disc, device=torch.device("cpu"),
-                          cfg=SimpleNamespace(disc=cfg), autocast=nullcontext)
+                          cfg=SimpleNamespace(disc=cfg), autocast=nullcontext,
+                          disc_max_tokens=DISC_TOKENS)
     g, end_id = torch.Generator().manual_seed(1), cgtgan.end_token_id(gpt2, ".")
     ids, mask = caption_ids(gpt2, sentences, "corpus", b * k + b, t, end_id, g)
     real = [sentences[i] for i in torch.randint(len(sentences), (b * k,), generator=g).tolist()]

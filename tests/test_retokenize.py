@@ -148,3 +148,25 @@ def test_discriminator_logits_from_mapped_rows_equal_those_from_text(world):
     fast = train.discriminate(run, real + captions, group_of_row, seeds, known)
     slow = train.discriminate(run, real + captions, group_of_row, seeds)
     assert torch.equal(fast, slow)
+
+
+def test_bench_paperscale_host_table_runs_on_small_tokenizers(world):
+    # bench_paperscale --host-only's two timers, on the tiny world's tokenizers and one repeat:
+    # they run the step's own host code (so a change to it that breaks the bench fails here).
+    import importlib.util
+
+    import clip_tokenizer
+
+    spec = importlib.util.spec_from_file_location("bench_paperscale",
+                                                  ROOT / "bench" / "bench_paperscale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gpt2 = cgtgan.load_tokenizer(world.gpt2_path, "GPT-2")
+    roberta = cgtgan.load_tokenizer(world.roberta_path, "RoBERTa")
+    clip_tok = clip_tokenizer.Tokenizer(world.clip_bpe_path) if getattr(world, "clip_bpe_path", None) \
+        else clip_tokenizer.Tokenizer()
+    host = bench.time_host(gpt2, roberta, clip_tok, list(world.corpus), 2, 2, 8, 2, 1)
+    assert host and all(v >= 0 for row in host.values() for v in
+                        (row.values() if isinstance(row, dict) else [row]) if isinstance(v, float))
+    calls = bench.time_discriminate(gpt2, roberta, list(world.corpus), 2, 2, 8, 2, 1)
+    assert calls
