@@ -113,7 +113,13 @@ class IdMap:
         for i, a, b in zip(words, first, rest):
             self.first[i], self.rest[i] = (a[0] if len(a) == 1 else -1), (b[0] if len(b) == 1 else -1)
             self.space[i], self.head[i], self.tail[i] = parts[i]
-        self.bos, self.eos, self.pad = target.bos_token_id, target.eos_token_id, target.pad_token_id
+        # What the tokenizer wraps a text in (<s> ... </s> for RoBERTa's released tokenizer; a
+        # tokenizer built without a post-processor adds nothing), read from the tokenizer itself.
+        plain, full = (target("a", add_special_tokens=False)["input_ids"],
+                       target("a")["input_ids"])
+        at = next((k for k in range(len(full)) if full[k:k + len(plain)] == plain), None)
+        self.wraps = at is not None and len(plain) > 0
+        self.prefix, self.suffix = (full[:at], full[at + len(plain):]) if self.wraps else ([], [])
 
     def __call__(self, ids: torch.Tensor, length: torch.Tensor):
         """ids (N, T) with caption lengths (N,) (no end token) -> (mapped, ok): RoBERTa ids (N, T)
@@ -141,8 +147,9 @@ def id_map(source, target) -> IdMap:
 
 def mapped_rows(target, source, ids: torch.Tensor, mask: torch.Tensor,
                 end_id: int) -> list[list[int] | None]:
-    """The target (RoBERTa) tokenizer's ids of each caption, <s> ... </s>, looked up from the
-    source (GPT-2) ids (N, T) with mask (N, T) that decode_captions turns into text: for each row
+    """The target (RoBERTa) tokenizer's ids of each caption, <s> ... </s> (the special tokens the
+    tokenizer adds to a text, read from it), looked up from the source (GPT-2) ids (N, T) with
+    mask (N, T) that decode_captions turns into text: for each row
     the IdMap maps exactly, the list `target(text)["input_ids"]` holds; None for the others (and
     for every row when the source is not byte-level), which the caller tokenises from text.
     Tensors on the CPU: the lists are built on the host anyway.
@@ -154,6 +161,8 @@ def mapped_rows(target, source, ids: torch.Tensor, mask: torch.Tensor,
     last = ids.gather(1, (n - 1).clamp_min(0)[:, None]).squeeze(1)  # (N,)
     length = n - ((n > 0) & (last == end_id)).long()  # (N,) caption tokens, as decode_captions
     table = id_map(source, target)
+    if not table.wraps:  # a tokenizer whose special tokens cannot be read off: text for all
+        return [None] * ids.shape[0]
     mapped, ok = table(ids, length)  # (N, T), (N,)
-    return [[table.bos] + row[:k] + [table.eos] if good else None
+    return [table.prefix + row[:k] + table.suffix if good else None
             for row, k, good in zip(mapped.tolist(), length.tolist(), ok.tolist())]

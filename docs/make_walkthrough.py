@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402  (after the path is set)
+import transformers  # noqa: E402
 
 import runs  # noqa: E402
 import train  # noqa: E402
@@ -143,7 +144,9 @@ def page(run: runs.Run, batch: train.Batch, calls: dict, seen: dict) -> str:
         "a CLIP pretrained for a few steps) and the generator had a short text-only "
         f"initialisation, so the captions are poor; the shapes are those of any run: B = {b} "
         f"images, K = {k} samples each, T tokens, P = {run.cfg.gen.prefix_len} prefix vectors, "
-        f"D = {batch.feats.shape[1]} CLIP width, E = {run.cfg.gen.n_embd} GPT-2 width.",
+        f"D = {batch.feats.shape[1]} CLIP width, E = {run.cfg.gen.n_embd} GPT-2 width. Values "
+        f"from transformers {transformers.__version__} (another version initialises the models "
+        "otherwise, and every value after the first layer differs).",
         "",
         "## Sec. 3.1: from the image embedding to K sampled captions",
         "",

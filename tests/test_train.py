@@ -368,10 +368,14 @@ def test_groups_split_at_every_processes_boundary():
         assert all(not (a & c) for i, a in enumerate(shards) for c in shards[i + 1:]), (b, g, w)
 
 
-def test_ablation_reuses_the_train_runs_init(world, trained, capsys):
+def test_ablation_reuses_the_train_runs_init(world, trained, tmp_path, capsys):
     # `train --ablation` after `train` with the same settings starts from that run's init.pt
     # (copied, byte for byte) instead of training the same initialisation again.
-    cfg, run_dir, _ = trained
+    cfg, trained_dir, _ = trained
+    cfg = dataclasses.replace(cfg, runs_dir=str(tmp_path))  # a folder no other test touched
+    run_dir = tmp_path / trained_dir.name
+    run_dir.mkdir()
+    shutil.copyfile(trained_dir / "init.pt", run_dir / "init.pt")
     commands.run_ablation(cfg, world)
     base = run_dir.with_name(run_dir.name + "_ablation")
     assert (base / "init.pt").read_bytes() == (run_dir / "init.pt").read_bytes()
