@@ -190,6 +190,8 @@ def _train_and_test(cfg: Config, data: CaptionData | None, resume: bool, stop_af
     runs.init_distributed(cfg)
     data = data if data is not None else load_data(cfg)
     run = runs.build_run(cfg, data)
+    if resume and (run_dir / "last.pt").is_file():  # refused before any file is written
+        runs.load_checkpoint(run_dir / "last.pt", run, sections=(), same_data=True)
     log = open_run_dir(run, run_dir, resume)
     ensure_init(run, run_dir, log, resume)
     t1 = time.time()

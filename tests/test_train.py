@@ -101,8 +101,10 @@ def test_checkpoints_are_tied_to_their_data(world, trained, tmp_path, capsys):
     assert runs.init_is_current(tmp_path / "same" / "init.pt", runs.build_run(same, world, False))
     assert not runs.init_is_current(tmp_path / "same" / "init.pt",
                                     runs.build_run(same, other, False))
+    before = (run_dir / "init.pt").read_bytes()
     with pytest.raises(config.ConfigError, match="trained on other data"):
         commands.run_train(tiny_config(runs_dir=cfg.runs_dir, name="full"), other, resume=True)
+    assert (run_dir / "init.pt").read_bytes() == before  # refused before init.pt was retrained
     capsys.readouterr()
     commands.run_train(same, other, stop_after=1)
     assert "reusing the text-only initialisation" not in capsys.readouterr().out
