@@ -171,13 +171,19 @@ def test_scst_loss_worked_example(student):
                 "loss with baseline=None (leave-one-out mean of the other samples)")
 
 
+def padded_log_probs(g: torch.Generator, b: int, k: int, t: int):
+    """Random token log-probs (B, K, T) in (-5, 0] and a mask (B, K, T) of 1-T real tokens per
+    caption, padding after them: the inputs of the log-prob exercises' random tests."""
+    logp = -torch.rand(b, k, t, generator=g) * 5
+    lengths = torch.randint(1, t + 1, (b, k), generator=g)
+    return logp, (torch.arange(t) < lengths[..., None]).float()
+
+
 def test_scst_loss_random_values_and_gradients(student, reference):
     f = student("scst_loss")
     g = seeded(5)
     B, K, T = 3, 4, 6
-    logp0 = -torch.rand(B, K, T, generator=g) * 5
-    lengths = torch.randint(1, T + 1, (B, K), generator=g)
-    mask = (torch.arange(T) < lengths[..., None]).float()  # (B, K, T)
+    logp0, mask = padded_log_probs(g, B, K, T)
     reward, baseline = torch.randn(B, K, generator=g) * 10, torch.randn(B, generator=g) * 10
     for base in (baseline, None):
         name = "greedy baseline" if base is not None else "leave-one-out baseline"
@@ -549,9 +555,7 @@ def test_caption_log_prob_random_values_and_gradients(student, reference):
     f = student("caption_log_prob")
     g = seeded(15)
     B, K, T = 3, 4, 7
-    logp = -torch.rand(B, K, T, generator=g) * 5
-    lengths = torch.randint(1, T + 1, (B, K), generator=g)
-    mask = (torch.arange(T) < lengths[..., None]).float()  # (B, K, T)
+    logp, mask = padded_log_probs(g, B, K, T)
     logp = torch.where(mask > 0, logp, torch.full_like(logp, -30.0))  # padding: large, finite
     got, (got_grad,) = f.grad(logp, mask, wrt=(0,))
     want, (want_grad,) = reference.caption_log_prob.grad(logp, mask, wrt=(0,))
@@ -638,9 +642,7 @@ def test_generator_loss_random_values_and_gradients(student, reference):
     f = student("generator_loss")
     g = seeded(16)
     B, K, T = 3, 4, 5
-    logp = -torch.rand(B, K, T, generator=g) * 5
-    lengths = torch.randint(1, T + 1, (B, K), generator=g)
-    mask = (torch.arange(T) < lengths[..., None]).float()  # (B, K, T)
+    logp, mask = padded_log_probs(g, B, K, T)
     r_sem, r_nat = 60 + 20 * torch.rand(B, K + 1, generator=g), torch.randn(B, K + 1, generator=g)
     for lam in (0.0, 0.3, 1.0):
         for baseline in ("greedy", "loo"):
