@@ -17,7 +17,9 @@ per pretraining batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,48 @@ def closeups(cfg: ShapesWorldConfig, stream: str, n: int) -> tuple[list[grammar.
     rng = stream_rng(cfg, stream)
     scenes = [grammar.sample_scene(rng, n=1) for _ in range(n)]
     return scenes, [f"a {s[0].colour} {s[0].shape}" for s in scenes]
+
+
+TWIN_SLOTS = 10  # caption slots per swap twin pair; a cfg.clip_swap_captions share of them partial
+
+
+def swap_twin(scene: grammar.Scene, rng: random.Random) -> tuple[grammar.Scene, int]:
+    """The scene with two objects of different shapes and colours trading shapes (or, when no two
+    differ in both, one object given another shape) -> (twin, index of a changed object).
+    Example: a red star left of a blue circle -> a red circle left of a blue star."""
+    pairs = [(a, b) for a in range(len(scene)) for b in range(a + 1, len(scene))
+             if scene[a].shape != scene[b].shape and scene[a].colour != scene[b].colour]
+    if pairs:
+        a, b = rng.choice(pairs)
+        shape = {a: scene[b].shape, b: scene[a].shape}
+    else:
+        a = rng.randrange(len(scene))
+        shape = {a: rng.choice([s for s in grammar.SHAPES if s != scene[a].shape])}
+    return tuple(dataclasses.replace(o, shape=shape[k]) if k in shape else o
+                 for k, o in enumerate(scene)), a
+
+
+def swap_twins(cfg: ShapesWorldConfig, scenes: list[grammar.Scene], captions: list[list[str]],
+               tokenizer: clip_tokenizer.Tokenizer, progress: bool) -> tuple:
+    """pretrain_clip's twins of the first n = cfg.n_clip_pairs // 2 pretraining scenes: their
+    images (n, R, R, 3), drawn with the originals' backgrounds and noise; the twins' and the
+    originals' tokens (n, TWIN_SLOTS, L), slot by slot the same kind of caption (a
+    cfg.clip_swap_captions share name the changed object alone, the rest describe the whole
+    scene); and the originals' rows (n,)."""
+    n, rng = cfg.n_clip_pairs // 2, stream_rng(cfg, "clip-twins")
+    partial = round(cfg.clip_swap_captions * TWIN_SLOTS)
+    twins, twin_texts, original_texts = [], [], []
+    for i in range(n):
+        twin, a = swap_twin(scenes[i], rng)
+        twins.append(twin)
+        twin_texts += [f"a {twin[a].colour} {twin[a].shape}"] * partial + [
+            grammar.describe(twin, grammar.STYLES[k % 2], rng) for k in range(TWIN_SLOTS - partial)]
+        original_texts += [f"a {scenes[i][a].colour} {scenes[i][a].shape}"] * partial + [
+            captions[i][k % len(captions[i])] for k in range(TWIN_SLOTS - partial)]
+    shape = (n, TWIN_SLOTS, cfg.clip_context_length)
+    return (render_all(cfg, "clip", twins, progress),  # image i keeps original i's noise
+            clip_tokens(twin_texts, tokenizer, shape[2]).view(shape),
+            clip_tokens(original_texts, tokenizer, shape[2]).view(shape), torch.arange(n))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,15 +187,13 @@ def logit_scale_at(step: int, cfg: ShapesWorldConfig) -> float:
 def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tensor,
                   vocab_size: int, progress: bool = True,
                   closeup: tuple[np.ndarray, torch.Tensor] | None = None,
-                  twins: tuple | None = None,
-                  twin_pairs: int = 0) -> tuple[clip_model.CLIP, list[float]]:
+                  twins: tuple | None = None) -> tuple[clip_model.CLIP, list[float]]:
     """Contrastive pretraining (clip_model.contrastive_loss) on images (N, R, R, 3) uint8 and
     tokens (N, C, L): C captions per image, one drawn at random each time the image is used.
     closeup: (images (M, R, R, 3), tokens (M, L)) single-object pairs that fill a
-    cfg.clip_closeup_share of every batch. twins (experiments only, bench/bench_clip_scenes.py):
-    hard negatives (images (n, R, R, 3), tokens (n, C', L), their originals' tokens (n, C', L) and
-    rows in images (n,)); each batch then replaces 2 * twin_pairs of its pairs by originals and
-    their twins side by side.
+    cfg.clip_closeup_share of every batch. twins: swap_twins(...), when cfg.clip_swaps > 0; each
+    batch then replaces a cfg.clip_swaps share of its pairs by originals and their twins side by
+    side.
     AdamW with linear warmup and cosine decay. Returns the model (eval mode) and the losses."""
     torch.manual_seed(cfg.seed)
     model = clip_model.CLIP(clip_config(cfg, vocab_size))
@@ -164,6 +206,7 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
     batch = min(cfg.clip_batch_size, len(images))
     n_close = round(cfg.clip_closeup_share * batch) if closeup is not None else 0
     batch -= n_close  # pairs per batch; the close-ups complete it
+    twin_pairs = round(cfg.clip_swaps * batch / 2) if twins is not None else 0
     order, cursor, losses = torch.randperm(len(images), generator=gen), 0, []
     model.train()
     bar = tqdm(range(cfg.clip_steps), desc="pretrain tiny CLIP", disable=not progress, leave=False)
@@ -282,9 +325,10 @@ def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_tokenizer.
 
 
 def pretraining_inputs(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_tokenizer.Tokenizer,
-                       progress: bool) -> tuple[np.ndarray, torch.Tensor, tuple | None]:
-    """What pretrain_clip reads: the pairs' images (N, R, R, 3) uint8 and tokens (N, C, L), and the
-    close-ups (images (M, R, R, 3) uint8, tokens (M, L)), None when cfg.clip_closeup_share is 0."""
+                       progress: bool) -> tuple[np.ndarray, torch.Tensor, tuple | None, tuple | None]:
+    """What pretrain_clip reads: the pairs' images (N, R, R, 3) uint8 and tokens (N, C, L), the
+    close-ups (images (M, R, R, 3) uint8, tokens (M, L)), None when cfg.clip_closeup_share is 0,
+    and the swap twins (swap_twins), None when cfg.clip_swaps is 0."""
     scenes, captions = pairs
     images = render_all(cfg, "clip", scenes, progress)
     closeup = None
@@ -296,16 +340,17 @@ def pretraining_inputs(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_tok
     ids = clip_tokens(unique, tokenizer, cfg.clip_context_length)  # (U, L)
     row = {c: i for i, c in enumerate(unique)}
     tokens = ids[torch.tensor([[row[c] for c in caps] for caps in captions])]  # (N, C, L)
-    return images, tokens, closeup
+    twins = swap_twins(cfg, scenes, captions, tokenizer, progress) if cfg.clip_swaps > 0 else None
+    return images, tokens, closeup, twins
 
 
 def train_clip(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_tokenizer.Tokenizer,
                path: Path, progress: bool) -> dict:
     """Render the pairs, pretrain and save the tiny CLIP; its metrics on the held-out pairs."""
-    images, tokens, closeup = pretraining_inputs(cfg, pairs, tokenizer, progress)
+    images, tokens, closeup, twins = pretraining_inputs(cfg, pairs, tokenizer, progress)
     n = cfg.n_clip_pairs
     model, losses = pretrain_clip(cfg, images[:n], tokens[:n], tokenizer.vocab_size, progress,
-                                  closeup)
+                                  closeup, twins)
     clip_model.save(model, path)
     scenes, captions = pairs
     held = [caps[0] for caps in captions[n:]]  # plain-style captions of the held-out scenes

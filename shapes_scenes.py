@@ -13,6 +13,8 @@ Shape legend: N images, R image resolution.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import random
 
 import numpy as np
@@ -80,11 +82,42 @@ def render(scene: grammar.Scene, size: int, rng: np.random.Generator) -> np.ndar
     return np.clip(pixels + 0.5, 0, 255).astype(np.uint8)
 
 
+RENDER_CHUNK = 250  # images per task of the rendering processes
+
+
+def render_processes(cfg: ShapesWorldConfig) -> int:
+    """cfg.render_procs, or one per CPU core (at most 4) when it is 0."""
+    return cfg.render_procs or min(4, os.cpu_count() or 1)
+
+
+def _render_chunk(task: tuple) -> tuple[int, np.ndarray]:
+    """(seed, salt, R, first index, scenes) -> (first index, their images (n, R, R, 3) uint8)."""
+    seed, salt, size, start, scenes = task
+    return start, np.stack([render(scene, size, np.random.default_rng([seed, salt, start + k]))
+                            for k, scene in enumerate(scenes)])
+
+
 def render_all(cfg: ShapesWorldConfig, stream: str, scenes: list, progress: bool) -> np.ndarray:
-    """Images of a split (N, R, R, 3) uint8; image i's noise comes from (seed, stream, i) alone."""
+    """Images of a split (N, R, R, 3) uint8; image i's noise comes from (seed, stream, i) alone, so
+    the render_processes(cfg) processes that draw chunks of RENDER_CHUNK images give the same
+    pixels as one."""
     out = np.empty((len(scenes), cfg.image_size, cfg.image_size, 3), np.uint8)  # (N, R, R, 3)
     salt = int(data.cache_key(stream=stream)[:8], 16)
-    for i, scene in enumerate(tqdm(scenes, desc=f"render {stream}", disable=not progress,
-                                   leave=False)):
-        out[i] = render(scene, cfg.image_size, np.random.default_rng([cfg.seed, salt, i]))
+    tasks = [(cfg.seed, salt, cfg.image_size, i, scenes[i:i + RENDER_CHUNK])
+             for i in range(0, len(scenes), RENDER_CHUNK)]
+    procs = min(render_processes(cfg), len(tasks))
+    with tqdm(total=len(scenes), desc=f"render {stream}", disable=not progress, leave=False) as bar:
+        if procs <= 1:
+            chunks = map(_render_chunk, tasks)
+        else:  # fork where the system has it: the workers need no imports of their own
+            methods = multiprocessing.get_all_start_methods()
+            pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(procs)
+            chunks = pool.imap_unordered(_render_chunk, tasks)
+        try:
+            for start, images in chunks:
+                out[start:start + len(images)] = images
+                bar.update(len(images))
+        finally:
+            if procs > 1:
+                pool.terminate()
     return out

@@ -53,7 +53,7 @@ from shapes_scenes import make_scenes, render_all, stream_rng
 VERSION = 4
 ROOT = Path(__file__).resolve().parent
 # Fields that say where and how fast the world is built, not what it holds: never in a cache key.
-NOT_CONTENT = ("root", "threads")
+NOT_CONTENT = ("root", "threads", "render_procs")
 
 
 def world_key(cfg: ShapesWorldConfig, *fields: str) -> str:

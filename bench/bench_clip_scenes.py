@@ -3,7 +3,7 @@ finding 9): pretrains a tiny CLIP from scratch on the world's pairs and probes i
 
     python bench/bench_clip_scenes.py                                   # the default pretraining
     python bench/bench_clip_scenes.py --world clip_heads=8              # 8 attention-pool heads
-    python bench/bench_clip_scenes.py --world clip_heads=8 --swaps 1 --swap-captions 0.7
+    python bench/bench_clip_scenes.py --world clip_heads=8 clip_swaps=1 clip_swap_captions=0.7
 
 Prints R@1 on the held-out pairs, the zero-shot shape and colour probe (shape_acc, colour_acc,
 scene_shape_acc: the scene image against "a {colour} {shape}" over the six shapes), and beside it a
@@ -11,17 +11,15 @@ linear probe: one 6-way classifier per colour trained on 8,000 pretraining scene
 embeddings, tested on the held-out scenes' objects that scene_shape_acc counts. The linear probe
 says what the embedding holds; the zero-shot probe what CLIP's text finds there.
 
---swaps S makes S of every batch's pairs "swap twins": a pretraining scene beside its twin in
-which two objects of different shapes and colours trade shapes (one object changes shape when no
-such pair exists), drawn with the same background and noise, so only which colour goes with which
-shape tells them apart. --swap-captions P captions a share P of those pairs by the changed object
-alone ("a red star" against "a red circle"). Each run takes a few minutes on one thread; the
-world's scenes and captions are the default world's (its CLIP BPE too, when the default world is
-cached).
+world.clip_swaps S makes a share S of every batch's pairs "swap twins" (shapes_clip.swap_twin): a
+pretraining scene beside its twin in which two objects of different shapes and colours trade
+shapes, drawn with the same background and noise, so only which colour goes with which shape
+tells them apart; world.clip_swap_captions P captions a share P of those pairs by the changed
+object alone ("a red star" against "a red circle"). Each run takes a few minutes on one thread;
+the world's scenes and captions are the default world's (its CLIP BPE too, when the default world
+is cached).
 """
 import argparse
-import dataclasses
-import random
 import sys
 import tempfile
 import time
@@ -35,49 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import clip_tokenizer  # noqa: E402
 import config  # noqa: E402
-import data  # noqa: E402
 import shapes_clip  # noqa: E402
 import shapes_grammar as grammar  # noqa: E402
 import shapesworld as sw  # noqa: E402
-from shapes_scenes import render  # noqa: E402
-
-TWIN_SLOTS = 10  # caption slots per twin pair; a share of them name the changed object alone
-
-
-def swap_twin(scene: grammar.Scene, rng: random.Random) -> tuple[grammar.Scene, int]:
-    """The scene with two objects of different shapes and colours trading shapes (or, when none,
-    one object given another shape) -> (twin, index of a changed object)."""
-    pairs = [(a, b) for a in range(len(scene)) for b in range(a + 1, len(scene))
-             if scene[a].shape != scene[b].shape and scene[a].colour != scene[b].colour]
-    if pairs:
-        a, b = rng.choice(pairs)
-        shape = {a: scene[b].shape, b: scene[a].shape}
-    else:
-        a = rng.randrange(len(scene))
-        shape = {a: rng.choice([s for s in grammar.SHAPES if s != scene[a].shape])}
-    return tuple(dataclasses.replace(o, shape=shape[k]) if k in shape else o
-                 for k, o in enumerate(scene)), a
-
-
-def make_twins(cfg, scenes, captions, tokenizer, n: int, share: float) -> tuple:
-    """pretrain_clip's twins for the first n pair scenes: images (n, R, R, 3), the twins' and the
-    originals' tokens (n, TWIN_SLOTS, L), and the originals' rows (n,)."""
-    rng, salt = random.Random("bench-swaps"), int(data.cache_key(stream="clip")[:8], 16)
-    images = np.empty((n, cfg.image_size, cfg.image_size, 3), np.uint8)
-    twin_texts, original_texts = [], []
-    partial = round(share * TWIN_SLOTS)
-    for i in range(n):
-        twin, a = swap_twin(scenes[i], rng)
-        images[i] = render(twin, cfg.image_size, np.random.default_rng([cfg.seed, salt, i]))
-        full = TWIN_SLOTS - partial
-        twin_texts += [f"a {twin[a].colour} {twin[a].shape}"] * partial + [
-            grammar.describe(twin, grammar.STYLES[k % 2], rng) for k in range(full)]
-        original_texts += [f"a {scenes[i][a].colour} {scenes[i][a].shape}"] * partial + [
-            captions[i][k % len(captions[i])] for k in range(full)]
-    shape = (n, TWIN_SLOTS, cfg.clip_context_length)
-    return (images, shapes_clip.clip_tokens(twin_texts, tokenizer, shape[2]).view(shape),
-            shapes_clip.clip_tokens(original_texts, tokenizer, shape[2]).view(shape), torch.arange(n))
-
 
 def linear_probe(train_feats, train_scenes, test_feats, test_scenes, steps: int = 500) -> float:
     """Share of the test scenes' objects (those whose colour is unique in their scene) whose shape a
@@ -118,9 +76,6 @@ def clip_tokenizer_for(cfg) -> clip_tokenizer.Tokenizer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", nargs="*", default=[], help="ShapesWorldConfig FIELD=VALUE")
-    parser.add_argument("--swaps", type=float, default=0.0, help="share of pairs that are swap twins")
-    parser.add_argument("--swap-captions", type=float, default=0.0,
-                        help="share of twin pairs captioned by the changed object alone")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,15 +84,11 @@ def main() -> None:
     tokenizer = clip_tokenizer_for(cfg)
     pairs = shapes_clip.clip_pairs(cfg)
     progress = sys.stderr.isatty()  # bars on a terminal, none in a log file
-    images, tokens, closeup = shapes_clip.pretraining_inputs(cfg, pairs, tokenizer, progress)
+    images, tokens, closeup, twins = shapes_clip.pretraining_inputs(cfg, pairs, tokenizer, progress)
     n, (scenes, captions) = cfg.n_clip_pairs, pairs
-    pair_slots = cfg.clip_batch_size - (round(cfg.clip_closeup_share * cfg.clip_batch_size)
-                                        if closeup is not None else 0)
-    twin_pairs = round(args.swaps * pair_slots / 2)
-    twins = make_twins(cfg, scenes, captions, tokenizer, n // 2, args.swap_captions) if twin_pairs else None
     start = time.perf_counter()
     model, _ = shapes_clip.pretrain_clip(cfg, images[:n], tokens[:n], tokenizer.vocab_size, progress,
-                                         closeup, twins, twin_pairs)
+                                         closeup, twins)
     seconds = time.perf_counter() - start
     held_feats = shapes_clip.encode_images(model, images[n:])
     held = [caps[0] for caps in captions[n:]]
@@ -145,8 +96,8 @@ def main() -> None:
     m.update(shapes_clip.shape_and_colour_accuracy(model, tokenizer, cfg, scenes[n:], held_feats))
     probe = linear_probe(shapes_clip.encode_images(model, images[:8000]), scenes[:8000], held_feats,
                          scenes[n:])
-    print(f"world {' '.join(args.world) or '(defaults)'}; swaps {args.swaps}, swap captions "
-          f"{args.swap_captions}; {cfg.clip_steps} steps in {seconds:.0f} s on {args.threads} thread(s)")
+    print(f"world {' '.join(args.world) or '(defaults)'}; {cfg.clip_steps} steps in {seconds:.0f} s "
+          f"on {args.threads} thread(s)")
     print(f"  R@1 {m['r1']:.3f}  shape_acc {m['shape_acc']:.1%}  colour_acc {m['colour_acc']:.1%}  "
           f"scene_shape_acc {m['scene_shape_acc']:.1%}  linear probe in scenes {probe:.1%}")
 

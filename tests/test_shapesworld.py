@@ -17,6 +17,7 @@ import shapes_clip
 import shapes_grammar as grammar
 import shapes_scenes
 import shapesworld as sw
+from config import ConfigError
 
 
 def tiny(root, **overrides) -> sw.ShapesWorldConfig:
@@ -313,6 +314,50 @@ def test_stale_or_truncated_caches_are_rebuilt(tmp_path):
     world.write_text(world.read_text().replace('"key": "', '"key": "stale', 1))
     sw.build_shapesworld(cfg, progress=False)
     assert "text" in sw.load_report(cfg)["timings_s"]
+
+
+def test_swap_twins_trade_shapes_keep_the_background_and_caption_the_change(tmp_path):
+    # Two objects that differ in shape and colour trade shapes; the twin is drawn with its
+    # original's background and noise; its partial captions name the changed object.
+    red_star = grammar.Obj("star", "red", "large", 0, 0)
+    blue_circle = grammar.Obj("circle", "blue", "large", 2, 2)
+    twin, a = shapes_clip.swap_twin((red_star, blue_circle), random.Random(0))
+    assert [o.shape for o in twin] == ["circle", "star"] and a in (0, 1)
+    assert [o.colour for o in twin] == ["red", "blue"]
+    lone, a = shapes_clip.swap_twin((red_star,), random.Random(0))
+    assert a == 0 and lone[0].shape != "star" and lone[0].colour == "red"
+    cfg = tiny(tmp_path, n_clip_pairs=40, clip_swaps=1.0, clip_swap_captions=0.5)
+    scenes, captions = shapes_clip.clip_pairs(cfg)
+    clip_tokenizer.write_merges(tmp_path / "bpe.txt", sw.learn_bpe([c for cs in captions for c in cs]))
+    tokenizer = clip_tokenizer.Tokenizer(tmp_path / "bpe.txt")
+    images, twin_tokens, original_tokens, rows = shapes_clip.swap_twins(cfg, scenes, captions, tokenizer,
+                                                                        progress=False)
+    originals = shapes_scenes.render_all(cfg, "clip", scenes[:20], progress=False)
+    assert images.shape == originals.shape and twin_tokens.shape == (20, shapes_clip.TWIN_SLOTS, 32)
+    assert torch.equal(rows, torch.arange(20))
+    corner = (originals[:, :4, :4].astype(int) - images[:, :4, :4]).__abs__().mean()
+    assert corner < (originals[:, :4, :4].astype(int) - originals[::-1, :4, :4]).__abs__().mean() / 5
+    assert not np.array_equal(images, originals)
+    partial = tokenizer.decode(twin_tokens[0, 0][1:int(twin_tokens[0, 0].argmax())].tolist()).strip()
+    assert partial.startswith("a ") and len(partial.split()) == 3
+    assert not torch.equal(twin_tokens[:, :5], original_tokens[:, :5])  # the changed object's words
+    model, losses = shapes_clip.pretrain_clip(cfg, originals, original_tokens[:, 5:], tokenizer.vocab_size,
+                                              False, None, (images, twin_tokens, original_tokens, rows))
+    assert len(losses) == cfg.clip_steps and all(np.isfinite(losses))
+    with pytest.raises(ConfigError, match="world.clip_swaps"):
+        replace(cfg, clip_swaps=1.5)
+
+
+def test_rendering_processes_draw_the_same_pixels_and_never_key_the_cache(tmp_path):
+    # Three chunks over two processes, finished in any order, give one process's pixels.
+    cfg = tiny(tmp_path)
+    scenes = shapes_scenes.make_scenes(cfg, "clip", 2 * shapes_scenes.RENDER_CHUNK + 7)
+    one = shapes_scenes.render_all(replace(cfg, render_procs=1), "clip", scenes, progress=False)
+    two = shapes_scenes.render_all(replace(cfg, render_procs=2), "clip", scenes, progress=False)
+    assert np.array_equal(one, two) and one[-1].any()
+    assert sw.world_key(replace(cfg, render_procs=3)) == sw.world_key(cfg)
+    with pytest.raises(ConfigError, match="world.render_procs"):
+        replace(cfg, render_procs=-1)
 
 
 def test_threads_are_set_for_the_build_only_and_never_key_the_cache(world, monkeypatch):
