@@ -185,11 +185,13 @@ class ShapesWorldConfig:
     # ResNet learned no shapes in 500 steps either (zero-shot 21% vs 50% with them; chance 17%).
     clip_closeup_share: float = 0.5
     n_clip_closeups: int = 12000
+    clip_closeup_sizes: float = 0.0  # share of close-up captions that name the size too
     # Share of each batch's pairs that are scenes beside their swap twins (two objects trade
     # shapes; shapes_clip.swap_twin), and share of those captioned by the changed object alone
     # ("a red star" beside "a red circle"); docs/shapesworld_results.md, finding 9.
     clip_swaps: float = 0.0
     clip_swap_captions: float = 0.0
+    clip_procs: int = 1  # processes sharing each pretraining step (shapes_clip.pretrain_in_processes)
     # CPU threads of the build (torch's, and with 1 the BPE trainer's too); 0 keeps the libraries'
     # defaults (every core). One by default, like Config.threads: with a busy-loop process beside
     # it on a 2-core machine, a CLIP pretraining step took 0.3-0.6 s on 1 thread and 2.2-6.5 s on
@@ -197,9 +199,7 @@ class ShapesWorldConfig:
     # cache key, like root: any count builds the same scenes, text and tokenizers, and a CLIP
     # equal up to float rounding.
     threads: int = 1
-    # Processes that draw the images (shapes_scenes.render_all); 0: one per core, at most 4. Any
-    # count draws the same pixels, so it is not in the cache key either.
-    render_procs: int = 0
+    render_procs: int = 0  # processes that draw the images; 0: one per core, at most 4 (same pixels)
     root: str | None = None  # default: $CGTGAN_CACHE or <repo>/cache, then shapesworld/<key>
 
     def __post_init__(self):
@@ -220,7 +220,9 @@ class ShapesWorldConfig:
         if not vit and self.image_size < 32:
             raise ConfigError(f"world.image_size {self.image_size} must be at least 32: the resnet "
                               "image encoder downsamples 32x")
-        for name in ("clip_swaps", "clip_swap_captions"):
+        if self.clip_procs < 1:
+            raise ConfigError(f"world.clip_procs must be at least 1, not {self.clip_procs}")
+        for name in ("clip_swaps", "clip_swap_captions", "clip_closeup_sizes"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"world.{name} must be in [0, 1], not {getattr(self, name)}")
         if not 0 <= self.clip_closeup_share < 1:
@@ -669,8 +671,8 @@ def config_diff(a: dict, b: dict) -> tuple | None:
 # Settings a run's default name leaves out: what the name already says (data or preset, reward,
 # seed), and where files are kept or how fast the work runs, which change no result.
 NOT_IN_RUN_NAME = ("name", "runs_dir", "data", "seed", "gan.reward", "device", "threads",
-                   "world.root", "world.threads", "world.render_procs", "real.cache_dir", "real.workers", "real.device",
-                   "real.progress")
+                   "world.root", "world.threads", "world.render_procs", "real.cache_dir",
+                   "real.workers", "real.device", "real.progress")
 
 
 def run_name(cfg: Config, preset: str = "") -> str:

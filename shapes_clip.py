@@ -20,10 +20,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import clip_model
@@ -52,10 +54,14 @@ def clip_pairs(cfg: ShapesWorldConfig) -> tuple[list[grammar.Scene], list[list[s
 
 def closeups(cfg: ShapesWorldConfig, stream: str, n: int) -> tuple[list[grammar.Scene], list[str]]:
     """n single-object scenes and their caption "a {colour} {shape}": the close-ups that teach the
-    tiny CLIP shapes (stream "clip-closeup") and probe it afterwards (stream "clip-probe")."""
+    tiny CLIP shapes (stream "clip-closeup") and probe it afterwards (stream "clip-probe"). A
+    cfg.clip_closeup_sizes share of the pretraining ones name the size too ("a large red star")."""
     rng = stream_rng(cfg, stream)
     scenes = [grammar.sample_scene(rng, n=1) for _ in range(n)]
-    return scenes, [f"a {s[0].colour} {s[0].shape}" for s in scenes]
+    sized = [stream == "clip-closeup" and rng.random() < cfg.clip_closeup_sizes for _ in scenes] \
+        if cfg.clip_closeup_sizes else [False] * n
+    return scenes, [f"a {s[0].size + ' ' if size else ''}{s[0].colour} {s[0].shape}"
+                    for s, size in zip(scenes, sized)]
 
 
 TWIN_SLOTS = 10  # caption slots per swap twin pair; a cfg.clip_swap_captions share of them partial
@@ -187,14 +193,19 @@ def logit_scale_at(step: int, cfg: ShapesWorldConfig) -> float:
 def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tensor,
                   vocab_size: int, progress: bool = True,
                   closeup: tuple[np.ndarray, torch.Tensor] | None = None,
-                  twins: tuple | None = None) -> tuple[clip_model.CLIP, list[float]]:
+                  twins: tuple | None = None, rank: int = 0) -> tuple[clip_model.CLIP, list[float]]:
     """Contrastive pretraining (clip_model.contrastive_loss) on images (N, R, R, 3) uint8 and
     tokens (N, C, L): C captions per image, one drawn at random each time the image is used.
     closeup: (images (M, R, R, 3), tokens (M, L)) single-object pairs that fill a
     cfg.clip_closeup_share of every batch. twins: swap_twins(...), when cfg.clip_swaps > 0; each
     batch then replaces a cfg.clip_swaps share of its pairs by originals and their twins side by
     side.
-    AdamW with linear warmup and cosine decay. Returns the model (eval mode) and the losses."""
+    AdamW with linear warmup and cosine decay. Returns the model (eval mode) and the losses.
+    With cfg.clip_procs = W > 1, W processes share each step (pretrain_in_processes); this is then
+    the loop of process `rank`, and each process embeds every W-th row of the batch."""
+    world = cfg.clip_procs
+    if world > 1 and not torch.distributed.is_initialized():
+        return pretrain_in_processes(cfg, images, tokens, vocab_size, progress, closeup, twins)
     torch.manual_seed(cfg.seed)
     model = clip_model.CLIP(clip_config(cfg, vocab_size))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -226,10 +237,16 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
             near = torch.randint(len(closeup[0]), (n_close,), generator=gen)  # (B',)
             pixels = np.concatenate([pixels, closeup[0][near.numpy()]])  # (B+B', R, R, 3)
             texts = torch.cat([texts, closeup[1][near]])  # (B+B', L)
-        logits, _ = model(to_clip_input(pixels), texts)  # (B+B', B+B')
+        if world == 1:
+            logits, _ = model(to_clip_input(pixels), texts)  # (B+B', B+B')
+        else:
+            logits = sharded_logits(model, pixels, texts, rank, world)  # (B+B', B+B')
         loss = clip_model.contrastive_loss(logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:  # each process holds the gradient through its own rows: their sum is the whole
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         schedule.step()
@@ -241,7 +258,72 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
     if not cfg.clip_learn_logit_scale:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.clip_logit_scale))
+    if world > 1:  # BatchNorm's running statistics saw each process's rows: their mean
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                torch.distributed.all_reduce(buffer)
+                buffer /= world
     return model.eval(), losses
+
+
+def sharded_logits(model: clip_model.CLIP, pixels: np.ndarray, texts: torch.Tensor, rank: int,
+                   world: int) -> torch.Tensor:
+    """The batch's logits (B, B) when W processes share it: each embeds every W-th image and text
+    (rows rank, rank + W, ...: each sees pairs, twins and close-ups alike) and gathers the others'
+    embeddings, its own keeping their gradient. The rows come out in the order of the processes,
+    images and texts alike, so row i's caption is still column i.
+    pixels (B, R, R, 3) uint8, texts (B, L) -> (B, B)."""
+    image = F.normalize(model.encode_image(to_clip_input(pixels[rank::world])), dim=-1)  # (B/W, D)
+    text = F.normalize(model.encode_text(texts[rank::world]), dim=-1)  # (B/W, D)
+    image, text = _gather(image, rank, world), _gather(text, rank, world)  # (B, D)
+    return model.logit_scale.exp() * image @ text.t()
+
+
+def _gather(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Every process's rows, concatenated in rank order; this process's own keep the gradient."""
+    sizes = torch.tensor([x.shape[0]])
+    every = [torch.zeros_like(sizes) for _ in range(world)]
+    torch.distributed.all_gather(every, sizes)
+    parts = [x.new_zeros(int(n), x.shape[1]) for n in every]
+    torch.distributed.all_gather(parts, x.detach().contiguous())
+    parts[rank] = x
+    return torch.cat(parts)
+
+
+def pretrain_in_processes(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tensor,
+                          vocab_size: int, progress: bool, closeup: tuple | None,
+                          twins: tuple | None) -> tuple[clip_model.CLIP, list[float]]:
+    """pretrain_clip on cfg.clip_procs processes of one thread each (gloo): each step costs each
+    of them 1/W of the work and two exchanges, so on free cores it runs nearly W times as fast,
+    and beside other work it slows down like one process, not like threads that wait at every op.
+    Workers are forked where the system can (they share the images, uncopied), else spawned.
+    The model differs from one process's by BatchNorm: each process normalises its own rows."""
+    methods = torch.multiprocessing.get_all_start_methods()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "clip.pt"
+        torch.multiprocessing.start_processes(
+            _pretrain_worker, nprocs=cfg.clip_procs, start_method="fork" if "fork" in methods else "spawn",
+            args=(Path(tmp) / "rendezvous", result, cfg, images, tokens, vocab_size, progress, closeup,
+                  twins))
+        saved = torch.load(result, weights_only=True)
+    model = clip_model.CLIP(clip_config(cfg, vocab_size))
+    model.load_state_dict(saved["model"])
+    return model.eval(), saved["losses"]
+
+
+def _pretrain_worker(rank: int, rendezvous: Path, result: Path, cfg: ShapesWorldConfig, *args) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                                         world_size=cfg.clip_procs)
+    try:
+        images, tokens, vocab_size, progress, closeup, twins = args
+        model, losses = pretrain_clip(cfg, images, tokens, vocab_size, progress and rank == 0,
+                                      closeup, twins, rank)
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "losses": losses}, result)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _with_twins(pixels: np.ndarray, texts: torch.Tensor, images: np.ndarray, twins: tuple,
@@ -296,6 +378,7 @@ def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_tokenizer.
     shape_acc: one-object close-ups (stream "clip-probe"), share whose best caption among
     "a {true colour} {shape}" over the six shapes names the true shape (chance 1/6);
     colour_acc: the same over the eight colours with the true shape (chance 1/8);
+    size_acc: the same over "a {size} {colour} {shape}" for the three sizes (chance 1/3);
     scene_shape_acc: the shape reading inside whole scenes (scenes (n,) with image embeddings
     scene_feats (n, D), the held-out pairs): for each object whose colour no other object of its
     scene has, the share whose scene image is closest to "a {colour} {true shape}" among the six
@@ -312,12 +395,16 @@ def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_tokenizer.
     colour = torch.tensor([colours.index(s[0].colour) for s in probe])  # (p,)
     shape = torch.tensor([shapes.index(s[0].shape) for s in probe])  # (p,)
     rows = torch.arange(len(probe))
+    sizes = encode_texts(model, tokenizer, [f"a {z} {s[0].colour} {s[0].shape}" for s in probe
+                                            for z in grammar.SIZES]).view(len(probe), len(grammar.SIZES), -1)
+    size = torch.tensor([grammar.SIZES.index(s[0].size) for s in probe])  # (p,)
     hits = [shapes[int((text[colours.index(o.colour)] @ feat).argmax())] == o.shape
             for scene, feat in zip(scenes, scene_feats) for o in scene
             if sum(other.colour == o.colour for other in scene) == 1]
     return {"shape_acc": float((sims[rows, colour].argmax(-1) == shape).float().mean()),
             "colour_acc": float((sims[rows, :, shape].argmax(-1) == colour).float().mean()),
-            "scene_shape_acc": sum(hits) / max(1, len(hits))}
+            "scene_shape_acc": sum(hits) / max(1, len(hits)),
+            "size_acc": float((torch.einsum("pd,pzd->pz", image, sizes).argmax(-1) == size).float().mean())}
 
 
 # ----------------------------------------------------------------------------------------------

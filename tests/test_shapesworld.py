@@ -256,6 +256,33 @@ def test_scene_shape_probe_reads_each_object_with_a_colour_of_its_own(world):
     assert both["scene_shape_acc"] in (0.0, 0.5)
 
 
+def test_close_up_captions_name_the_size_when_asked_and_the_probe_never(tmp_path):
+    cfg = tiny(tmp_path, clip_closeup_sizes=1.0)
+    scenes, captions = shapes_clip.closeups(cfg, "clip-closeup", 20)
+    assert captions == [f"a {s[0].size} {s[0].colour} {s[0].shape}" for s in scenes]
+    assert shapes_clip.closeups(tiny(tmp_path), "clip-closeup", 20) == (scenes, [
+        f"a {s[0].colour} {s[0].shape}" for s in scenes])  # the same close-ups, sizes unnamed
+    probe, probe_captions = shapes_clip.closeups(cfg, "clip-probe", 20)
+    assert probe_captions == [f"a {s[0].colour} {s[0].shape}" for s in probe]
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_size_probe_finds_the_size_each_close_up_shows(world, monkeypatch, shift):
+    # Close-up "images" embedded as the text of their true size (shift 0) or the next size
+    # (shift 1): the probe reads every size right, then every size wrong.
+    cfg, d = world
+    model, _ = clip_model.load(d.clip_path)
+    tokenizer = clip_tokenizer.Tokenizer(d.clip_bpe_path)
+    probe, _ = shapes_clip.closeups(cfg, "clip-probe", shapes_clip.PROBE_IMAGES)
+    size = {z: grammar.SIZES[(k + shift) % 3] for k, z in enumerate(grammar.SIZES)}
+    feats = shapes_clip.encode_texts(model, tokenizer, [f"a {size[s[0].size]} {s[0].colour} {s[0].shape}"
+                                                        for s in probe])
+    monkeypatch.setattr(shapes_clip, "render_all", lambda *args: None)
+    monkeypatch.setattr(shapes_clip, "encode_images", lambda model, images: feats)
+    got = shapes_clip.shape_and_colour_accuracy(model, tokenizer, cfg, [], feats[:0])
+    assert got["size_acc"] == (1.0 if shift == 0 else 0.0)
+
+
 @pytest.fixture(scope="module")
 def clip_world(tmp_path_factory):
     """The default CLIP settings on fewer pairs (a slow build), and enough training and test
@@ -346,6 +373,29 @@ def test_swap_twins_trade_shapes_keep_the_background_and_caption_the_change(tmp_
     assert len(losses) == cfg.clip_steps and all(np.isfinite(losses))
     with pytest.raises(ConfigError, match="world.clip_swaps"):
         replace(cfg, clip_swaps=1.5)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_pretraining_on_two_processes_equals_one(tmp_path, monkeypatch, start_method):
+    # A ViT image tower has no BatchNorm, so two processes that each embed half of every batch
+    # and sum their gradients take the steps of one process, up to float rounding. The rows are
+    # shared out as pairs and close-ups alike; the batch (10) does not split evenly.
+    cfg = tiny(tmp_path, n_clip_pairs=40, clip_image_encoder="vit", clip_patch_size=32,
+               clip_vision_width=32, clip_steps=4, clip_batch_size=10)
+    scenes, captions = shapes_clip.clip_pairs(cfg)
+    clip_tokenizer.write_merges(tmp_path / "bpe.txt", sw.learn_bpe([c for cs in captions for c in cs]))
+    tokenizer = clip_tokenizer.Tokenizer(tmp_path / "bpe.txt")
+    images, tokens, closeup, _ = shapes_clip.pretraining_inputs(cfg, (scenes[:40], captions[:40]),
+                                                                tokenizer, progress=False)
+    one, losses_one = shapes_clip.pretrain_clip(cfg, images, tokens, tokenizer.vocab_size, False, closeup)
+    monkeypatch.setattr(torch.multiprocessing, "get_all_start_methods", lambda: [start_method])
+    two, losses_two = shapes_clip.pretrain_clip(replace(cfg, clip_procs=2), images, tokens,
+                                                tokenizer.vocab_size, False, closeup)
+    assert len(set(losses_one)) == cfg.clip_steps  # every step moved the model
+    torch.testing.assert_close(torch.tensor(losses_two), torch.tensor(losses_one), rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=name)
+    assert sw.world_key(replace(cfg, clip_procs=2)) != sw.world_key(cfg)
 
 
 def test_rendering_processes_draw_the_same_pixels_and_never_key_the_cache(tmp_path):
