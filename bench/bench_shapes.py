@@ -5,14 +5,16 @@ modality gap, and the nearest-corpus-sentence retrieval baseline on the test spl
     python bench/bench_shapes.py --reuse      # reuse (or build) the default cache under cache/
     python bench/bench_shapes.py --world corpus_style=alt
     python bench/bench_shapes.py --step-threads 1 2 --busy 1   # CLIP step time by thread count
+    python bench/bench_shapes.py --step-procs 1 2 --busy 0 --steps 40  # ... by process count
 
 The retrieval baseline (CLIPRe-like) captions each test image with the corpus sentence of highest
 CLIP cosine; its peer in the same run is a random corpus sentence per image (the ratio shows what
 CLIP's ranking adds). CLIP retrieval is compared with chance on the same held-out pairs.
 
 --step-threads times tiny-CLIP pretraining steps (the default model and batch, on a few hundred
-pairs) at each thread count, while --busy busy-loop processes compete for the cores, as another
-training or test job does (ShapesWorldConfig.threads).
+pairs) at each thread count, --step-procs on each number of one-thread processes sharing each step
+(world.clip_procs), while --busy busy-loop processes compete for the cores, as another training
+or test job does (ShapesWorldConfig.threads).
 """
 import argparse
 import dataclasses
@@ -35,28 +37,30 @@ import shapes_clip  # noqa: E402
 import shapesworld as sw  # noqa: E402
 
 
-def clip_step_seconds(cfg: sw.ShapesWorldConfig, thread_counts: list[int], busy: int,
-                      steps: int, repeats: int) -> dict[int, list[float]]:
-    """Seconds per tiny-CLIP pretraining step at each thread count, measured in turns, with
-    `busy` busy-loop processes running beside this one the whole time."""
+def clip_step_seconds(cfg: sw.ShapesWorldConfig, settings: list[tuple[int, int]], busy: int,
+                      steps: int, repeats: int) -> dict[tuple[int, int], list[float]]:
+    """Seconds per tiny-CLIP pretraining step for each (processes, threads each), measured in
+    turns, with `busy` busy-loop processes running beside this one the whole time. With several
+    processes the time includes starting them (world.clip_procs)."""
     pairs = shapes_clip.clip_pairs(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         bpe = Path(tmp) / "bpe.txt"
         clip_tokenizer.write_merges(bpe, sw.learn_bpe([c for caps in pairs[1] for c in caps]))
         tokenizer = clip_tokenizer.Tokenizer(bpe)
-    images, tokens, closeup = shapes_clip.pretraining_inputs(cfg, pairs, tokenizer, False)
+    images, tokens, closeup, _ = shapes_clip.pretraining_inputs(cfg, pairs, tokenizer, False)
     short = dataclasses.replace(cfg, clip_steps=steps)
     competitors = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                    for _ in range(busy)]
-    seconds: dict[int, list[float]] = {n: [] for n in thread_counts}
+    seconds: dict[tuple[int, int], list[float]] = {setting: [] for setting in settings}
     try:
         for _ in range(repeats):
-            for n in thread_counts:
-                with sw.cpu_threads(n):
+            for procs, threads in settings:
+                with sw.cpu_threads(threads):
                     start = time.perf_counter()
-                    shapes_clip.pretrain_clip(short, images, tokens, tokenizer.vocab_size, False,
-                                              closeup)
-                    seconds[n].append((time.perf_counter() - start) / steps)
+                    shapes_clip.pretrain_clip(dataclasses.replace(short, clip_procs=procs,
+                                                                  threads=threads),
+                                              images, tokens, tokenizer.vocab_size, False, closeup)
+                    seconds[procs, threads].append((time.perf_counter() - start) / steps)
     finally:
         for process in competitors:
             process.kill()
@@ -64,14 +68,14 @@ def clip_step_seconds(cfg: sw.ShapesWorldConfig, thread_counts: list[int], busy:
     return seconds
 
 
-def print_step_threads(thread_counts: list[int], busy: int, steps: int, repeats: int) -> None:
+def print_step_times(settings: list[tuple[int, int]], busy: int, steps: int, repeats: int) -> None:
     cfg = sw.ShapesWorldConfig(n_clip_pairs=512, n_clip_heldout=1, n_clip_closeups=256)
-    seconds = clip_step_seconds(cfg, thread_counts, busy, steps, repeats)
+    seconds = clip_step_seconds(cfg, settings, busy, steps, repeats)
     print(f"tiny-CLIP pretraining step (batch {cfg.clip_batch_size}, {steps} steps x {repeats}), "
           f"{busy} busy-loop process(es) beside it:")
-    for n, runs in seconds.items():
-        print(f"  {n} thread(s): {statistics.median(runs):.3f} s/step (median; "
-              f"runs {', '.join(f'{t:.3f}' for t in runs)})")
+    for (procs, threads), runs in seconds.items():
+        print(f"  {procs} process(es) x {threads} thread(s): {statistics.median(runs):.3f} s/step "
+              f"(median; runs {', '.join(f'{t:.3f}' for t in runs)})")
 
 
 def print_build(report: dict, total: float, data) -> None:
@@ -120,14 +124,17 @@ def main() -> None:
     parser.add_argument("--world", nargs="*", default=[], help="ShapesWorldConfig FIELD=VALUE")
     parser.add_argument("--step-threads", nargs="*", type=int, default=[],
                         help="time CLIP pretraining steps at these thread counts instead")
+    parser.add_argument("--step-procs", nargs="*", type=int, default=[],
+                        help="time CLIP pretraining steps on these process counts, 1 thread each")
     parser.add_argument("--busy", type=int, default=1,
-                        help="busy-loop processes beside --step-threads")
+                        help="busy-loop processes beside --step-threads / --step-procs")
     parser.add_argument("--steps", type=int, default=20,
                         help="steps per --step-threads measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per thread count")
     args = parser.parse_args()
-    if args.step_threads:
-        print_step_threads(args.step_threads, args.busy, args.steps, args.repeats)
+    if args.step_threads or args.step_procs:
+        print_step_times([(1, n) for n in args.step_threads] + [(p, 1) for p in args.step_procs],
+                         args.busy, args.steps, args.repeats)
         return
     # World settings go through the project's one parser, typed and checked like `--set world.*`.
     overrides = config.parse_sets([f"world.{item}" for item in args.world])
