@@ -244,9 +244,8 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
         loss = clip_model.contrastive_loss(logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:  # each process holds the gradient through its own rows: their sum is the whole
-            for p in params:
-                torch.distributed.all_reduce(p.grad)
+        if world > 1:  # each process holds the gradient through its own rows; their sum: the whole
+            _sum_over_processes([p.grad for p in params])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         schedule.step()
@@ -275,19 +274,30 @@ def sharded_logits(model: clip_model.CLIP, pixels: np.ndarray, texts: torch.Tens
     pixels (B, R, R, 3) uint8, texts (B, L) -> (B, B)."""
     image = F.normalize(model.encode_image(to_clip_input(pixels[rank::world])), dim=-1)  # (B/W, D)
     text = F.normalize(model.encode_text(texts[rank::world]), dim=-1)  # (B/W, D)
-    image, text = _gather(image, rank, world), _gather(text, rank, world)  # (B, D)
+    rows = len(texts)
+    image, text = _gather(image, rank, world, rows), _gather(text, rank, world, rows)  # (B, D)
     return model.logit_scale.exp() * image @ text.t()
 
 
-def _gather(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Every process's rows, concatenated in rank order; this process's own keep the gradient."""
-    sizes = torch.tensor([x.shape[0]])
-    every = [torch.zeros_like(sizes) for _ in range(world)]
-    torch.distributed.all_gather(every, sizes)
-    parts = [x.new_zeros(int(n), x.shape[1]) for n in every]
-    torch.distributed.all_gather(parts, x.detach().contiguous())
+def _gather(x: torch.Tensor, rank: int, world: int, rows: int) -> torch.Tensor:
+    """Every process's rows (rows in all, process r holding rows r, r + W, ...), concatenated in
+    rank order; this process's own keep their gradient. One exchange: (rows / W, D) -> (rows, D)."""
+    share = -(-rows // world)  # rows of process 0, the most any holds
+    padded = x.new_zeros(share, x.shape[1])
+    padded[:len(x)] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    parts = [part[:len(range(r, rows, world))] for r, part in enumerate(parts)]
     parts[rank] = x
     return torch.cat(parts)
+
+
+def _sum_over_processes(tensors: list[torch.Tensor]) -> None:
+    """Sum each tensor over the processes, in place, in one exchange."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 def pretrain_in_processes(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tensor,
@@ -302,16 +312,18 @@ def pretrain_in_processes(cfg: ShapesWorldConfig, images: np.ndarray, tokens: to
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "clip.pt"
         torch.multiprocessing.start_processes(
-            _pretrain_worker, nprocs=cfg.clip_procs, start_method="fork" if "fork" in methods else "spawn",
-            args=(Path(tmp) / "rendezvous", result, cfg, images, tokens, vocab_size, progress, closeup,
-                  twins))
+            _pretrain_worker, nprocs=cfg.clip_procs,
+            start_method="fork" if "fork" in methods else "spawn",
+            args=(Path(tmp) / "rendezvous", result, cfg, images, tokens, vocab_size, progress,
+                  closeup, twins))
         saved = torch.load(result, weights_only=True)
     model = clip_model.CLIP(clip_config(cfg, vocab_size))
     model.load_state_dict(saved["model"])
     return model.eval(), saved["losses"]
 
 
-def _pretrain_worker(rank: int, rendezvous: Path, result: Path, cfg: ShapesWorldConfig, *args) -> None:
+def _pretrain_worker(rank: int, rendezvous: Path, result: Path, cfg: ShapesWorldConfig,
+                     *args) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
@@ -396,7 +408,8 @@ def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_tokenizer.
     shape = torch.tensor([shapes.index(s[0].shape) for s in probe])  # (p,)
     rows = torch.arange(len(probe))
     sizes = encode_texts(model, tokenizer, [f"a {z} {s[0].colour} {s[0].shape}" for s in probe
-                                            for z in grammar.SIZES]).view(len(probe), len(grammar.SIZES), -1)
+                                            for z in grammar.SIZES])
+    sizes = sizes.view(len(probe), len(grammar.SIZES), -1)  # (p, size, D)
     size = torch.tensor([grammar.SIZES.index(s[0].size) for s in probe])  # (p,)
     hits = [shapes[int((text[colours.index(o.colour)] @ feat).argmax())] == o.shape
             for scene, feat in zip(scenes, scene_feats) for o in scene
