@@ -197,10 +197,9 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
     """Contrastive pretraining (clip_model.contrastive_loss) on images (N, R, R, 3) uint8 and
     tokens (N, C, L): C captions per image, one drawn at random each time the image is used.
     closeup: (images (M, R, R, 3), tokens (M, L)) single-object pairs that fill a
-    cfg.clip_closeup_share of every batch. twins: swap_twins(...), when cfg.clip_swaps > 0; each
-    batch then replaces a cfg.clip_swaps share of its pairs by originals and their twins side by
-    side.
-    AdamW with linear warmup and cosine decay. Returns the model (eval mode) and the losses.
+    cfg.clip_closeup_share of every batch. twins: swap_twins(...), when cfg.clip_swaps > 0
+    (pretraining_batches). AdamW with linear warmup and cosine decay. Returns the model (eval
+    mode) and the losses.
     With cfg.clip_procs = W > 1, W processes share each step (pretrain_in_processes); this is then
     the loop of process `rank`, and each process embeds every W-th row of the batch."""
     world = cfg.clip_procs
@@ -213,30 +212,16 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
     warmup = max(1, cfg.clip_steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
         1 + math.cos(math.pi * min(1.0, max(0.0, s - warmup) / max(1, cfg.clip_steps - warmup))))))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batch = min(cfg.clip_batch_size, len(images))
-    n_close = round(cfg.clip_closeup_share * batch) if closeup is not None else 0
-    batch -= n_close  # pairs per batch; the close-ups complete it
-    twin_pairs = round(cfg.clip_swaps * batch / 2) if twins is not None else 0
-    order, cursor, losses = torch.randperm(len(images), generator=gen), 0, []
+    batches = pretraining_batches(cfg, images, tokens, closeup, twins,
+                                  torch.Generator().manual_seed(cfg.seed))
+    losses = []
     model.train()
     bar = tqdm(range(cfg.clip_steps), desc="pretrain tiny CLIP", disable=not progress, leave=False)
     for step in bar:
         if not cfg.clip_learn_logit_scale:
             with torch.no_grad():
                 model.logit_scale.fill_(math.log(logit_scale_at(step, cfg)))
-        if cursor + batch > len(images):
-            order, cursor = torch.randperm(len(images), generator=gen), 0
-        idx = order[cursor:cursor + batch]  # (B,)
-        cursor += batch
-        pick = torch.randint(tokens.shape[1], (batch,), generator=gen)  # (B,)
-        pixels, texts = images[idx.numpy()], tokens[idx, pick]  # (B, R, R, 3), (B, L)
-        if twin_pairs:
-            pixels, texts = _with_twins(pixels, texts, images, twins, twin_pairs, gen)
-        if n_close:
-            near = torch.randint(len(closeup[0]), (n_close,), generator=gen)  # (B',)
-            pixels = np.concatenate([pixels, closeup[0][near.numpy()]])  # (B+B', R, R, 3)
-            texts = torch.cat([texts, closeup[1][near]])  # (B+B', L)
+        pixels, texts = next(batches)  # (B+B', R, R, 3), (B+B', L)
         if world == 1:
             logits, _ = model(to_clip_input(pixels), texts)  # (B+B', B+B')
         else:
@@ -258,11 +243,38 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.clip_logit_scale))
     if world > 1:  # BatchNorm's running statistics saw each process's rows: their mean
-        for buffer in model.buffers():
-            if buffer.is_floating_point():
-                torch.distributed.all_reduce(buffer)
-                buffer /= world
+        stats = [b for b in model.buffers() if b.is_floating_point()]
+        _sum_over_processes(stats)
+        for b in stats:
+            b /= world
     return model.eval(), losses
+
+
+def pretraining_batches(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tensor,
+                        closeup: tuple | None, twins: tuple | None, gen: torch.Generator):
+    """pretrain_clip's batches, endless: (pixels (B+B', R, R, 3) uint8, texts (B+B', L)), B pairs
+    drawn in shuffled passes over the images, each with one of its C captions at random (a
+    cfg.clip_swaps share of them replaced by originals beside their swap twins), then B'
+    close-ups (cfg.clip_closeup_share of the batch)."""
+    batch = min(cfg.clip_batch_size, len(images))
+    n_close = round(cfg.clip_closeup_share * batch) if closeup is not None else 0
+    batch -= n_close  # pairs per batch; the close-ups complete it
+    twin_pairs = round(cfg.clip_swaps * batch / 2) if twins is not None else 0
+    order, cursor = torch.randperm(len(images), generator=gen), 0
+    while True:
+        if cursor + batch > len(images):
+            order, cursor = torch.randperm(len(images), generator=gen), 0
+        idx = order[cursor:cursor + batch]  # (B,)
+        cursor += batch
+        pick = torch.randint(tokens.shape[1], (batch,), generator=gen)  # (B,)
+        pixels, texts = images[idx.numpy()], tokens[idx, pick]  # (B, R, R, 3), (B, L)
+        if twin_pairs:
+            pixels, texts = _with_twins(pixels, texts, images, twins, twin_pairs, gen)
+        if n_close:
+            near = torch.randint(len(closeup[0]), (n_close,), generator=gen)  # (B',)
+            pixels = np.concatenate([pixels, closeup[0][near.numpy()]])  # (B+B', R, R, 3)
+            texts = torch.cat([texts, closeup[1][near]])  # (B+B', L)
+        yield pixels, texts
 
 
 def sharded_logits(model: clip_model.CLIP, pixels: np.ndarray, texts: torch.Tensor, rank: int,
@@ -293,7 +305,9 @@ def _gather(x: torch.Tensor, rank: int, world: int, rows: int) -> torch.Tensor:
 
 
 def _sum_over_processes(tensors: list[torch.Tensor]) -> None:
-    """Sum each tensor over the processes, in place, in one exchange."""
+    """Sum each tensor over the processes, in place, in one exchange (none for no tensors)."""
+    if not tensors:
+        return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     torch.distributed.all_reduce(flat)
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):

@@ -396,6 +396,11 @@ def test_pretraining_on_two_processes_equals_one(tmp_path, monkeypatch, start_me
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=name)
     assert sw.world_key(replace(cfg, clip_procs=2)) != sw.world_key(cfg)
+    if start_method == "fork":  # the ResNet's BatchNorm statistics: each process's, averaged
+        resnet = replace(tiny(tmp_path, n_clip_pairs=40, clip_steps=2, clip_batch_size=10), clip_procs=2)
+        model, losses = shapes_clip.pretrain_clip(resnet, images, tokens, tokenizer.vocab_size, False,
+                                                  closeup)
+        assert all(np.isfinite(losses)) and model.visual.bn1.running_mean.abs().sum() > 0
 
 
 def test_rendering_processes_draw_the_same_pixels_and_never_key_the_cache(tmp_path):
