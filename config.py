@@ -191,6 +191,7 @@ class ShapesWorldConfig:
     # ("a red star" beside "a red circle"); docs/shapesworld_results.md, finding 9.
     clip_swaps: float = 0.0
     clip_swap_captions: float = 0.0
+    clip_size_twins: float = 0.0  # share of the twins that resize one object instead
     clip_procs: int = 1  # processes sharing each pretraining step (shapes_clip.pretrain_in_processes)
     # CPU threads of the build (torch's, and with 1 the BPE trainer's too); 0 keeps the libraries'
     # defaults (every core). One by default, like Config.threads: with a busy-loop process beside
@@ -222,7 +223,7 @@ class ShapesWorldConfig:
                               "image encoder downsamples 32x")
         if self.clip_procs < 1:
             raise ConfigError(f"world.clip_procs must be at least 1, not {self.clip_procs}")
-        for name in ("clip_swaps", "clip_swap_captions", "clip_closeup_sizes"):
+        for name in ("clip_swaps", "clip_swap_captions", "clip_closeup_sizes", "clip_size_twins"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"world.{name} must be in [0, 1], not {getattr(self, name)}")
         if not 0 <= self.clip_closeup_share < 1:

@@ -67,12 +67,19 @@ def closeups(cfg: ShapesWorldConfig, stream: str, n: int) -> tuple[list[grammar.
 TWIN_SLOTS = 10  # caption slots per swap twin pair; a cfg.clip_swap_captions share of them partial
 
 
-def swap_twin(scene: grammar.Scene, rng: random.Random) -> tuple[grammar.Scene, int]:
+def swap_twin(scene: grammar.Scene, rng: random.Random, resize: bool = False
+              ) -> tuple[grammar.Scene, int]:
     """The scene with two objects of different shapes and colours trading shapes (or, when no two
     differ in both, one object given another shape) -> (twin, index of a changed object).
-    Example: a red star left of a blue circle -> a red circle left of a blue star."""
+    Example: a red star left of a blue circle -> a red circle left of a blue star. resize: one
+    object given another size instead (a small red star -> a large red star)."""
     pairs = [(a, b) for a in range(len(scene)) for b in range(a + 1, len(scene))
              if scene[a].shape != scene[b].shape and scene[a].colour != scene[b].colour]
+    if resize:
+        a = rng.randrange(len(scene))
+        size = rng.choice([z for z in grammar.SIZES if z != scene[a].size])
+        return tuple(dataclasses.replace(o, size=size) if k == a else o
+                     for k, o in enumerate(scene)), a
     if pairs:
         a, b = rng.choice(pairs)
         shape = {a: scene[b].shape, b: scene[a].shape}
@@ -93,12 +100,16 @@ def swap_twins(cfg: ShapesWorldConfig, scenes: list[grammar.Scene], captions: li
     n, rng = cfg.n_clip_pairs // 2, stream_rng(cfg, "clip-twins")
     partial = round(cfg.clip_swap_captions * TWIN_SLOTS)
     twins, twin_texts, original_texts = [], [], []
+    def named(o: grammar.Obj, resized: bool) -> str:  # the changed object alone
+        return f"a {o.size + ' ' if resized else ''}{o.colour} {o.shape}"
+
     for i in range(n):
-        twin, a = swap_twin(scenes[i], rng)
+        resize = cfg.clip_size_twins > 0 and rng.random() < cfg.clip_size_twins
+        twin, a = swap_twin(scenes[i], rng, resize)
         twins.append(twin)
-        twin_texts += [f"a {twin[a].colour} {twin[a].shape}"] * partial + [
+        twin_texts += [named(twin[a], resize)] * partial + [
             grammar.describe(twin, grammar.STYLES[k % 2], rng) for k in range(TWIN_SLOTS - partial)]
-        original_texts += [f"a {scenes[i][a].colour} {scenes[i][a].shape}"] * partial + [
+        original_texts += [named(scenes[i][a], resize)] * partial + [
             captions[i][k % len(captions[i])] for k in range(TWIN_SLOTS - partial)]
     shape = (n, TWIN_SLOTS, cfg.clip_context_length)
     return (render_all(cfg, "clip", twins, progress),  # image i keeps original i's noise
@@ -404,7 +415,8 @@ def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_tokenizer.
     shape_acc: one-object close-ups (stream "clip-probe"), share whose best caption among
     "a {true colour} {shape}" over the six shapes names the true shape (chance 1/6);
     colour_acc: the same over the eight colours with the true shape (chance 1/8);
-    size_acc: the same over "a {size} {colour} {shape}" for the three sizes (chance 1/3);
+    size_acc: the same over "a {size} {colour} {shape}" for the three sizes (chance 1/3), and
+    scene_size_acc the same inside scenes, for the objects scene_shape_acc counts;
     scene_shape_acc: the shape reading inside whole scenes (scenes (n,) with image embeddings
     scene_feats (n, D), the held-out pairs): for each object whose colour no other object of its
     scene has, the share whose scene image is closest to "a {colour} {true shape}" among the six
@@ -425,13 +437,22 @@ def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_tokenizer.
                                             for z in grammar.SIZES])
     sizes = sizes.view(len(probe), len(grammar.SIZES), -1)  # (p, size, D)
     size = torch.tensor([grammar.SIZES.index(s[0].size) for s in probe])  # (p,)
+    unique = [(o, feat) for scene, feat in zip(scenes, scene_feats) for o in scene
+              if sum(other.colour == o.colour for other in scene) == 1]
     hits = [shapes[int((text[colours.index(o.colour)] @ feat).argmax())] == o.shape
-            for scene, feat in zip(scenes, scene_feats) for o in scene
-            if sum(other.colour == o.colour for other in scene) == 1]
+            for o, feat in unique]
+    size_hits = []
+    if unique:
+        sized = encode_texts(model, tokenizer, [f"a {z} {o.colour} {o.shape}" for o, _ in unique
+                                                for z in grammar.SIZES])
+        sized = sized.view(len(unique), len(grammar.SIZES), -1)  # (objects, size, D)
+        size_hits = [grammar.SIZES[int((sized[k] @ feat).argmax())] == o.size
+                     for k, (o, feat) in enumerate(unique)]
     return {"shape_acc": float((sims[rows, colour].argmax(-1) == shape).float().mean()),
             "colour_acc": float((sims[rows, :, shape].argmax(-1) == colour).float().mean()),
             "scene_shape_acc": sum(hits) / max(1, len(hits)),
-            "size_acc": float((torch.einsum("pd,pzd->pz", image, sizes).argmax(-1) == size).float().mean())}
+            "size_acc": float((torch.einsum("pd,pzd->pz", image, sizes).argmax(-1) == size).float().mean()),
+            "scene_size_acc": sum(size_hits) / max(1, len(size_hits))}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,7 +99,8 @@ def main() -> None:
     print(f"world {' '.join(args.world) or '(defaults)'}; {cfg.clip_steps} steps in {seconds:.0f} s "
           f"on {args.threads} thread(s)")
     print(f"  R@1 {m['r1']:.3f}  shape_acc {m['shape_acc']:.1%}  colour_acc {m['colour_acc']:.1%}  "
-          f"scene_shape_acc {m['scene_shape_acc']:.1%}  size_acc {m['size_acc']:.1%}  linear probe in scenes {probe:.1%}")
+          f"scene_shape_acc {m['scene_shape_acc']:.1%}  size_acc {m['size_acc']:.1%}  "
+          f"scene_size_acc {m['scene_size_acc']:.1%}  linear probe in scenes {probe:.1%}")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,9 @@ def print_build(report: dict, total: float, data) -> None:
           f"{1 / 6:.1%}), colour {c['colour_acc']:.1%} (chance {1 / 8:.1%})")
     print(f"shape of an object inside a held-out scene (its colour given): {c['scene_shape_acc']:.1%} "
           f"(chance {1 / 6:.1%})")
+    if "scene_size_acc" in c:  # worlds built before it was measured lack it
+        print(f"size over \"a {{size}} {{colour}} {{shape}}\": one object {c['size_acc']:.1%}, inside a "
+              f"scene {c['scene_size_acc']:.1%} (chance {1 / 3:.1%})")
     print(f"modality gap: cos(mean image, mean text) {c['gap_cos']:.3f}; matched-pair cosine "
           f"{c['matched_cos']:.3f}; |mean image| {c['mean_image_norm']:.3f}, "
           f"|mean text| {c['mean_text_norm']:.3f}")

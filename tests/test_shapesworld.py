@@ -281,6 +281,10 @@ def test_size_probe_finds_the_size_each_close_up_shows(world, monkeypatch, shift
     monkeypatch.setattr(shapes_clip, "encode_images", lambda model, images: feats)
     got = shapes_clip.shape_and_colour_accuracy(model, tokenizer, cfg, [], feats[:0])
     assert got["size_acc"] == (1.0 if shift == 0 else 0.0)
+    # Inside scenes: one-object scenes whose "image" is the text of their object's (shifted) size.
+    scenes = [(grammar.Obj(s[0].shape, s[0].colour, s[0].size, 1, 1),) for s in probe[:30]]
+    got = shapes_clip.shape_and_colour_accuracy(model, tokenizer, cfg, scenes, feats[:30])
+    assert got["scene_size_acc"] == (1.0 if shift == 0 else 0.0)
 
 
 @pytest.fixture(scope="module")
