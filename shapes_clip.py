@@ -73,13 +73,13 @@ def swap_twin(scene: grammar.Scene, rng: random.Random, resize: bool = False
     differ in both, one object given another shape) -> (twin, index of a changed object).
     Example: a red star left of a blue circle -> a red circle left of a blue star. resize: one
     object given another size instead (a small red star -> a large red star)."""
-    pairs = [(a, b) for a in range(len(scene)) for b in range(a + 1, len(scene))
-             if scene[a].shape != scene[b].shape and scene[a].colour != scene[b].colour]
     if resize:
         a = rng.randrange(len(scene))
         size = rng.choice([z for z in grammar.SIZES if z != scene[a].size])
         return tuple(dataclasses.replace(o, size=size) if k == a else o
                      for k, o in enumerate(scene)), a
+    pairs = [(a, b) for a in range(len(scene)) for b in range(a + 1, len(scene))
+             if scene[a].shape != scene[b].shape and scene[a].colour != scene[b].colour]
     if pairs:
         a, b = rng.choice(pairs)
         shape = {a: scene[b].shape, b: scene[a].shape}
@@ -100,6 +100,7 @@ def swap_twins(cfg: ShapesWorldConfig, scenes: list[grammar.Scene], captions: li
     n, rng = cfg.n_clip_pairs // 2, stream_rng(cfg, "clip-twins")
     partial = round(cfg.clip_swap_captions * TWIN_SLOTS)
     twins, twin_texts, original_texts = [], [], []
+
     def named(o: grammar.Obj, resized: bool) -> str:  # the changed object alone
         return f"a {o.size + ' ' if resized else ''}{o.colour} {o.shape}"
 
