@@ -357,7 +357,10 @@ def test_swap_twins_trade_shapes_keep_the_background_and_caption_the_change(tmp_
     assert [o.colour for o in twin] == ["red", "blue"]
     lone, a = shapes_clip.swap_twin((red_star,), random.Random(0))
     assert a == 0 and lone[0].shape != "star" and lone[0].colour == "red"
-    cfg = tiny(tmp_path, n_clip_pairs=40, clip_swaps=1.0, clip_swap_captions=0.5)
+    resized, a = shapes_clip.swap_twin((red_star, blue_circle), random.Random(0), resize=True)
+    assert [o.size != "large" for o in resized] == [k == a for k in range(2)]
+    assert [(o.shape, o.colour) for o in resized] == [("star", "red"), ("circle", "blue")]
+    cfg = tiny(tmp_path, n_clip_pairs=40, clip_swaps=1.0, clip_swap_captions=0.5, clip_size_twins=0.5)
     scenes, captions = shapes_clip.clip_pairs(cfg)
     clip_tokenizer.write_merges(tmp_path / "bpe.txt", sw.learn_bpe([c for cs in captions for c in cs]))
     tokenizer = clip_tokenizer.Tokenizer(tmp_path / "bpe.txt")
@@ -369,8 +372,9 @@ def test_swap_twins_trade_shapes_keep_the_background_and_caption_the_change(tmp_
     corner = (originals[:, :4, :4].astype(int) - images[:, :4, :4]).__abs__().mean()
     assert corner < (originals[:, :4, :4].astype(int) - originals[::-1, :4, :4]).__abs__().mean() / 5
     assert not np.array_equal(images, originals)
-    partial = tokenizer.decode(twin_tokens[0, 0][1:int(twin_tokens[0, 0].argmax())].tolist()).strip()
-    assert partial.startswith("a ") and len(partial.split()) == 3
+    partial = [tokenizer.decode(row[1:int(row.argmax())].tolist()).strip() for row in twin_tokens[:, 0]]
+    assert all(p.startswith("a ") for p in partial)
+    assert {len(p.split()) for p in partial} == {3, 4}  # "a red circle", "a large red star"
     assert not torch.equal(twin_tokens[:, :5], original_tokens[:, :5])  # the changed object's words
     model, losses = shapes_clip.pretrain_clip(cfg, originals, original_tokens[:, 5:], tokenizer.vocab_size,
                                               False, None, (images, twin_tokens, original_tokens, rows))
