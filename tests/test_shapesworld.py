@@ -275,8 +275,8 @@ def test_size_probe_finds_the_size_each_close_up_shows(world, monkeypatch, shift
     tokenizer = clip_tokenizer.Tokenizer(d.clip_bpe_path)
     probe, _ = shapes_clip.closeups(cfg, "clip-probe", shapes_clip.PROBE_IMAGES)
     size = {z: grammar.SIZES[(k + shift) % 3] for k, z in enumerate(grammar.SIZES)}
-    feats = shapes_clip.encode_texts(model, tokenizer, [f"a {size[s[0].size]} {s[0].colour} {s[0].shape}"
-                                                        for s in probe])
+    texts = [f"a {size[s[0].size]} {s[0].colour} {s[0].shape}" for s in probe]
+    feats = shapes_clip.encode_texts(model, tokenizer, texts)
     monkeypatch.setattr(shapes_clip, "render_all", lambda *args: None)
     monkeypatch.setattr(shapes_clip, "encode_images", lambda model, images: feats)
     got = shapes_clip.shape_and_colour_accuracy(model, tokenizer, cfg, [], feats[:0])
@@ -364,8 +364,8 @@ def test_swap_twins_trade_shapes_keep_the_background_and_caption_the_change(tmp_
     scenes, captions = shapes_clip.clip_pairs(cfg)
     clip_tokenizer.write_merges(tmp_path / "bpe.txt", sw.learn_bpe([c for cs in captions for c in cs]))
     tokenizer = clip_tokenizer.Tokenizer(tmp_path / "bpe.txt")
-    images, twin_tokens, original_tokens, rows = shapes_clip.swap_twins(cfg, scenes, captions, tokenizer,
-                                                                        progress=False)
+    twins = shapes_clip.swap_twins(cfg, scenes, captions, tokenizer, progress=False)
+    images, twin_tokens, original_tokens, rows = twins
     originals = shapes_scenes.render_all(cfg, "clip", scenes[:20], progress=False)
     assert images.shape == originals.shape and twin_tokens.shape == (20, shapes_clip.TWIN_SLOTS, 32)
     assert torch.equal(rows, torch.arange(20))
@@ -376,8 +376,8 @@ def test_swap_twins_trade_shapes_keep_the_background_and_caption_the_change(tmp_
     assert all(p.startswith("a ") for p in partial)
     assert {len(p.split()) for p in partial} == {3, 4}  # "a red circle", "a large red star"
     assert not torch.equal(twin_tokens[:, :5], original_tokens[:, :5])  # the changed object's words
-    model, losses = shapes_clip.pretrain_clip(cfg, originals, original_tokens[:, 5:], tokenizer.vocab_size,
-                                              False, None, (images, twin_tokens, original_tokens, rows))
+    model, losses = shapes_clip.pretrain_clip(cfg, originals, original_tokens[:, 5:],
+                                              tokenizer.vocab_size, False, None, twins)
     assert len(losses) == cfg.clip_steps and all(np.isfinite(losses))
     with pytest.raises(ConfigError, match="world.clip_swaps"):
         replace(cfg, clip_swaps=1.5)
@@ -395,7 +395,8 @@ def test_pretraining_on_two_processes_equals_one(tmp_path, monkeypatch, start_me
     tokenizer = clip_tokenizer.Tokenizer(tmp_path / "bpe.txt")
     images, tokens, closeup, _ = shapes_clip.pretraining_inputs(cfg, (scenes[:40], captions[:40]),
                                                                 tokenizer, progress=False)
-    one, losses_one = shapes_clip.pretrain_clip(cfg, images, tokens, tokenizer.vocab_size, False, closeup)
+    one, losses_one = shapes_clip.pretrain_clip(cfg, images, tokens, tokenizer.vocab_size, False,
+                                                closeup)
     monkeypatch.setattr(torch.multiprocessing, "get_all_start_methods", lambda: [start_method])
     two, losses_two = shapes_clip.pretrain_clip(replace(cfg, clip_procs=2), images, tokens,
                                                 tokenizer.vocab_size, False, closeup)
@@ -405,7 +406,8 @@ def test_pretraining_on_two_processes_equals_one(tmp_path, monkeypatch, start_me
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=name)
     assert sw.world_key(replace(cfg, clip_procs=2)) != sw.world_key(cfg)
     if start_method == "fork":  # the ResNet's BatchNorm statistics: each process's, averaged
-        resnet = replace(tiny(tmp_path, n_clip_pairs=40, clip_steps=2, clip_batch_size=10), clip_procs=2)
+        resnet = replace(tiny(tmp_path, n_clip_pairs=40, clip_steps=2, clip_batch_size=10),
+                         clip_procs=2)
         model, losses = shapes_clip.pretrain_clip(resnet, images, tokens, tokenizer.vocab_size, False,
                                                   closeup)
         assert all(np.isfinite(losses)) and model.visual.bn1.running_mean.abs().sum() > 0
