@@ -468,3 +468,24 @@ def false_words(caption: str, scene: Scene) -> list[bool] | None:
             for i in _blame(fact[1], span, scene) if fact[0] == "np" else range(*span):
                 marks[i] = True
     return marks
+
+
+def fact_kind(fact: tuple) -> str:
+    """A parsed fact's kind, for splitting faithfulness by what a claim says: "object" (shape, with
+    or without colour), "object+size", "object+count" (a number word), "position", "relation"."""
+    if fact[0] != "np":
+        return {"pos": "position", "rel": "relation"}[fact[0]]
+    count, _, _, size = fact[1]
+    return "object+size" if size is not None else "object" if count == SOME else "object+count"
+
+
+def fact_split(captions: dict[str, str], scenes: dict[str, Scene]) -> dict[str, tuple[int, int]]:
+    """check's faithfulness split by fact_kind: {kind: (true facts, claimed facts)}. Example, check's
+    scene: {"a": "a large red circle above a blue square"} -> {"object": (1, 1),
+    "object+size": (0, 1), "relation": (0, 1)}."""
+    out: dict[str, tuple[int, int]] = {}
+    for image_id, caption in captions.items():
+        for fact in parse(caption) or []:
+            true, claimed = out.get(fact_kind(fact), (0, 0))
+            out[fact_kind(fact)] = (true + fact_holds(fact, scenes[image_id]), claimed + 1)
+    return dict(sorted(out.items()))

@@ -76,6 +76,16 @@ def test_checker_counts_false_facts_and_rejects_ungrammatical_captions():
         ("rel", ("some", "circle", "red", None), "above", (2, "square", "blue", None))]
 
 
+def test_fact_split_counts_true_and_claimed_facts_by_kind():
+    scenes = {"a": (grammar.Obj("circle", "red", "small", 2, 0),
+                    grammar.Obj("square", "blue", "large", 0, 0))}
+    assert grammar.fact_split({"a": "a large red circle above a blue square"}, scenes) == {
+        "object": (1, 1), "object+size": (0, 1), "relation": (0, 1)}
+    assert grammar.fact_split({"a": "two red circles in the bottom left corner"}, scenes) == {
+        "object+count": (0, 1), "position": (1, 1)}  # the one red circle is there
+    assert grammar.fact_split({"a": "circle circle"}, scenes) == {}  # unparsed: no claims
+
+
 def test_false_words_mark_the_wrong_word_of_each_false_fact():
     scene = (grammar.Obj("circle", "red", "small", 2, 0), grammar.Obj("square", "blue", "large", 0, 0))
 
