@@ -393,3 +393,14 @@ def pick_device(name: str) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     return torch.device(name)
+
+
+def sum_over_processes(tensors: list[torch.Tensor]) -> None:
+    """Sum each tensor over the data-parallel processes, in place, in one all-reduce of one flat
+    buffer (none for no tensors); every process passes tensors of the same shapes, in order."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])  # (total elements,)
+    torch.distributed.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))

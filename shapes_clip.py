@@ -242,7 +242,7 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:  # each process holds the gradient through its own rows; their sum: the whole
-            _sum_over_processes([p.grad for p in params])
+            data.sum_over_processes([p.grad for p in params])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         schedule.step()
@@ -256,7 +256,7 @@ def pretrain_clip(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tens
             model.logit_scale.fill_(math.log(cfg.clip_logit_scale))
     if world > 1:  # BatchNorm's running statistics saw each process's rows: their mean
         stats = [b for b in model.buffers() if b.is_floating_point()]
-        _sum_over_processes(stats)
+        data.sum_over_processes(stats)
         for b in stats:
             b /= world
     return model.eval(), losses
@@ -314,16 +314,6 @@ def _gather(x: torch.Tensor, rank: int, world: int, rows: int) -> torch.Tensor:
     parts = [part[:len(range(r, rows, world))] for r, part in enumerate(parts)]
     parts[rank] = x
     return torch.cat(parts)
-
-
-def _sum_over_processes(tensors: list[torch.Tensor]) -> None:
-    """Sum each tensor over the processes, in place, in one exchange (none for no tensors)."""
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.all_reduce(flat)
-    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(part.view_as(t))
 
 
 def pretrain_in_processes(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tensor,
@@ -434,26 +424,29 @@ def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_tokenizer.
     colour = torch.tensor([colours.index(s[0].colour) for s in probe])  # (p,)
     shape = torch.tensor([shapes.index(s[0].shape) for s in probe])  # (p,)
     rows = torch.arange(len(probe))
-    sizes = encode_texts(model, tokenizer, [f"a {z} {s[0].colour} {s[0].shape}" for s in probe
-                                            for z in grammar.SIZES])
-    sizes = sizes.view(len(probe), len(grammar.SIZES), -1)  # (p, size, D)
-    size = torch.tensor([grammar.SIZES.index(s[0].size) for s in probe])  # (p,)
     unique = [(o, feat) for scene, feat in zip(scenes, scene_feats) for o in scene
               if sum(other.colour == o.colour for other in scene) == 1]
     hits = [shapes[int((text[colours.index(o.colour)] @ feat).argmax())] == o.shape
             for o, feat in unique]
-    size_hits = []
-    if unique:
-        sized = encode_texts(model, tokenizer, [f"a {z} {o.colour} {o.shape}" for o, _ in unique
-                                                for z in grammar.SIZES])
-        sized = sized.view(len(unique), len(grammar.SIZES), -1)  # (objects, size, D)
-        size_hits = [grammar.SIZES[int((sized[k] @ feat).argmax())] == o.size
-                     for k, (o, feat) in enumerate(unique)]
+    size_hits = _size_hits(model, tokenizer, [o for o, _ in unique], [f for _, f in unique])
     return {"shape_acc": float((sims[rows, colour].argmax(-1) == shape).float().mean()),
             "colour_acc": float((sims[rows, :, shape].argmax(-1) == colour).float().mean()),
             "scene_shape_acc": sum(hits) / max(1, len(hits)),
-            "size_acc": float((torch.einsum("pd,pzd->pz", image, sizes).argmax(-1) == size).float().mean()),
+            "size_acc": sum(_size_hits(model, tokenizer, [s[0] for s in probe], image)) / len(probe),
             "scene_size_acc": sum(size_hits) / max(1, len(size_hits))}
+
+
+def _size_hits(model: clip_model.CLIP, tokenizer: clip_tokenizer.Tokenizer, objects: list,
+               feats) -> list[bool]:
+    """For each object with image embedding feats[k] (D,), whether "a {size} {colour} {shape}"
+    with its own colour and shape is closest to it at its true size among the three sizes."""
+    if not objects:
+        return []
+    texts = encode_texts(model, tokenizer, [f"a {z} {o.colour} {o.shape}" for o in objects
+                                            for z in grammar.SIZES])
+    texts = texts.view(len(objects), len(grammar.SIZES), -1)  # (objects, size, D)
+    return [grammar.SIZES[int((texts[k] @ feat).argmax())] == o.size
+            for k, (o, feat) in enumerate(zip(objects, feats))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +454,8 @@ def shape_and_colour_accuracy(model: clip_model.CLIP, tokenizer: clip_tokenizer.
 
 
 def pretraining_inputs(cfg: ShapesWorldConfig, pairs: tuple, tokenizer: clip_tokenizer.Tokenizer,
-                       progress: bool) -> tuple[np.ndarray, torch.Tensor, tuple | None, tuple | None]:
+                       progress: bool
+                       ) -> tuple[np.ndarray, torch.Tensor, tuple | None, tuple | None]:
     """What pretrain_clip reads: the pairs' images (N, R, R, 3) uint8 and tokens (N, C, L), the
     close-ups (images (M, R, R, 3) uint8, tokens (M, L)), None when cfg.clip_closeup_share is 0,
     and the swap twins (swap_twins), None when cfg.clip_swaps is 0."""

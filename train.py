@@ -29,7 +29,7 @@ from cgtgan import (IGNORE_INDEX, caption_loss, clip_agg_reward, clip_agg_target
                     generator_loss, lambda_schedule, naturalness_reward, roberta_inputs,
                     semantic_reward)
 from config import ConfigError, GANConfig, GeneratorConfig, InitConfig
-from data import nearest, raw_rows
+from data import nearest, raw_rows, sum_over_processes
 from decoding import dropout_active
 from evaluate import score
 from retokenize import mapped_rows
@@ -83,11 +83,9 @@ def average_gradients(module: torch.nn.Module, world_size: int) -> None:
     layout)."""
     params = [p for p in module.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])  # (number of parameters,)
-    torch.distributed.all_reduce(flat)
-    flat /= world_size
-    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = chunk.view_as(p).clone()
+    sum_over_processes(grads)
+    for p, grad in zip(params, grads):
+        p.grad = grad / world_size
 
 
 def shard(run: Run, n: int) -> slice:
