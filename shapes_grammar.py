@@ -489,3 +489,35 @@ def fact_split(captions: dict[str, str], scenes: dict[str, Scene]) -> dict[str, 
             true, claimed = out.get(fact_kind(fact), (0, 0))
             out[fact_kind(fact)] = (true + fact_holds(fact, scenes[image_id]), claimed + 1)
     return dict(sorted(out.items()))
+
+
+def size_claims(captions: dict[str, str], scenes: dict[str, Scene]) -> dict[str, dict[str, int]]:
+    """The size words of the captions' noun phrases, checked: {size claimed: {verdict: count}},
+    verdict "right size" (an object of that shape and colour has it), "wrong size" (such objects
+    exist, none of that size) or "no such object". Example, check's scene: {"a": "a large red
+    circle and a medium green star"} -> {"large": {"wrong size": 1}, "medium": {"no such object": 1}}."""
+    out: dict[str, dict[str, int]] = {}
+    for image_id, caption in captions.items():
+        for fact in parse(caption) or []:
+            if fact[0] != "np" or fact[1][3] is None:
+                continue
+            count, shape, colour, size = fact[1]
+            kinds = _matches((count, shape, colour, None), scenes[image_id])
+            verdict = ("no such object" if not kinds else "right size"
+                       if any(o.size == size for o in kinds) else "wrong size")
+            out.setdefault(size, {}).setdefault(verdict, 0)
+            out[size][verdict] += 1
+    return dict(sorted(out.items()))
+
+
+def size_variants(scene: Scene) -> list[list[str]]:
+    """For each object, one short caption per size in SIZES and one without a size ("a small red
+    circle", "a medium red circle", "a large red circle", "a red circle"), in the plain grammar's
+    first words: what a reward probe scores to see whether a reward prefers the true size."""
+    out = []
+    for o in scene:
+        colour, noun = LEXICON["plain"]["colour"][o.colour][0], LEXICON["plain"]["shape"][o.shape][0]
+        words = [LEXICON["plain"]["size"][s][0] + " " for s in SIZES] + [""]
+        out.append([("an" if (w + colour)[0] in "aeiou" else "a") + f" {w}{colour} {noun}"
+                    for w in words])
+    return out

@@ -1,6 +1,7 @@
 """Faithfulness split by fact kind for a ShapesWorld run: the greedy test captions of its init.pt
-and best.pt, each claim checked against its scene (shapes_grammar.fact_split). It shows which
-claims keep faithfulness down (docs/shapesworld_results.md, finding 10: sizes).
+and best.pt, each claim checked against its scene (shapes_grammar.fact_split), then each size
+word it writes (shapes_grammar.size_claims). It shows which claims keep faithfulness down
+(docs/shapesworld_results.md, findings 10 and 11: sizes).
 
     python docs/fact_split.py runs/shapesworld_seed0
 """
@@ -38,6 +39,10 @@ def main() -> None:
         split = grammar.fact_split(dict(zip(run.data.splits["test"].ids, captions)), scenes)
         print(f"{checkpoint}.pt: " + ", ".join(f"{kind} {true}/{claimed} ({true / claimed:.0%})"
                                                 for kind, (true, claimed) in split.items()))
+        sizes = grammar.size_claims(dict(zip(run.data.splits["test"].ids, captions)), scenes)
+        print("  size words: " + "; ".join(
+            f"{size} {sum(v.values())} (" + ", ".join(f"{k} {n}" for k, n in sorted(v.items())) + ")"
+            for size, v in sizes.items()))
 
 
 if __name__ == "__main__":

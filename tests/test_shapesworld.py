@@ -86,6 +86,27 @@ def test_fact_split_counts_true_and_claimed_facts_by_kind():
     assert grammar.fact_split({"a": "circle circle"}, scenes) == {}  # unparsed: no claims
 
 
+def test_size_claims_sort_each_size_word_by_what_the_scene_holds():
+    scenes = {"a": (grammar.Obj("circle", "red", "small", 2, 0),
+                    grammar.Obj("square", "blue", "large", 0, 0))}
+    captions = {"a": "a large red circle and a medium green star"}
+    assert grammar.size_claims(captions, scenes) == {"large": {"wrong size": 1},
+                                                     "medium": {"no such object": 1}}
+    captions = {"a": "a small red circle and a big blue box and a blue square"}
+    assert grammar.size_claims(captions, scenes) == {"large": {"right size": 1},
+                                                     "small": {"right size": 1}}
+    assert grammar.size_claims({"a": "circle circle"}, scenes) == {}
+
+
+def test_size_variants_name_each_size_then_none_and_parse_back():
+    scene = (grammar.Obj("circle", "orange", "small", 2, 0),)
+    variants = grammar.size_variants(scene)
+    assert variants == [["a small orange circle", "a medium orange circle", "a large orange circle",
+                         "an orange circle"]]
+    sizes = [grammar.parse(c)[0][1][3] for c in variants[0]]
+    assert sizes == [*grammar.SIZES, None]
+
+
 def test_false_words_mark_the_wrong_word_of_each_false_fact():
     scene = (grammar.Obj("circle", "red", "small", 2, 0), grammar.Obj("square", "blue", "large", 0, 0))
 

@@ -4,8 +4,10 @@ test_cgtgan.py (and a tiny ShapesWorld, marked slow)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,7 +239,7 @@ def test_two_process_resume_matches_uninterrupted(tmp_path):
     torch.testing.assert_close(torch.tensor(part), torch.tensor(full), atol=1e-5, rtol=1e-5)
 
 
-def test_cli_train_on_a_tiny_shapesworld(tmp_path, capsys):
+def test_cli_train_on_a_tiny_shapesworld(tmp_path, capsys, monkeypatch):
     """`python cgtgan.py train` end to end through the real CLI and the real ShapesWorld builder."""
     world = {"n_clip_pairs": 300, "n_clip_heldout": 60, "n_train": 40, "n_corpus": 150,
              "n_val": 8, "n_test": 12, "clip_steps": 3, "clip_batch_size": 32, "n_clip_closeups": 60,
@@ -260,6 +262,15 @@ def test_cli_train_on_a_tiny_shapesworld(tmp_path, capsys):
     assert cli.main(["eval", "--run", str(run_dir), "--split", "val", "--fast"]) == 0
     assert cli.main(argv[:1] + ["--set", "world.nope=1"]) == 2
     assert "unknown config key 'world.nope'" in capsys.readouterr().err
+    # The docs' diagnostic scripts read the same run folder (findings 10 and 11).
+    for script, expect in (("fact_split", "best.pt: "), ("size_rewards", "CLIP-agg: best size")):
+        spec = importlib.util.spec_from_file_location(
+            script, Path(__file__).resolve().parents[1] / "docs" / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        monkeypatch.setattr("sys.argv", [script, str(run_dir)])
+        module.main()
+        assert expect in capsys.readouterr().out, script
 
 
 def test_script_errors_are_one_line(trained, tmp_path):
