@@ -193,12 +193,10 @@ class ShapesWorldConfig:
     clip_swap_captions: float = 0.0
     clip_size_twins: float = 0.0  # share of the twins that resize one object instead
     clip_procs: int = 1  # processes sharing each pretraining step (shapes_clip.pretrain_in_processes)
-    # CPU threads of the build (torch's, and with 1 the BPE trainer's too); 0 keeps the libraries'
-    # defaults (every core). One by default, like Config.threads: with a busy-loop process beside
-    # it on a 2-core machine, a CLIP pretraining step took 0.3-0.6 s on 1 thread and 2.2-6.5 s on
-    # 2 (on free cores, 0.27 s and 0.20 s; bench/bench_shapes.py --step-threads 1 2). Not in the
-    # cache key, like root: any count builds the same scenes, text and tokenizers, and a CLIP
-    # equal up to float rounding.
+    # CPU threads of the build (torch's, and with 1 the BPE trainer's); 0: the libraries' default.
+    # One, like Config.threads: beside a busy-loop process on 2 cores a CLIP step took 0.3-0.6 s
+    # on 1 thread, 2.2-6.5 s on 2 (bench/bench_shapes.py --step-threads 1 2). Not in the cache
+    # key: any count builds the same world, up to float rounding.
     threads: int = 1
     render_procs: int = 0  # processes that draw the images; 0: one per core, at most 4 (same pixels)
     root: str | None = None  # default: $CGTGAN_CACHE or <repo>/cache, then shapesworld/<key>
@@ -334,10 +332,12 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     bf16: bool = False  # bf16 autocast on CUDA
     tf32: bool = False  # TF32 matrix multiplies on CUDA (torch 1.11, the official code's, did them)
-    # torch CPU threads; 0 keeps torch's default. One thread is fastest for the tiny ShapesWorld
-    # models on a 2-core machine (measured: 2 threads ran an init step several times slower when
-    # other jobs shared the cores). Raise it for larger models on a many-core CPU.
+    # torch CPU threads per process; 0 keeps torch's default. One is fastest for the tiny models
+    # on a 2-core machine (2 threads ran an init step several times slower beside other jobs).
     threads: int = 1
+    # Processes that `train` runs as one data-parallel group on this machine (runs.in_processes):
+    # what `torchrun --nproc_per_node N` runs, to float rounding; on free cores nearly N x faster.
+    procs: int = 1
     decode: str = "greedy"  # greedy | beam (evaluation only)
     gen: GeneratorConfig = field(default_factory=GeneratorConfig)
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
@@ -569,7 +569,7 @@ _RANGES = [
       "disc.hidden", "disc.n_head", "init.steps", "init.batch", "gan.steps", "gan.batch", "gan.k",
       "gan.d_groups", "gan.ckpt_every", "real.min_words", "real.batch_size", "real.shard_size",
       "real.image_chunk", "real.corpus_chunk", "world.n_references", "world.clip_steps",
-      "world.clip_batch_size"), lambda v: v >= 1, "at least 1"),
+      "world.clip_batch_size", "procs"), lambda v: v >= 1, "at least 1"),
     (("threads", "gen.mapping_hidden", "gan.lambda_hold", "gan.lambda_ramp", "gan.eval_images",
       "gan.eval_every", "init.epochs", "gan.epochs", "init.warmup", "gan.warmup",
       "real.workers"), lambda v: v >= 0, "at least 0"),
@@ -671,7 +671,7 @@ def config_diff(a: dict, b: dict) -> tuple | None:
 
 # Settings a run's default name leaves out: what the name already says (data or preset, reward,
 # seed), and where files are kept or how fast the work runs, which change no result.
-NOT_IN_RUN_NAME = ("name", "runs_dir", "data", "seed", "gan.reward", "device", "threads",
+NOT_IN_RUN_NAME = ("name", "runs_dir", "data", "seed", "gan.reward", "device", "threads", "procs",
                    "world.root", "world.threads", "world.render_procs", "real.cache_dir",
                    "real.workers", "real.device", "real.progress")
 

@@ -103,9 +103,14 @@ class Run:
             torch.distributed.barrier()
 
 
+def data_parallel() -> bool:
+    """Whether this process is one of several data-parallel ones already (torchrun, in_processes)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.distributed.is_initialized()
+
+
 def init_distributed(cfg: Config) -> None:
     """Join the torchrun process group when launched with WORLD_SIZE > 1 (NCCL on GPUs, else gloo)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+    if not data_parallel() or torch.distributed.is_initialized():
         return
     device = pick_device(cfg.device)
     if device.type == "cuda":

@@ -287,7 +287,7 @@ def train_init(run: Run, run_dir: Path, log, stop_after: int | None = None) -> N
     start, order = _resume_init(run, run_dir / "init_last.pt", opt, sentences)
     gen.train()
     bar = tqdm(range(start, steps), desc="text-only init", initial=start, total=steps,
-               dynamic_ncols=True, leave=False)
+               dynamic_ncols=True, leave=False, disable=not run.master_process)
     for step in bar:
         index, order = init_sentences(run, step, sentences, order)
         feats = init_prefix(run, index, sentences)  # (B, D)
@@ -518,7 +518,7 @@ def train_gan(run: Run, run_dir: Path, log, resume: bool = False,
     run.generator.train()
     run.discriminator.train()
     bar = tqdm(range(start, steps), desc=f"CgT-GAN ({cfg.reward})", initial=start,
-               total=steps, dynamic_ncols=True, leave=False)
+               total=steps, dynamic_ncols=True, leave=False, disable=not run.master_process)
     for step in range(start, steps + 1):
         if step % eval_every == 0 or step == steps:
             best = _validate(run, run_dir / "best.pt", step, best, log)

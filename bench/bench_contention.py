@@ -3,6 +3,7 @@
     python bench/bench_contention.py                       # busy-loop competitor, default settings
     python bench/bench_contention.py --competitor torch    # a torch job on every core instead
     python bench/bench_contention.py --threads 2           # the same with 2 torch threads (worse)
+    python bench/bench_contention.py --procs 2             # the run on 2 one-thread processes
 
 Two measurements, each made alone and then with a competitor that this benchmark starts and stops
 itself (a pure-Python busy loop, or a torch matrix-multiply loop on torch's default thread count,
@@ -50,10 +51,13 @@ def competitor(kind: str | None):
             process.wait()
 
 
-def short_run_seconds(threads: int, runs_dir: str, init_steps: int, gan_steps: int) -> float:
-    """Wall seconds of `python cgtgan.py train` (the default world, cached) with short stages."""
+def short_run_seconds(threads: int, runs_dir: str, init_steps: int, gan_steps: int,
+                      procs: int = 1) -> float:
+    """Wall seconds of `python cgtgan.py train` (the default world, cached) with short stages, on
+    `procs` data-parallel processes (Config.procs)."""
     command = [sys.executable, str(ROOT / "cgtgan.py"), "train", "--overwrite", "--name", "bench",
                "--set", f"runs_dir={runs_dir}", "--set", f"threads={threads}",
+               "--set", f"procs={procs}",
                "--set", f"world.threads={threads}", "--set", f"init.steps={init_steps}",
                "--set", f"gan.steps={gan_steps}", "--set", f"gan.eval_every={gan_steps}"]
     start = time.perf_counter()
@@ -66,6 +70,9 @@ def main() -> None:
     parser.add_argument("--competitor", choices=sorted(COMPETITORS), default="busy")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the run and of the world build (the default is 1)")
+    parser.add_argument("--procs", type=int, default=1,
+                        help="processes of the short run and of the CLIP pretraining (procs and "
+                             "world.clip_procs; the defaults are 1)")
     parser.add_argument("--clip-steps", type=int, default=15)
     parser.add_argument("--init-steps", type=int, default=100)
     parser.add_argument("--gan-steps", type=int, default=40)
@@ -74,18 +81,20 @@ def main() -> None:
     print("building or loading the default world first (not timed)...", flush=True)
     sw.build_shapesworld(sw.ShapesWorldConfig(), progress=False)
     cfg = sw.ShapesWorldConfig(n_clip_pairs=512, n_clip_heldout=1, n_clip_closeups=256)
-    bench_shapes.clip_step_seconds(cfg, [args.threads], 0, 3, 1)  # warm-up, not counted
+    setting = (args.procs, args.threads)  # the pretraining's processes and threads, as the run's
+    bench_shapes.clip_step_seconds(cfg, [setting], 0, 3, 1)  # warm-up, not counted
     times: dict[str, list[tuple[float, float]]] = {"alone": [], "beside": []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):  # alternated, so drift and warm-up weigh on both alike
             for name, kind in (("alone", None), ("beside", args.competitor)):
                 with competitor(kind):
-                    clip = bench_shapes.clip_step_seconds(cfg, [args.threads], 0, args.clip_steps, 1)
-                    run = short_run_seconds(args.threads, tmp, args.init_steps, args.gan_steps)
-                times[name].append((clip[args.threads][0], run))
+                    clip = bench_shapes.clip_step_seconds(cfg, [setting], 0, args.clip_steps, 1)
+                    run = short_run_seconds(args.threads, tmp, args.init_steps, args.gan_steps,
+                                            args.procs)
+                times[name].append((clip[setting][0], run))
     (clip_alone, run_alone), (clip_busy, run_busy) = (
         [statistics.median(column) for column in zip(*times[name])] for name in ("alone", "beside"))
-    print(f"{args.threads} torch thread(s); competitor: one '{args.competitor}' process; "
+    print(f"{args.threads} torch thread(s), the run on {args.procs} process(es); competitor: one '{args.competitor}' process; "
           f"medians of {args.repeats} alternated measurements")
     print(f"  {'':38s} {'alone':>8s} {'beside it':>10s} {'ratio':>6s}")
     print(f"  {'tiny-CLIP pretraining, s/step':38s} {clip_alone:8.3f} {clip_busy:10.3f} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -224,6 +225,43 @@ def test_two_process_ddp_matches_one_process(world, tmp_path, dropout):
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=1e-5, rtol=1e-5)
 
 
+def test_procs_run_the_data_parallel_group_themselves(world, tmp_path):
+    """procs=2: `train` forks its own 2-process group (runs.in_processes), which computes what one
+    process computes (as under torchrun) and returns rank 0's results."""
+    sets = {"gan.batch": 4, "gan.steps": 3, "disc.dropout": 0.1, "threads": 1}
+    one = commands.run_train(tiny_config(runs_dir=str(tmp_path), name="single", **sets), world)
+    (tmp_path / "two").mkdir()
+    shutil.copyfile(tmp_path / "single" / "init.pt", tmp_path / "two" / "init.pt")
+    two = commands.run_train(tiny_config(runs_dir=str(tmp_path), name="two", procs=2, **sets), world)
+    assert two["config"]["procs"] == 2 and two["test"].keys() == one["test"].keys()
+    torch.testing.assert_close(torch.tensor(gan_losses(tmp_path / "two")),
+                               torch.tensor(gan_losses(tmp_path / "single")), atol=1e-5, rtol=1e-5)
+    assert not torch.distributed.is_initialized()  # the group lived in the workers only
+
+
+def test_procs_errors_reach_the_command_line_as_themselves(world, tmp_path, monkeypatch):
+    with pytest.raises(config.ConfigError, match="gan.batch \\(3\\) must be a multiple of the 2"):
+        commands.run_train(tiny_config(runs_dir=str(tmp_path), procs=2, threads=1), world)
+
+    def fail(run, *args, **kwargs):
+        raise train.TrainingError(f"rank {run.rank} of {run.world_size} stopped")
+
+    monkeypatch.setattr(train, "train_gan", fail)  # the forked workers inherit it
+    cfg = tiny_config(runs_dir=str(tmp_path), name="fails", procs=2, threads=1, **{"gan.batch": 4})
+    with pytest.raises(train.TrainingError, match="^rank [01] of 2 stopped$"):
+        commands.run_train(cfg, world)
+
+    def interrupt_or_die(run, *args, **kwargs):
+        if run.rank == 1:
+            raise KeyboardInterrupt if kill == "ctrl-c" else os._exit(9)  # as if killed
+        torch.distributed.barrier()  # rank 0 waits for rank 1, which never comes
+
+    monkeypatch.setattr(train, "train_gan", interrupt_or_die)
+    for kill, error in (("ctrl-c", KeyboardInterrupt), ("exit", train.TrainingError)):
+        with pytest.raises(error, match=None if kill == "ctrl-c" else "^a training process stopped"):
+            commands.run_train(dataclasses.replace(cfg, name=kill), world)
+
+
 @pytest.mark.slow
 def test_two_process_resume_matches_uninterrupted(tmp_path):
     """2 processes stopped after 2 steps and resumed give the losses of 2 processes uninterrupted:
@@ -260,6 +298,10 @@ def test_cli_train_on_a_tiny_shapesworld(tmp_path, capsys, monkeypatch):
                  "samples.png", "curves.png"):
         assert (run_dir / name).is_file(), name
     assert cli.main(["eval", "--run", str(run_dir), "--split", "val", "--fast"]) == 0
+    # procs=2 on 2 threads each: spawned workers, which load the world the parent built.
+    capsys.readouterr()
+    assert cli.main(argv + ["--name", "two", "--set", "procs=2", "--set", "threads=2"]) == 0
+    assert json.loads((tmp_path / "runs" / "two" / "results.json").read_text())["config"]["procs"] == 2
     assert cli.main(argv[:1] + ["--set", "world.nope=1"]) == 2
     assert "unknown config key 'world.nope'" in capsys.readouterr().err
     # The docs' diagnostic scripts read the same run folder (findings 10 and 11).
