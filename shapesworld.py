@@ -370,9 +370,10 @@ def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = Tru
         tokenizer = clip_tokenizer.Tokenizer(tok_dir / "clip_bpe.txt")
         record = build_clip(cfg, root, tokenizer, tok_dir / "clip_bpe.txt", pairs, log)
         feats = build_embeddings(cfg, root, world, images, tokenizer, record["digest"], log)
-    data.write_json(root / "report.json", {
-        "key": "report", "timings_s": log.timings_s, "cpu_s": log.cpu_s, "threads": cfg.threads,
-        "clip": record["metrics"], "test_refs_in_corpus": _share_in_corpus(world)})
+    if log.timings_s or not (root / "report.json").is_file():  # a reuse keeps the build's record
+        data.write_json(root / "report.json", {
+            "key": "report", "timings_s": log.timings_s, "cpu_s": log.cpu_s, "threads": cfg.threads,
+            "clip": record["metrics"], "test_refs_in_corpus": _share_in_corpus(world)})
     return caption_data(cfg, root, world, scenes, images, feats)
 
 

@@ -1,4 +1,5 @@
 """ShapesWorld: determinism, ground truth, disjoint splits, tokenizers, tiny CLIP, caches."""
+import json
 import os
 import random
 from dataclasses import replace
@@ -148,6 +149,16 @@ def test_checker_rejects_unknown_split_or_id(world):
         d.check({}, "nope")
     with pytest.raises(ValueError, match="no image"):
         d.check({"train_00000": "a red circle"}, "test")
+
+
+def test_a_reuse_keeps_the_build_report(world):
+    # report.json records what the build took; a later run that only reads the cache keeps it.
+    cfg, _ = world
+    path = sw.world_dir(cfg) / "report.json"
+    built = json.loads(path.read_text())
+    assert {"text", "images", "tokenizers", "clip", "embeddings"} <= built["timings_s"].keys()
+    sw.build_shapesworld(cfg, progress=False)
+    assert json.loads(path.read_text()) == built
 
 
 # ----------------------------------------------------------------------------------------------
