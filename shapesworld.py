@@ -356,7 +356,8 @@ def build_shapesworld(cfg: ShapesWorldConfig | None = None, progress: bool = Tru
 
     Parts whose key matches are loaded; the rest are rebuilt in order: text (scenes, corpus,
     references), images, tokenizers, tiny CLIP, embedding caches, all on cfg.threads CPU threads.
-    report.json records the time of each step of this call and the CLIP's figures.
+    report.json records the time of each step this call built and the CLIP's figures; a call
+    that only reuses the cache leaves the last build's record as it is.
     """
     cfg = (cfg or ShapesWorldConfig()).check()
     root = world_dir(cfg)
@@ -422,5 +423,6 @@ def caption_data(cfg: ShapesWorldConfig, root: Path, world: dict, scenes: dict, 
 
 
 def load_report(cfg: ShapesWorldConfig) -> dict | None:
-    """report.json of the last build of this config (timings, threads, CLIP figures), or None."""
+    """report.json of the last build of this config (its steps' timings, threads, CLIP figures),
+    or None."""
     return _read_keyed(world_dir(cfg) / "report.json", "report")
