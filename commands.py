@@ -193,8 +193,8 @@ def in_processes(cfg: Config, fn, *args):
             saved = Path(tmp) / f"error{err.error_index}.pkl"
             raise (pickle.loads(saved.read_bytes()) if saved.is_file() else err) from None
         except torch.multiprocessing.ProcessExitedException as err:  # killed, or no Python error
-            raise TrainingError(f"a training process stopped: {err}; nothing of this step "
-                                "was saved, the last checkpoint was") from None
+            raise TrainingError(f"a training process stopped ({err}); the checkpoints it saved "
+                                "are kept: continue the run with --resume") from None
         return pickle.loads((Path(tmp) / "result.pkl").read_bytes())
 
 
@@ -242,8 +242,8 @@ def run_train(cfg: Config, data: CaptionData | None = None, resume: bool = False
         if cfg.procs > 1 and not runs.data_parallel():
             check_world_size(cfg, cfg.procs)
             data = data if data is not None else load_data(cfg)  # a world is built once, here
-            return in_processes(cfg, _train_and_test, data if forks(cfg) else None,
-                                     resume, stop_after, run_dir, table)
+            return in_processes(cfg, _train_and_test, data if forks(cfg) else None, resume,
+                                stop_after, run_dir, table)
         return _train_and_test(cfg, data, resume, stop_after, run_dir, table)
 
 
