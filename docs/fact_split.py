@@ -21,9 +21,11 @@ import shapesworld as sw  # noqa: E402
 import train  # noqa: E402
 
 
-def main() -> None:
+def open_run(script: str) -> tuple[Path, runs.Run, dict]:
+    """The run folder named on the command line, its Run (on 1 thread) and its test scenes by
+    image id; a one-line usage message when sys.argv names no run folder."""
     if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "config.json").is_file():
-        sys.exit("usage: python docs/fact_split.py RUN_DIR (a ShapesWorld run folder with config.json)")
+        sys.exit(f"usage: python docs/{script} RUN_DIR (a ShapesWorld run folder with config.json)")
     torch.set_num_threads(1)
     run_dir = Path(sys.argv[1])
     cfg = config.config_from_dict(json.loads((run_dir / "config.json").read_text()))
@@ -31,6 +33,11 @@ def main() -> None:
     world = json.loads((sw.world_dir(cfg.world) / "world.json").read_text())
     scenes = {f"test_{i:05d}": grammar.scene_from_json(s)
               for i, s in enumerate(world["scenes"]["test"])}
+    return run_dir, run, scenes
+
+
+def main() -> None:
+    run_dir, run, scenes = open_run("fact_split.py")
     for checkpoint in ("init", "best"):
         if not (run_dir / f"{checkpoint}.pt").is_file():
             continue

@@ -8,30 +8,21 @@ finding 11).
     python docs/size_rewards.py runs/shapesworld_seed0
 """
 import collections
-import json
 import sys
 from pathlib import Path
 
-import torch
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
 
 import cgtgan  # noqa: E402
-import commands  # noqa: E402
-import config  # noqa: E402
-import runs  # noqa: E402
 import shapes_grammar as grammar  # noqa: E402
-import shapesworld as sw  # noqa: E402
+from fact_split import open_run  # noqa: E402
 
 
 def main() -> None:
-    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "config.json").is_file():
-        sys.exit("usage: python docs/size_rewards.py RUN_DIR (a ShapesWorld run folder with config.json)")
-    torch.set_num_threads(1)
-    cfg = config.config_from_dict(json.loads((Path(sys.argv[1]) / "config.json").read_text()))
-    run = runs.build_run(cfg, commands.load_data(cfg))
-    world = json.loads((sw.world_dir(cfg.world) / "world.json").read_text())
-    scenes = [grammar.scene_from_json(s) for s in world["scenes"]["test"]]
+    _, run, by_id = open_run("size_rewards.py")
+    cfg, scenes = run.cfg, [by_id[i] for i in run.data.splits["test"].ids]
     feats = run.data.splits["test"].feats  # (n, D)
     corpus = run.data.corpus_feats
     if cfg.gan.agg_raw:
