@@ -11,10 +11,8 @@ tiny world); the stages themselves are train.py's.
 """
 from __future__ import annotations
 
-import pickle
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +28,8 @@ import realdata
 import runs
 import train
 from config import Config, ConfigError, RealDataConfig, Reward, check_world_size, config_dict
-from data import CaptionData, DataError, Familiarity, atomic_write, write_json
+from data import (CaptionData, DataError, Familiarity, atomic_write, forks, in_processes,
+                  write_json)
 from shapesworld import build_shapesworld
 from train import TrainingError
 
@@ -170,63 +169,6 @@ def resume_step(last: Path, done: Path | None = None, steps: int = 0) -> int:
     return steps if done is not None and done.is_file() else 0
 
 
-def in_processes(cfg: Config, fn, *args):
-    """fn(cfg, *args) on cfg.procs processes of this machine that form one data-parallel group
-    (gloo, cfg.threads threads each), as `torchrun --nproc_per_node cfg.procs` would run it;
-    returns rank 0's result. Workers are forked when `forks(cfg)` (they share what args hold,
-    uncopied), else spawned (args must then pickle). An error raised in a worker is raised here
-    as itself, so the command line still reports it in one line; Ctrl-C stops every worker."""
-    with tempfile.TemporaryDirectory() as tmp:
-        context = torch.multiprocessing.start_processes(
-            _worker, args=(Path(tmp), cfg, fn, args), nprocs=cfg.procs, join=False,
-            start_method="fork" if forks(cfg) else "spawn")
-        try:
-            while not context.join():
-                pass
-        except KeyboardInterrupt:
-            for process in context.processes:
-                process.terminate()
-            raise
-        except torch.multiprocessing.ProcessRaisedException as err:  # the first to fail
-            if any(Path(tmp).glob("interrupted*")):
-                raise KeyboardInterrupt from None
-            saved = Path(tmp) / f"error{err.error_index}.pkl"
-            raise (pickle.loads(saved.read_bytes()) if saved.is_file() else err) from None
-        except torch.multiprocessing.ProcessExitedException as err:  # killed, or no Python error
-            raise TrainingError(f"a training process stopped ({err}); the checkpoints it saved "
-                                "are kept: continue the run with --resume") from None
-        return pickle.loads((Path(tmp) / "result.pkl").read_bytes())
-
-
-def forks(cfg: Config) -> bool:
-    """Whether in_processes forks its workers: where the system can, and only for one thread each
-    (a forked process that runs torch on several threads can hang on its parent's OpenMP pool)."""
-    return "fork" in torch.multiprocessing.get_all_start_methods() and cfg.threads == 1
-
-
-def _worker(rank: int, tmp: Path, cfg: Config, fn, args: tuple) -> None:
-    """One process of in_processes: joins the group, runs fn, saves rank 0's result or its error."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp / 'rendezvous'}",
-                                         rank=rank, world_size=cfg.procs)
-    try:
-        result = fn(cfg, *args)
-        if rank == 0:
-            atomic_write(tmp / "result.pkl", lambda path: path.write_bytes(pickle.dumps(result)))
-    except KeyboardInterrupt:
-        (tmp / f"interrupted{rank}").touch()
-        raise
-    except Exception as err:
-        try:
-            (tmp / f"error{rank}.pkl").write_bytes(pickle.dumps(err))
-        except (pickle.PicklingError, TypeError, AttributeError):
-            (tmp / f"error{rank}.pkl").write_bytes(pickle.dumps(RuntimeError(str(err))))
-        raise
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def run_train(cfg: Config, data: CaptionData | None = None, resume: bool = False,
               stop_after: int | None = None, run_dir: Path | None = None,
               table: bool = True, overwrite: bool = False) -> dict | None:
@@ -242,8 +184,13 @@ def run_train(cfg: Config, data: CaptionData | None = None, resume: bool = False
         if cfg.procs > 1 and not runs.data_parallel():
             check_world_size(cfg, cfg.procs)
             data = data if data is not None else load_data(cfg)  # a world is built once, here
-            return in_processes(cfg, _train_and_test, data if forks(cfg) else None, resume,
-                                stop_after, run_dir, table)
+            try:
+                return in_processes(_train_and_test, cfg.procs, cfg.threads, cfg,
+                                    data if forks(cfg.threads) else None, resume, stop_after,
+                                    run_dir, table)
+            except torch.multiprocessing.ProcessExitedException as err:  # killed, say
+                raise TrainingError(f"a training process stopped ({err}); the checkpoints it "
+                                    "saved are kept: continue the run with --resume") from None
         return _train_and_test(cfg, data, resume, stop_after, run_dir, table)
 
 

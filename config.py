@@ -335,7 +335,7 @@ class Config:
     # torch CPU threads per process; 0 keeps torch's default. One is fastest for the tiny models
     # on a 2-core machine (2 threads ran an init step several times slower beside other jobs).
     threads: int = 1
-    # Processes that `train` runs as one data-parallel group here (commands.in_processes):
+    # Processes that `train` runs as one data-parallel group here (data.in_processes):
     # what `torchrun --nproc_per_node N` runs, to float rounding; on free cores nearly N x faster.
     procs: int = 1
     decode: str = "greedy"  # greedy | beam (evaluation only)

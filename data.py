@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -404,3 +405,58 @@ def sum_over_processes(tensors: list[torch.Tensor]) -> None:
     torch.distributed.all_reduce(flat)
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view_as(t))
+
+
+def forks(threads: int) -> bool:
+    """Whether in_processes forks its workers: where the system can, and only when each runs one
+    torch thread (a forked process that runs torch on several threads can hang on its parent's
+    OpenMP pool)."""
+    return "fork" in torch.multiprocessing.get_all_start_methods() and threads == 1
+
+
+def in_processes(fn: Callable, procs: int, threads: int, *args):
+    """fn(*args) on `procs` processes of this machine that form one gloo process group, `threads`
+    torch threads each (0: torch's default); returns rank 0's result. Workers are forked when
+    forks(threads) (they share what args hold, uncopied), else spawned (args must then pickle).
+    An error raised in a worker is raised here as itself; Ctrl-C stops every worker; a worker that
+    dies without a Python error raises torch.multiprocessing.ProcessExitedException."""
+    with tempfile.TemporaryDirectory() as tmp:
+        context = torch.multiprocessing.start_processes(
+            _worker, args=(Path(tmp), procs, threads, fn, args), nprocs=procs, join=False,
+            start_method="fork" if forks(threads) else "spawn")
+        try:
+            while not context.join():
+                pass
+        except KeyboardInterrupt:
+            for process in context.processes:
+                process.terminate()
+            raise
+        except torch.multiprocessing.ProcessRaisedException as err:  # the first to fail
+            if any(Path(tmp).glob("interrupted*")):
+                raise KeyboardInterrupt from None
+            saved = Path(tmp) / f"error{err.error_index}.pkl"
+            raise (pickle.loads(saved.read_bytes()) if saved.is_file() else err) from None
+        return pickle.loads((Path(tmp) / "result.pkl").read_bytes())
+
+
+def _worker(rank: int, tmp: Path, procs: int, threads: int, fn: Callable, args: tuple) -> None:
+    """One process of in_processes: joins the group, runs fn, saves rank 0's result or its error."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp / 'rendezvous'}",
+                                         rank=rank, world_size=procs)
+    try:
+        result = fn(*args)
+        if rank == 0:
+            atomic_write(tmp / "result.pkl", lambda path: path.write_bytes(pickle.dumps(result)))
+    except KeyboardInterrupt:
+        (tmp / f"interrupted{rank}").touch()
+        raise
+    except Exception as err:
+        try:
+            (tmp / f"error{rank}.pkl").write_bytes(pickle.dumps(err))
+        except (pickle.PicklingError, TypeError, AttributeError):
+            (tmp / f"error{rank}.pkl").write_bytes(pickle.dumps(RuntimeError(str(err))))
+        raise
+    finally:
+        torch.distributed.destroy_process_group()

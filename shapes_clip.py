@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -319,39 +318,24 @@ def _gather(x: torch.Tensor, rank: int, world: int, rows: int) -> torch.Tensor:
 def pretrain_in_processes(cfg: ShapesWorldConfig, images: np.ndarray, tokens: torch.Tensor,
                           vocab_size: int, progress: bool, closeup: tuple | None,
                           twins: tuple | None) -> tuple[clip_model.CLIP, list[float]]:
-    """pretrain_clip on cfg.clip_procs processes of one thread each (gloo): each step costs each
-    of them 1/W of the work and two exchanges, so on free cores it runs nearly W times as fast,
-    and beside other work it slows down like one process, not like threads that wait at every op.
-    Workers are forked where the system can (they share the images, uncopied), else spawned.
+    """pretrain_clip on cfg.clip_procs processes of cfg.threads threads each (data.in_processes,
+    gloo): each step costs each of them 1/W of the work and two exchanges, so on free cores it
+    runs nearly W times as fast, and beside other work it slows down like one process, not like
+    threads that wait at every op. Forked workers share the images, uncopied.
     The model differs from one process's by BatchNorm: each process normalises its own rows."""
-    methods = torch.multiprocessing.get_all_start_methods()
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "clip.pt"
-        torch.multiprocessing.start_processes(
-            _pretrain_worker, nprocs=cfg.clip_procs,
-            start_method="fork" if "fork" in methods else "spawn",
-            args=(Path(tmp) / "rendezvous", result, cfg, images, tokens, vocab_size, progress,
-                  closeup, twins))
-        saved = torch.load(result, weights_only=True)
+    saved = data.in_processes(_pretrain_rank, cfg.clip_procs, cfg.threads, cfg, images, tokens,
+                              vocab_size, progress, closeup, twins)
     model = clip_model.CLIP(clip_config(cfg, vocab_size))
     model.load_state_dict(saved["model"])
     return model.eval(), saved["losses"]
 
 
-def _pretrain_worker(rank: int, rendezvous: Path, result: Path, cfg: ShapesWorldConfig,
-                     *args) -> None:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
-                                         world_size=cfg.clip_procs)
-    try:
-        images, tokens, vocab_size, progress, closeup, twins = args
-        model, losses = pretrain_clip(cfg, images, tokens, vocab_size, progress and rank == 0,
-                                      closeup, twins, rank)
-        if rank == 0:
-            torch.save({"model": model.state_dict(), "losses": losses}, result)
-    finally:
-        torch.distributed.destroy_process_group()
+def _pretrain_rank(cfg: ShapesWorldConfig, images, tokens, vocab_size, progress, closeup,
+                   twins) -> dict:
+    rank = torch.distributed.get_rank()
+    model, losses = pretrain_clip(cfg, images, tokens, vocab_size, progress and rank == 0,
+                                  closeup, twins, rank)
+    return {"model": model.state_dict(), "losses": losses}
 
 
 def _with_twins(pixels: np.ndarray, texts: torch.Tensor, images: np.ndarray, twins: tuple,

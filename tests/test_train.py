@@ -226,7 +226,7 @@ def test_two_process_ddp_matches_one_process(world, tmp_path, dropout):
 
 
 def test_procs_run_the_data_parallel_group_themselves(world, tmp_path):
-    """procs=2: `train` forks its own 2-process group (runs.in_processes), which computes what one
+    """procs=2: `train` forks its own 2-process group (data.in_processes), which computes what one
     process computes (as under torchrun) and returns rank 0's results."""
     sets = {"gan.batch": 4, "gan.steps": 3, "disc.dropout": 0.1, "threads": 1}
     one = commands.run_train(tiny_config(runs_dir=str(tmp_path), name="single", **sets), world)
