@@ -186,9 +186,12 @@ def _noun_phrase(scene: Scene, group: list[int], detail: str, lex: dict, rng: ra
 
 def _determiner(count: int, next_word: str, lex: dict, rng: random.Random) -> str:
     det = rng.choice(lex["count"][count])
-    if det == "a" and next_word[0] in "aeiou":
-        det = "an"
-    return det
+    return _article(next_word) if det == "a" else det
+
+
+def _article(next_word: str) -> str:
+    """The indefinite article before next_word: "an" before a vowel, else "a"."""
+    return "an" if next_word[0] in "aeiou" else "a"
 
 
 def describe(scene: Scene, style: str, rng: random.Random) -> str:
@@ -518,6 +521,5 @@ def size_variants(scene: Scene) -> list[list[str]]:
     for o in scene:
         colour, noun = LEXICON["plain"]["colour"][o.colour][0], LEXICON["plain"]["shape"][o.shape][0]
         words = [LEXICON["plain"]["size"][s][0] + " " for s in SIZES] + [""]
-        out.append([("an" if (w + colour)[0] in "aeiou" else "a") + f" {w}{colour} {noun}"
-                    for w in words])
+        out.append([f"{_article(w + colour)} {w}{colour} {noun}" for w in words])
     return out
